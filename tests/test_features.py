@@ -142,3 +142,17 @@ def test_standin_loads_real_weights_offline_and_sees_the_same_image():
 def test_standin_missing_weights_file(tmp_path):
     with pytest.raises(ModelSourceError, match="stand-in"):
         load_standin(tmp_path / "missing.pth")
+
+
+def test_score_images_with_tiny_models_end_to_end(tiny_dino_dir, tiny_clip_dir, tmp_path):
+    from dreambooth.evaluation import make_grid, score_images, write_report
+
+    real = random_images(3, seed=5)
+    generated = {"a sks dog in the snow": real[:2], "a red sks dog": random_images(2, seed=6)}
+    result = score_images(generated, real, random_images(2, seed=7),
+                          subject_extractor=load_dino(tiny_dino_dir), clip=load_clip(tiny_clip_dir),
+                          identifier="sks", class_noun="dog")
+    assert {"dino", "clip_i", "clip_t", "pres", "div", "dino_real_images"} <= set(result.overall)
+    assert result.per_prompt[0].metrics["dino"] > result.per_prompt[1].metrics["dino"]
+    page = write_report(tmp_path, result, {p: make_grid(ims, 2) for p, ims in generated.items()})
+    assert page.is_file() and (tmp_path / "metrics.json").is_file()

@@ -15,7 +15,10 @@ from dreambooth.errors import ConfigError, Problem, raise_if_errors
 
 # Benchmark data, not code: the 25 object prompts and 25 live-subject prompts of the DreamBooth
 # dataset, google/dreambooth `dataset/prompts_and_classes.txt` (Ruiz et al., CVPR 2023; CC-BY 4.0).
-OBJECT_PROMPTS: tuple[str, ...] = (
+# Both lists open with the same 10 recontextualization prompts and close with the same 5
+# property-modification prompts; in between, objects get 10 more contexts and live subjects
+# 10 accessorization prompts. Order as in the source file.
+_SHARED_CONTEXTS = (
     "a {0} {1} in the jungle",
     "a {0} {1} in the snow",
     "a {0} {1} on the beach",
@@ -26,6 +29,8 @@ OBJECT_PROMPTS: tuple[str, ...] = (
     "a {0} {1} with a mountain in the background",
     "a {0} {1} with a blue house in the background",
     "a {0} {1} on top of a purple rug in a forest",
+)
+_OBJECT_CONTEXTS = (
     "a {0} {1} with a wheat field in the background",
     "a {0} {1} with a tree and autumn leaves in the background",
     "a {0} {1} with the Eiffel Tower in the background",
@@ -36,24 +41,8 @@ OBJECT_PROMPTS: tuple[str, ...] = (
     "a {0} {1} on top of the sidewalk in a crowded street",
     "a {0} {1} on top of a dirt road",
     "a {0} {1} on top of a white rug",
-    "a red {0} {1}",
-    "a purple {0} {1}",
-    "a shiny {0} {1}",
-    "a wet {0} {1}",
-    "a cube shaped {0} {1}",
 )
-
-LIVE_SUBJECT_PROMPTS: tuple[str, ...] = (
-    "a {0} {1} in the jungle",
-    "a {0} {1} in the snow",
-    "a {0} {1} on the beach",
-    "a {0} {1} on a cobblestone street",
-    "a {0} {1} on top of pink fabric",
-    "a {0} {1} on top of a wooden floor",
-    "a {0} {1} with a city in the background",
-    "a {0} {1} with a mountain in the background",
-    "a {0} {1} with a blue house in the background",
-    "a {0} {1} on top of a purple rug in a forest",
+_LIVE_ACCESSORIES = (
     "a {0} {1} wearing a red hat",
     "a {0} {1} wearing a santa hat",
     "a {0} {1} wearing a rainbow scarf",
@@ -64,12 +53,16 @@ LIVE_SUBJECT_PROMPTS: tuple[str, ...] = (
     "a {0} {1} wearing pink glasses",
     "a {0} {1} wearing a yellow shirt",
     "a {0} {1} in a purple wizard outfit",
+)
+_PROPERTIES = (
     "a red {0} {1}",
     "a purple {0} {1}",
     "a shiny {0} {1}",
     "a wet {0} {1}",
     "a cube shaped {0} {1}",
 )
+OBJECT_PROMPTS: tuple[str, ...] = _SHARED_CONTEXTS + _OBJECT_CONTEXTS + _PROPERTIES
+LIVE_SUBJECT_PROMPTS: tuple[str, ...] = _SHARED_CONTEXTS + _LIVE_ACCESSORIES + _PROPERTIES
 
 # The 30 benchmark subjects and their class nouns (same source file): subject folder -> class.
 BENCHMARK_CLASSES: dict[str, str] = {
