@@ -68,10 +68,18 @@ def _open_header(path: Path, max_pixels: int) -> Image.Image:
 
 
 def _bomb_message(size: tuple[int, int] | None, max_pixels: int) -> str:
-    """Why an oversized image is refused and what to do; names the limit."""
-    what = f"is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "is far too large"
-    return (f"{what}, over the limit of {max_pixels:,} pixels (possible decompression bomb); "
-            "refused. Downscale it, or raise max_pixels if you trust the file")
+    """Why an oversized image is refused and what to do; names the limit.
+
+    Without a size, Pillow refused the header itself (over twice its global MAX_IMAGE_PIXELS);
+    we then name whichever limit is lower, since that is the one the image broke.
+    """
+    if size:
+        what = f"is {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels"
+    else:
+        pillow_limit = 2 * (Image.MAX_IMAGE_PIXELS or max_pixels)
+        what, max_pixels = "is far too large", min(max_pixels, pillow_limit)
+    advice = "Downscale it" + (", or raise max_pixels if you trust the file" if size else "")
+    return f"{what}, over the limit of {max_pixels:,} pixels (possible decompression bomb); refused. {advice}"
 
 
 def _not_an_image(path: Path) -> Problem:
@@ -94,7 +102,7 @@ def decode_image(path: Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded
     except DECODE_ERRORS as exc:
         raise ImageRejected(Problem(str(path), f"is truncated or corrupt ({exc}); "
                                                "replace or remove it"))
-    return DecodedImage(upright, mode, exif_rotated=orientation not in (None, 1))
+    return DecodedImage(upright, mode, exif_rotated=orientation in range(2, 9))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -26,6 +26,7 @@ from dreambooth.errors import ImageCheckError, Problem, raise_if_errors
 MIN_IMAGES = 3  # Ruiz et al. use 3-5 photos; fewer rarely captures the subject
 MAX_IMAGES = 20  # beyond this the method gains little and training overfits to the set
 CROPS = ("center", "random")
+SEVERITY_ORDER = ("error", "warning", "note")  # the report reads most urgent first
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ def check_images(images_dir: str | Path, resolution: int = 512, *,
     problems += _count_problems(len(images), folder)
     problems += duplicate_problems(prints)
     problems += colour_problems(prints, folder)
+    problems.sort(key=lambda p: SEVERITY_ORDER.index(p.severity))  # stable: files stay in order
     errors = sum(p.severity == "error" for p in problems)
     raise_if_errors(f"Cannot use the subject images in {folder}: {errors} error(s)",
                     problems, ImageCheckError)
