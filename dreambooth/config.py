@@ -1,0 +1,290 @@
+"""Run configuration: one frozen dataclass per group, YAML presets, dotted `--set` overrides.
+
+Every check runs before any weights load, and all problems are reported together in one
+`ConfigError` (torchtune's `config.validate` style). Help text sits next to each field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError, Problem
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _f(default, help: str):
+    """A dataclass field with its help text (read by `describe_config`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _f("tiny-random", "MODEL: diffusers folder, hub id, single file, or toy/tiny-random")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit)")
+    prediction_type: str | None = _f(None, "override the scheduler's: epsilon or v_prediction")
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.prediction_type not in (None, "epsilon", "v_prediction"):
+            out.append(Problem("model.prediction_type", f"{self.prediction_type!r}: use epsilon or v_prediction"))
+        return out
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    images: str = _f("", "folder with 3-10 photos of the subject")
+    identifier: str = _f("sks", "rare token that will mean the subject")
+    class_noun: str = _f("", "what the subject is: dog, toy, person, ...")
+    instance_prompt: str = _f("a photo of {identifier} {class}", "prompt of the subject photos")
+    class_prompt: str = _f("a photo of a {class}", "prompt of the class images (paper: 'a [class noun]')")
+    resolution: int = _f(512, "training resolution in pixels (square)")
+    crop: str = _f("center", "center or random crop after resizing the short side")
+    flip_prob: float = _f(0.5, "probability of a horizontal flip per example")
+    max_pixels: int = _f(64_000_000, "refuse images with more pixels (decompression bombs)")
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if not self.class_noun.strip():
+            out.append(Problem("data.class_noun", "is empty: say what the subject is, e.g. --class-noun dog"))
+        if not self.identifier.strip() or any(c.isspace() for c in self.identifier):
+            out.append(Problem("data.identifier", f"{self.identifier!r} must be one word, e.g. sks"))
+        if "{identifier}" not in self.instance_prompt:
+            out.append(Problem("data.instance_prompt", "must contain {identifier}"))
+        if self.resolution < 8 or self.resolution % 8:
+            out.append(Problem("data.resolution", f"{self.resolution}: use a positive multiple of 8"))
+        if self.crop not in ("center", "random"):
+            out.append(Problem("data.crop", f"{self.crop!r}: use center or random"))
+        if not 0.0 <= self.flip_prob <= 1.0:
+            out.append(Problem("data.flip_prob", f"{self.flip_prob}: must be between 0 and 1"))
+        return out
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    enabled: bool = _f(True, "prior-preservation loss on class images (Ruiz et al. eq. 2)")
+    weight: float = _f(1.0, "lambda, the weight of the class-image loss")
+    num_images: int = _f(200, "class images to generate and train on")
+    negative_prompt: str = _f("", "negative prompt for class-image generation")
+    steps: int = _f(25, "sampler steps per class image")
+    guidance: float = _f(7.5, "classifier-free guidance scale for class images")
+    sampler: str = _f("dpmpp", "dpmpp, ddim, pndm or euler")
+    batch_size: int = _f(4, "class images generated per batch")
+    seed: int = _f(0, "seed of class image i is derived from (seed, i)")
+    cache: str = _f("", "class-image cache folder (default: ~/.cache/dreambooth/class-images)")
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.enabled and self.num_images < 1:
+            out.append(Problem("prior.num_images", f"{self.num_images}: need at least 1 with prior preservation"))
+        if self.weight < 0:
+            out.append(Problem("prior.weight", f"{self.weight}: must be >= 0"))
+        if self.sampler not in SAMPLERS:
+            out.append(Problem("prior.sampler", f"{self.sampler!r}: use one of {', '.join(SAMPLERS)}"))
+        if self.steps < 1 or self.batch_size < 1:
+            out.append(Problem("prior.steps/batch_size", "must be >= 1"))
+        return out
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    mode: str = _f("full", "full (fine-tune the UNet) or lora (adapters on the UNet)")
+    steps: int = _f(800, "optimizer steps")
+    batch_size: int = _f(1, "subject images per step (as many class images are added)")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    lr: float = _f(5e-6, "UNet learning rate (paper: 5e-6 full; LoRA wants ~1e-4)")
+    lr_schedule: str = _f("constant", "constant, constant_with_warmup, linear or cosine")
+    warmup_steps: int = _f(0, "learning-rate warm-up steps")
+    optimizer: str = _f("adamw", "adamw or adamw8bit (needs the bnb extra)")
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    train_text_encoder: bool = _f(False, "also fine-tune the text encoder")
+    text_encoder_lr: float = _f(5e-6, "text-encoder learning rate")
+    text_encoder_steps: int = _f(0, "stop training the text encoder after this step (0: never)")
+    lora_rank: int = _f(4, "LoRA rank")
+    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
+    lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
+    mixed_precision: str = _f("auto", "auto (bf16 on GPU, no on CPU), no, fp16 or bf16")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    cache_latents: bool = _f(True, "encode subject/class images once (VAE is frozen)")
+    seed: int = _f(0, "seed of noise, timesteps and data order; step k's randomness depends on (seed, k)")
+
+    def problems(self) -> list[Problem]:
+        out = []
+        checks = [
+            (self.mode in ("full", "lora"), "train.mode", f"{self.mode!r}: use full or lora"),
+            (self.steps >= 1, "train.steps", f"{self.steps}: must be >= 1"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size", "batch_size and grad_accum must be >= 1"),
+            (self.lr > 0, "train.lr", f"{self.lr}: must be > 0"),
+            (self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"{self.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}"),
+            (self.optimizer in ("adamw", "adamw8bit"), "train.optimizer", f"{self.optimizer!r}: use adamw or adamw8bit"),
+            (self.mixed_precision in ("auto", "no", "fp16", "bf16"), "train.mixed_precision",
+             f"{self.mixed_precision!r}: use auto, no, fp16 or bf16"),
+            (self.lora_rank >= 1, "train.lora_rank", f"{self.lora_rank}: must be >= 1"),
+            (self.warmup_steps >= 0 and self.text_encoder_steps >= 0, "train.warmup_steps", "must be >= 0"),
+        ]
+        return [Problem(where, msg) for ok, where, msg in checks if not ok]
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    checkpoint_every: int = _f(500, "save a resumable checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "keep the last K checkpoints")
+    sample_every: int = _f(0, "write a validation grid every N steps (0: only at the end)")
+    sample_prompts: list = _f(["a photo of {identifier} {class}", "a {identifier} {class} on the beach"],
+                              "validation prompts")
+    sample_images: int = _f(2, "validation images per prompt")
+    sample_steps: int = _f(25, "sampler steps of validation images")
+    log_every: int = _f(1, "write log.jsonl every N steps")
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.keep_checkpoints < 1:
+            out.append(Problem("output.keep_checkpoints", f"{self.keep_checkpoints}: must be >= 1"))
+        if min(self.checkpoint_every, self.sample_every) < 0 or self.log_every < 1:
+            out.append(Problem("output", "checkpoint_every/sample_every must be >= 0 and log_every >= 1"))
+        return out
+
+
+SAMPLERS = ("dpmpp", "ddim", "pndm", "euler")
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
+GROUPS = {"model": ModelConfig, "data": DataConfig, "prior": PriorConfig, "train": TrainConfig, "output": OutputConfig}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self):
+        problems = [p for name in GROUPS for p in getattr(self, name).problems()]
+        if self.prior.enabled and "{identifier}" in self.data.class_prompt:
+            problems.append(Problem("data.class_prompt", "must not contain {identifier}: class images show the plain class"))
+        if problems:
+            raise ConfigError(f"{len(problems)} problem(s) in the configuration", problems)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(preset: str | Path | None = None, overrides: dict | None = None,
+                dotted: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Preset YAML, then `overrides` (a nested dict), then `key.sub=value` strings, in that order."""
+    data: dict = {}
+    problems: list[Problem] = []
+    if preset:
+        data = read_preset(preset)
+    for src in [overrides or {}, parse_dotted(dotted, problems)]:
+        for group, values in src.items():
+            data.setdefault(group, {}).update(values)
+    return build_config(data, problems)
+
+
+def read_preset(preset: str | Path) -> dict:
+    path = Path(preset)
+    if not path.exists():
+        path = PRESET_DIR / f"{preset}.yaml"
+    if not path.exists():
+        raise ConfigError(f"unknown preset {preset!r}", [Problem(str(preset), f"use a YAML file or one of: {', '.join(list_presets())}")])
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def parse_dotted(items, problems: list[Problem]) -> dict:
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        group, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            problems.append(Problem(item, "use --set group.key=value, e.g. train.lr=1e-5"))
+            continue
+        out.setdefault(group, {})[name] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def build_config(data: dict, problems: list[Problem] | None = None) -> RunConfig:
+    """Type-check every key against the dataclasses, then construct (which runs the value checks)."""
+    problems = list(problems or [])
+    groups = {}
+    for group, values in data.items():
+        cls = GROUPS.get(group)
+        if cls is None:
+            problems.append(Problem(group, f"unknown group; use one of {', '.join(GROUPS)}"))
+            continue
+        groups[group] = _coerce_group(group, cls, values or {}, problems)
+    try:  # keys with type errors were left out, so the value checks still see the rest
+        config = RunConfig(**{g: GROUPS[g](**v) for g, v in groups.items()})
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in the configuration", problems)
+    return config
+
+
+def _coerce_group(group: str, cls, values: dict, problems: list[Problem]) -> dict:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            problems.append(Problem(f"{group}.{key}", f"unknown key; {group} has: {', '.join(sorted(known))}"))
+            continue
+        ok, coerced = _coerce(value, hints[key])
+        if ok:
+            out[key] = coerced
+        else:
+            problems.append(Problem(f"{group}.{key}", f"{value!r} is not a valid {_type_name(hints[key])}"))
+    return out
+
+
+def _coerce(value, hint):
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return True, None
+        hint = next(a for a in args if a is not type(None))
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool), str(value)
+    if hint is list:
+        return isinstance(value, list), value
+    return True, value
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", str(hint))
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def read_run_config(path: Path) -> RunConfig:
+    return build_config(yaml.safe_load(Path(path).read_text()) or {})
+
+
+def describe_config() -> str:
+    """Every key with its default and help, for `dreambooth train --help-config`."""
+    lines = []
+    for group, cls in GROUPS.items():
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"{group}.{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+    return "\n".join(lines)

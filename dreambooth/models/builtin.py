@@ -1,0 +1,141 @@
+"""Built-in base models that need no download.
+
+`tiny-random` and `tiny-random-v` are Stable Diffusion 1.x / 2.x architectures shrunk to a few
+hundred thousand UNet parameters, with the real CLIP tokenizer vocabulary, initialised
+deterministically from a seed. They make smoke tests and CI possible on a CPU without any model hub.
+`toy` is the pretrained base model of the toy world, shipped in the package.
+
+Each built-in is materialised once as an ordinary diffusers folder in the cache, so it is loaded by
+exactly the same code path as a user's diffusers folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+TOKENIZER_DIR = ASSETS / "clip-tokenizer"
+TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
+BUILTIN_NAMES = ("tiny-random", "tiny-random-v", "toy")
+TINY_SEED = 0
+_VARIANTS = {"tiny-random": "sd1", "tiny-random-v": "sd2-v"}
+
+
+def cache_root() -> Path:
+    """Where the tool keeps class images and built models (override with DREAMBOOTH_CACHE)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dreambooth"
+    return Path(os.environ.get("DREAMBOOTH_CACHE", default))
+
+
+def builtin_path(name: str) -> Path:
+    """Return the diffusers folder of a built-in model, building it on first use."""
+    if name == "toy":
+        return TOY_WEIGHTS
+    target = cache_root() / "builtin" / f"{name}-seed{TINY_SEED}-v1"
+    if not (target / "model_index.json").exists():
+        _write_atomically(target, lambda tmp: save_tiny_pipeline(tmp, _VARIANTS[name], TINY_SEED))
+    return target
+
+
+def _write_atomically(target: Path, write) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():  # another process won the race; theirs is identical
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def tiny_configs(variant: str) -> dict:
+    """Configs of the tiny SD architectures: same block layout as SD 1.5 / 2.1, tiny widths."""
+    sd2 = variant == "sd2-v"
+    unet = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4, 8, 8) if sd2 else 8,  # SD 2.x gives head dims per block
+        use_linear_projection=sd2,
+    )
+    vae = dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=64,
+    )
+    text = dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=32,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    scheduler = dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": scheduler}
+
+
+def save_tiny_pipeline(out: Path, variant: str, seed: int) -> None:
+    """Build a tiny SD pipeline with seeded random weights and save it as a diffusers folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    cfg = tiny_configs(variant)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**cfg["vae"])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        unet=unet,
+        scheduler=DDIMScheduler(**cfg["scheduler"]),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer_files(Path(out) / "tokenizer")
+
+
+def copy_tokenizer_files(dest: Path) -> None:
+    """Write vocab.json/merges.txt beside tokenizer.json: transformers 5 saves only the latter,
+    and other clients (single-file loaders, older transformers, kohya) read the former."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_DIR.iterdir():
+        if not (dest / f.name).exists():
+            shutil.copy(f, dest / f.name)

@@ -1,0 +1,108 @@
+"""Load the parts of a Stable Diffusion model that training and generation need."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelSourceError, Problem
+from .source import ModelSource, detect_source, resolve_hub
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+@dataclass
+class Components:
+    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of one base model."""
+
+    tokenizer: object  # transformers.CLIPTokenizer
+    text_encoder: torch.nn.Module  # transformers.CLIPTextModel
+    vae: torch.nn.Module  # diffusers.AutoencoderKL
+    unet: torch.nn.Module  # diffusers.UNet2DConditionModel
+    noise_scheduler: object  # diffusers.DDPMScheduler with the model's betas and prediction type
+    source: ModelSource
+    folder: Path  # the diffusers folder the parts came from
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def resolution(self) -> int:
+        """Native image size: UNet sample size times the VAE's downsampling factor."""
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return int(self.unet.config.sample_size) * factor
+
+
+def model_folder(source: ModelSource) -> Path:
+    """The local diffusers folder behind a source (downloading a hub id when allowed)."""
+    if source.kind in ("builtin", "diffusers"):
+        return source.path
+    if source.kind == "hub":
+        return resolve_hub(source)
+    from .single_file import single_file_folder  # converted once, cached by content hash
+
+    return single_file_folder(source.path)
+
+
+def load_components(model: str | ModelSource, *, dtype: torch.dtype = torch.float32,
+                    prediction_type: str | None = None) -> Components:
+    """Load every part of MODEL once; `prediction_type` overrides the scheduler's when given."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = detect_source(model) if isinstance(model, str) else model
+    folder = model_folder(source)
+    missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / d).is_dir()]
+    if missing:
+        raise ModelSourceError(
+            f"{source.spec} is missing parts of a Stable Diffusion model",
+            [Problem(str(folder / d), "missing folder") for d in missing],
+        )
+    scheduler_config = DDPMScheduler.load_config(folder, subfolder="scheduler")
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = prediction_type
+    return Components(
+        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+        noise_scheduler=DDPMScheduler.from_config(scheduler_config),
+        source=source,
+        folder=folder,
+    )
+
+
+def model_identity(folder: Path) -> str:
+    """A content hash of a diffusers folder's weights and configs.
+
+    Class images are keyed by it, so a changed model never reuses stale class images (peers count
+    files in a folder instead). Hashing SD 1.5 reads ~4 GB once; the result is memoised next to
+    the cache keyed by each file's size and modification time.
+    """
+    from .builtin import cache_root
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and _counts_for_identity(p))
+    stamp = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    memo_key = hashlib.sha256(json.dumps([str(Path(folder).resolve()), stamp]).encode()).hexdigest()
+    memo = cache_root() / "identity" / f"{memo_key}.txt"
+    if memo.exists():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(str(p.relative_to(folder)).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _counts_for_identity(path: Path) -> bool:
+    # Weights and the configs that change what the weights compute; not READMEs or caches.
+    return path.suffix in WEIGHT_SUFFIXES or path.name.endswith("config.json") or path.name in (
+        "scheduler_config.json", "vocab.json", "merges.txt", "tokenizer.json")

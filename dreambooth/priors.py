@@ -1,0 +1,116 @@
+"""Class images for the prior-preservation loss, in a content-addressed cache.
+
+Peers decide whether class images exist by counting files in a folder, so images made by another
+model or prompt are silently reused. Here the folder name is a hash of everything that made the
+images (model weights, prompt, negative prompt, sampler, steps, guidance, resolution, seed), a
+manifest lists the finished ones, and image i is rendered from its own seed (seed, i): a killed
+generation resumes where it stopped and produces exactly the images it would have.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from .models.builtin import cache_root
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ClassImageKey:
+    model: str  # content hash of the base model (models.model_identity)
+    prompt: str
+    negative_prompt: str
+    sampler: str
+    steps: int
+    guidance: float
+    resolution: int
+    seed: int
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def image_seed(self, index: int) -> int:
+        return (self.seed * 1_000_003 + index) % (2**63)
+
+
+def default_cache_dir() -> Path:
+    return cache_root() / "class-images"
+
+
+def class_image_folder(key: ClassImageKey, cache_dir: str | Path | None = None) -> Path:
+    return Path(cache_dir or default_cache_dir()) / key.digest()[:24]
+
+
+def cached_class_images(key: ClassImageKey, cache_dir: str | Path | None = None) -> list[Path]:
+    """Images finished under exactly this key, in index order (none when the key differs)."""
+    folder = class_image_folder(key, cache_dir)
+    manifest = _read_manifest(folder)
+    if manifest is None or manifest.get("key") != asdict(key):
+        return []
+    return [folder / name for name in manifest["images"] if (folder / name).exists()]
+
+
+def ensure_class_images(
+    key: ClassImageKey,
+    num: int,
+    make_pipe: Callable[[], object],
+    *,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """Return `num` class images for `key`, generating only the missing ones.
+
+    `make_pipe` builds the sampling pipeline; it is called only when something is missing.
+    """
+    from .pipelines import sample_images
+
+    folder = class_image_folder(key, cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = {p.name for p in cached_class_images(key, cache_dir)}
+    todo = [i for i in range(num) if _name(i) not in done]
+    if progress:
+        progress(num - len(todo), num)
+    pipe = make_pipe() if todo else None
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        images = sample_images(
+            pipe, [key.prompt] * len(batch), [key.image_seed(i) for i in batch],
+            steps=key.steps, guidance=key.guidance, resolution=key.resolution,
+            negative_prompt=key.negative_prompt, batch_size=batch_size,
+        )
+        for index, image in zip(batch, images):
+            _save_png_atomically(image, folder / _name(index))
+            done.add(_name(index))
+        _write_manifest(folder, key, sorted(done))
+        if progress:
+            progress(num - len(todo) + start + len(batch), num)
+    return [folder / _name(i) for i in range(num)]
+
+
+def _name(index: int) -> str:
+    return f"{index:05d}.png"
+
+
+def _save_png_atomically(image, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_manifest(folder: Path, key: ClassImageKey, names: list[str]) -> None:
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"key": asdict(key), "images": names}, indent=1))
+    os.replace(tmp, folder / MANIFEST)

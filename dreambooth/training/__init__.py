@@ -1,0 +1,4 @@
+"""Training: pure losses, batches, the loop, checkpoints and resume, progress events."""
+from .loop import train, train_events
+
+__all__ = ["train", "train_events"]

@@ -1,0 +1,86 @@
+"""Resumable checkpoints, written atomically (temp folder, then rename) and pruned to the last K.
+
+A checkpoint holds the trainable tensors (the whole UNet for a full fine-tune, only the adapters
+for LoRA), the optimizer and LR-scheduler states and the step. No RNG state is needed: every
+random draw of step k comes from a generator seeded by (seed, k), so resuming at k reproduces the
+uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import Problem, RunDirError
+
+_STEP_DIR = re.compile(r"^step-(\d{5,})$")
+
+
+def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """{'unet.<param>': tensor, 'text_encoder.<param>': tensor} for parameters that train."""
+    return {
+        f"{prefix}.{name}": p.detach().cpu().contiguous()
+        for prefix, module in modules.items()
+        for name, p in module.named_parameters()
+        if p.requires_grad
+    }
+
+
+def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], optimizer,
+                    lr_scheduler, keep: int) -> Path:
+    target = folder / f"step-{step:05d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    try:
+        save_file(trainable_state(modules), tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune_checkpoints(folder, keep)
+    return target
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints, oldest first (temp folders of an interrupted save are ignored)."""
+    found = []
+    for d in folder.iterdir() if folder.exists() else []:
+        m = _STEP_DIR.match(d.name)
+        if m and (d / "state.json").exists():
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    for _, d in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(d)
+    for d in folder.glob(".tmp-*"):  # left by a save that was killed
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> int:
+    """Restore a checkpoint in place and return its step."""
+    state = load_file(path / "trainable.safetensors")
+    for prefix, module in modules.items():
+        own = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        expected = {n for n, p in module.named_parameters() if p.requires_grad}
+        if set(own) != expected:
+            raise RunDirError(
+                f"checkpoint {path} does not match this run's trainable parameters",
+                [Problem(str(path), f"{prefix}: {len(expected - set(own))} missing, {len(set(own) - expected)} "
+                         "unexpected; was the config changed since the run started?")],
+            )
+        module.load_state_dict(own, strict=False)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    return json.loads((path / "state.json").read_text())["step"]

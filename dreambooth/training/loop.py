@@ -1,0 +1,239 @@
+"""The DreamBooth training loop: one readable generator of progress events (STYLE.md #8).
+
+    for event in train_events(config, "runs/dog"):
+        print(event)
+
+Order of work: validate config and photos (no weights loaded yet), prepare the run directory, load
+the base model, make or reuse class images, then train with the prior-preservation loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..config import RunConfig, read_run_config, save_config
+from ..data.images import check_images, load_rgb
+from ..errors import ConfigError, Problem, TrainingDiverged
+from ..rundir import RunDir
+from . import events as ev
+from .batches import LatentSource, build_batch, step_generator
+from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .losses import add_noise, dreambooth_loss, prediction_target, sample_timesteps
+from .outputs import fill_prompt, prepare_class_images, save_final, write_samples
+from .setup import count_trainable, make_lr_schedule, make_optimizer, mark_trainable
+
+
+def train_events(config: RunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 stop: threading.Event | None = None) -> Iterator[ev.Event]:
+    """Run (or resume) a DreamBooth training and yield progress events; `stop` ends it cleanly."""
+    from accelerate import Accelerator
+
+    run = RunDir(Path(output))
+    if resume and run.config.exists():
+        config = resume_config(read_run_config(run.config), config)
+    report = check_images(config.data.images, config.data.resolution, max_pixels=config.data.max_pixels)
+    run.prepare(resume=resume, overwrite=overwrite)
+    save_config(config, run.config)
+    for problem in report.problems:
+        yield ev.Notice(str(problem))
+
+    from ..identifier import check_identifier
+    from ..models import load_components
+
+    components = load_components(config.model.name, prediction_type=config.model.prediction_type)
+    for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
+        yield ev.Notice(str(problem))
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.mixed_precision))
+    device, frozen_dtype = accelerator.device, _frozen_dtype(accelerator.mixed_precision)
+    components.vae.to(device, frozen_dtype)
+    components.text_encoder.to(device, frozen_dtype if not config.train.train_text_encoder else torch.float32)
+    components.unet.to(device)
+
+    class_paths = []
+    if config.prior.enabled:
+        for done, total, paths in prepare_class_images(components, config, device):
+            yield ev.ClassImagesProgress(done, total)
+            class_paths = paths
+
+    modules = mark_trainable(components, config.train)
+    optimizer = make_optimizer(modules, config.train, device)
+    lr_schedule = make_lr_schedule(optimizer, modules, config.train)
+    start = 0
+    if resume and (found := list_checkpoints(run.checkpoints)):
+        start = load_checkpoint(found[-1][1], modules, optimizer, lr_schedule)
+        run.truncate_log(start)
+    prepared = accelerator.prepare(*modules.values(), optimizer)
+    wrapped = dict(zip(modules, prepared[:-1]))
+
+    instances = LatentSource([load_rgb(i.path, max_pixels=config.data.max_pixels) for i in report.images],
+                             components.vae, config.data.resolution, crop=config.data.crop,
+                             cache=config.train.cache_latents, device=device, dtype=frozen_dtype)
+    classes = None
+    if config.prior.enabled:
+        classes = LatentSource([load_rgb(p) for p in class_paths[: config.prior.num_images]], components.vae,
+                               config.data.resolution, crop="center", cache=config.train.cache_latents,
+                               device=device, dtype=frozen_dtype)
+    prompts = PromptEmbeddings(components, config, device)
+
+    yield ev.Started(start, config.train.steps, count_trainable(modules), str(device), accelerator.mixed_precision)
+    step_fn = lambda step: training_step(step, config, components, wrapped, prompts, instances, classes,
+                                         accelerator, optimizer, lr_schedule)
+    yield from run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop)
+
+
+def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop) -> Iterator[ev.Event]:
+    """Steps, logging, samples and checkpoints; ends with Finished or Stopped."""
+    out = config.output
+    began = time.perf_counter()
+    last = began
+    for step in range(start, config.train.steps):
+        parts = step_fn(step)
+        done = step + 1
+        loss = float(parts.total.detach())
+        if not math.isfinite(loss):
+            kept = list_checkpoints(run.checkpoints)
+            raise TrainingDiverged(f"the loss became {loss} at step {done}", [Problem(
+                str(run.root), f"last good checkpoint: {kept[-1][1] if kept else 'none'}; "
+                "lower train.lr, or use bf16 instead of fp16")])
+        now = time.perf_counter()
+        event = ev.StepDone(done, config.train.steps, loss, float(parts.instance), float(parts.prior),
+                            lr_schedule.get_last_lr()[0], now - last)
+        last = now
+        if done % out.log_every == 0 or done == config.train.steps:
+            run.append_log({"step": done, "loss": loss, "instance_loss": event.instance_loss,
+                            "prior_loss": event.prior_loss, "lr": event.lr, "time": round(now - began, 4),
+                            "memory_mb": _memory_mb()})
+        yield event
+        if out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
+            yield ev.SampleWritten(done, write_samples(components, config, run, done))
+        stopping = stop is not None and stop.is_set()
+        if (out.checkpoint_every and done % out.checkpoint_every == 0) or stopping:
+            path = save_checkpoint(run.checkpoints, done, modules, optimizer, lr_schedule, out.keep_checkpoints)
+            yield ev.CheckpointSaved(done, path)
+            if stopping:
+                yield ev.Stopped(done, path)
+                return
+    yield ev.SampleWritten(config.train.steps, write_samples(components, config, run, config.train.steps))
+    final = save_final(components, config, run)
+    yield ev.Finished(config.train.steps, final, time.perf_counter() - began)
+
+
+def training_step(step, config, components, wrapped, prompts, instances, classes, accelerator, optimizer,
+                  lr_schedule):
+    """One optimizer step (with gradient accumulation) of eq. 2 of Ruiz et al."""
+    train = config.train
+    unet = wrapped["unet"]
+    for module in wrapped.values():
+        module.train()
+    alphas = components.noise_scheduler.alphas_cumprod
+    num_t = components.noise_scheduler.config.num_train_timesteps
+    seed = train.seed + 1000 * accelerator.process_index
+    for micro in range(train.grad_accum):
+        k = step * train.grad_accum + micro
+        latents, is_prior = build_batch(k, seed, instances, classes, train.batch_size, config.data.flip_prob)
+        g = step_generator(seed, k, salt=2)
+        noise = torch.randn(latents.shape, generator=g).to(latents)  # (B, 4, H/8, W/8)
+        t = sample_timesteps(latents.shape[0], num_t, g).to(latents.device)
+        noisy = add_noise(latents, noise, t, alphas)
+        target = prediction_target(latents, noise, t, alphas, components.prediction_type)
+        sync = micro == train.grad_accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
+            context = prompts.batch(is_prior, wrapped.get("text_encoder"))  # (B, 77, D)
+            pred = unet(noisy, t, context).sample
+            parts = dreambooth_loss(pred, target, is_prior.to(pred.device), config.prior.weight)
+            accelerator.backward(parts.total / train.grad_accum)
+    if train.max_grad_norm:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        accelerator.clip_grad_norm_(params, train.max_grad_norm)
+    optimizer.step()
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return parts
+
+
+class PromptEmbeddings:
+    """Text-encoder outputs for the subject and class prompts; computed once when it is frozen."""
+
+    def __init__(self, components, config: RunConfig, device: torch.device):
+        tok = components.tokenizer
+        texts = [fill_prompt(config.data.instance_prompt, config), fill_prompt(config.data.class_prompt, config)]
+        self.ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(device)  # (2, 77)
+        self.frozen = None
+        if not config.train.train_text_encoder:
+            with torch.no_grad():
+                self.frozen = components.text_encoder(self.ids)[0]  # (2, 77, D)
+
+    def batch(self, is_prior: torch.Tensor, text_encoder) -> torch.Tensor:
+        index = is_prior.long().to(self.ids.device)
+        if self.frozen is not None:
+            return self.frozen[index]
+        return text_encoder(self.ids)[0][index]
+
+
+def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:
+    """On resume the saved config rules; only the step count and output settings may change."""
+    a, b = saved.to_dict(), given.to_dict()
+    diffs = [f"{g}.{k}" for g in a for k in a[g] if a[g][k] != b[g][k] and g != "output" and k != "steps"]
+    if diffs:
+        raise ConfigError("--resume with a changed configuration would not reproduce the run", [
+            Problem(d, f"saved {a[d.split('.')[0]][d.split('.')[1]]!r}, given {b[d.split('.')[0]][d.split('.')[1]]!r}; "
+                    "drop the change or start a new run") for d in diffs])
+    merged = dict(a, output=b["output"])
+    merged["train"] = dict(a["train"], steps=b["train"]["steps"])
+    from ..config import build_config
+
+    return build_config(merged)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event):
+    """SIGINT/SIGTERM set `stop`, so the loop saves a checkpoint and exits cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, lambda *_: stop.set())
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def train(config: RunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
+          stop: threading.Event | None = None, on_event=None) -> ev.Event:
+    """Run training to the end (or until stopped); return the last event (Finished or Stopped)."""
+    stop = stop or threading.Event()
+    last = None
+    with stop_on_signals(stop):
+        for last in train_events(config, output, resume=resume, overwrite=overwrite, stop=stop):
+            if on_event:
+                on_event(last)
+    return last
+
+
+def _mixed_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return name
+
+
+def _frozen_dtype(mixed_precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -1,0 +1,140 @@
+"""What training writes besides checkpoints: class images, validation grids, the final model."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..grid import make_grid
+from ..rundir import RUN_INFO, RunDir
+
+
+def fill_prompt(template: str, config: RunConfig) -> str:
+    """Replace {identifier} and {class} with the run's values."""
+    return template.replace("{identifier}", config.data.identifier).replace("{class}", config.data.class_noun)
+
+
+def class_image_key(components, config: RunConfig):
+    from ..models import model_identity
+    from ..priors import ClassImageKey
+
+    prior = config.prior
+    return ClassImageKey(
+        model=model_identity(components.folder), prompt=fill_prompt(config.data.class_prompt, config),
+        negative_prompt=prior.negative_prompt, sampler=prior.sampler, steps=prior.steps,
+        guidance=prior.guidance, resolution=config.data.resolution, seed=prior.seed,
+    )
+
+
+def prepare_class_images(components, config: RunConfig, device):
+    """Yield (done, total, paths) while making sure the class images exist; paths is final at the end."""
+    from ..pipelines import make_pipeline
+    from ..priors import ensure_class_images
+
+    progress = []
+    paths = ensure_class_images(
+        class_image_key(components, config), config.prior.num_images,
+        lambda: make_pipeline(components, config.prior.sampler, device=device),
+        cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size,
+        progress=lambda done, total: progress.append((done, total)),
+    )
+    for done, total in progress:
+        yield done, total, paths
+
+
+@torch.no_grad()
+def write_samples(components, config: RunConfig, run: RunDir, step: int) -> Path:
+    """A validation grid: one row per prompt, fixed seeds, so grids of different steps compare."""
+    from ..pipelines import make_pipeline, sample_images
+
+    out = config.output
+    prompts = [fill_prompt(p, config) for p in out.sample_prompts]
+    pipe = make_pipeline(components, "dpmpp")
+    was_training = {m: m.training for m in (components.unet, components.text_encoder)}
+    components.unet.eval()
+    components.text_encoder.eval()
+    images = sample_images(pipe, [p for p in prompts for _ in range(out.sample_images)],
+                           [s for _ in prompts for s in range(out.sample_images)],
+                           steps=out.sample_steps, guidance=7.5, resolution=config.data.resolution)
+    for module, training in was_training.items():
+        module.train(training)
+    path = run.samples / f"step-{step:05d}.png"
+    make_grid(images, cols=out.sample_images).save(path)
+    return path
+
+
+def run_info(components, config: RunConfig) -> dict:
+    from ..models import model_identity
+
+    return {
+        "format": "dreambooth-run/1",
+        "mode": config.train.mode,
+        "identifier": config.data.identifier,
+        "class_noun": config.data.class_noun,
+        "instance_prompt": fill_prompt(config.data.instance_prompt, config),
+        "base_model": config.model.name,
+        "base_model_identity": model_identity(components.folder),
+        "prediction_type": components.prediction_type,
+        "resolution": config.data.resolution,
+        "steps": config.train.steps,
+        "train_text_encoder": config.train.train_text_encoder,
+    }
+
+
+def save_final(components, config: RunConfig, run: RunDir) -> Path:
+    """Write final/ atomically: a diffusers folder (full) or LoRA weights + base reference (lora)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run.root))
+    try:
+        if config.train.mode == "full":
+            save_pipeline_folder(components, tmp)
+        else:
+            save_lora_weights(components, config, tmp)
+        (tmp / RUN_INFO).write_text(json.dumps(run_info(components, config), indent=2))
+        if run.final.exists():
+            shutil.rmtree(run.final)
+        os.replace(tmp, run.final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run.final
+
+
+def save_pipeline_folder(components, folder: Path) -> None:
+    """A complete diffusers pipeline (safetensors) with the base model's own scheduler config."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline
+
+    from ..models.builtin import copy_tokenizer_files
+
+    base = diffusers.DDPMScheduler.load_config(components.folder, subfolder="scheduler")
+    scheduler = getattr(diffusers, base["_class_name"]).from_config(base)
+    scheduler.register_to_config(prediction_type=components.prediction_type)
+    pipe = StableDiffusionPipeline(
+        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    copy_tokenizer_files(folder / "tokenizer")
+
+
+def save_lora_weights(components, config: RunConfig, folder: Path) -> None:
+    """LoRA layers in the diffusers/PEFT layout that `pipe.load_lora_weights` reads."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    text_layers = None
+    if config.train.train_text_encoder:
+        text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(components.text_encoder))
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(components.unet)),
+        text_encoder_lora_layers=text_layers,
+        safe_serialization=True,
+    )

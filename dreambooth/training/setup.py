@@ -1,0 +1,87 @@
+"""What trains and how: full vs LoRA (the only place that knows the difference), optimizer, LR schedule."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import TrainConfig
+from ..errors import ConfigError, Problem
+
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def mark_trainable(components, train: TrainConfig) -> dict[str, torch.nn.Module]:
+    """Freeze what stays fixed, add LoRA adapters when asked; return {name: module} that train."""
+    components.vae.requires_grad_(False)
+    components.text_encoder.requires_grad_(False)
+    components.unet.requires_grad_(False)
+    modules = {"unet": components.unet}
+    if train.train_text_encoder:
+        modules["text_encoder"] = components.text_encoder
+    if train.mode == "full":
+        for module in modules.values():
+            module.requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        def lora(targets):
+            return LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, init_lora_weights="gaussian",
+                              target_modules=list(targets))
+
+        components.unet.add_adapter(lora(train.lora_targets))
+        if train.train_text_encoder:
+            components.text_encoder.add_adapter(lora(TEXT_ENCODER_LORA_TARGETS))
+    if train.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+        if train.train_text_encoder:
+            components.text_encoder.gradient_checkpointing_enable()
+    return modules
+
+
+def count_trainable(modules: dict[str, torch.nn.Module]) -> int:
+    return sum(p.numel() for m in modules.values() for p in m.parameters() if p.requires_grad)
+
+
+def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, device: torch.device):
+    """AdamW over one parameter group per module (the text encoder has its own learning rate)."""
+    groups = []
+    for name, module in modules.items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        groups.append({"params": params, "lr": train.text_encoder_lr if name == "text_encoder" else train.lr})
+    kwargs = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay)
+    if train.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes",
+                              [Problem("train.optimizer", "pip install 'dreambooth[bnb]' (CUDA only), or use adamw")]) from e
+        return bnb.optim.AdamW8bit(groups, **kwargs)
+    if device.type == "cuda":
+        kwargs["fused"] = True  # one kernel for all parameters instead of one per tensor
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_factor(step: int, train: TrainConfig) -> float:
+    """Multiplier of the base learning rate at `step` (0-based)."""
+    warm = train.warmup_steps
+    if warm and step < warm and train.lr_schedule != "constant":
+        return (step + 1) / warm
+    if train.lr_schedule in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, train.steps - warm))
+    if train.lr_schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def make_lr_schedule(optimizer, modules: dict[str, torch.nn.Module], train: TrainConfig):
+    """One lambda per group; the text encoder's drops to 0 after `text_encoder_steps`."""
+    def for_group(name):
+        def factor(step):
+            if name == "text_encoder" and train.text_encoder_steps and step >= train.text_encoder_steps:
+                return 0.0
+            return lr_factor(step, train)
+        return factor
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(n) for n in modules])
