@@ -258,6 +258,11 @@ def _coerce(value, hint):
     if hint is bool:
         return isinstance(value, bool), value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-5" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else value
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value

@@ -26,6 +26,12 @@ class Components:
     source: ModelSource
     folder: Path  # the diffusers folder the parts came from
 
+    def to(self, device, dtype: torch.dtype | None = None) -> "Components":
+        """Move the three networks (in place) and return self."""
+        for part in (self.unet, self.vae, self.text_encoder):
+            part.to(device, dtype)
+        return self
+
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type

@@ -1,0 +1,130 @@
+"""Render the subject in new contexts, from a run directory or any MODEL (+ optional LoRA).
+
+A run directory describes itself (final/dreambooth.json): full fine-tunes load final/ as a diffusers
+folder, LoRA runs load their base model and apply final/'s LoRA weights. `{identifier}` and `{class}`
+in prompts are filled from the run.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError, Problem
+from .grid import make_grid
+from .rundir import RunDir, is_run_dir
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    steps: int = 25
+    guidance: float = 7.5
+    negative_prompt: str = ""
+    sampler: str = "dpmpp"
+    resolution: int | None = None  # default: the run's or the model's native size
+    lora_scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Loaded:
+    components: object
+    info: dict | None  # the run's dreambooth.json, when MODEL is a run directory
+    lora: Path | None
+
+
+def load_for_generation(model: str | Path, lora: str | Path | None = None, *, device=None) -> Loaded:
+    """Components ready to sample, with the run's LoRA or the given LoRA file applied."""
+    from .models import load_components
+    from .pipelines import default_device
+
+    device = device or default_device()
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    info = None
+    if is_run_dir(model):
+        info = RunDir(Path(model)).run_info()
+        final = RunDir(Path(model)).final
+        if info["mode"] == "full":
+            components = load_components(str(final), dtype=dtype)
+        else:
+            components = load_components(info["base_model"], dtype=dtype)
+            lora = lora or final / LORA_FILE
+    else:
+        components = load_components(str(model), dtype=dtype)
+    return Loaded(components.to(device), info, Path(lora) if lora else None)
+
+
+def make_generation_pipeline(loaded: Loaded, settings: GenerationSettings):
+    from .pipelines import make_pipeline
+
+    pipe = make_pipeline(loaded.components, settings.sampler)
+    if loaded.lora is not None:
+        from .lora_files import load_lora_into_pipeline
+
+        load_lora_into_pipeline(pipe, loaded.lora, scale=settings.lora_scale)
+    return pipe
+
+
+def fill_placeholders(prompt: str, info: dict | None) -> str:
+    if "{identifier}" not in prompt and "{class}" not in prompt:
+        return prompt
+    if info is None:
+        raise ConfigError("prompt has placeholders but MODEL is not a run directory", [
+            Problem(prompt, "write the identifier and class noun out, or pass a run directory as --model")])
+    return prompt.replace("{identifier}", info["identifier"]).replace("{class}", info["class_noun"])
+
+
+def generate(model: str | Path, prompts: list[str], output: str | Path, *, num: int = 4, seed: int = 0,
+             settings: GenerationSettings = GenerationSettings(), lora: str | Path | None = None,
+             loaded: Loaded | None = None) -> list[Path]:
+    """Write num images per prompt (seeds seed..seed+num-1 for every prompt), their settings JSON
+    and a grid (one row per prompt). Existing files in `output` are never overwritten."""
+    from .pipelines import sample_images
+
+    if not prompts:
+        raise ConfigError("no prompt given", [Problem("--prompt", "give at least one prompt or a prompt file")])
+    loaded = loaded or load_for_generation(model, lora)
+    filled = [fill_placeholders(p, loaded.info) for p in prompts]
+    resolution = settings.resolution or (loaded.info or {}).get("resolution") or loaded.components.resolution
+    pipe = make_generation_pipeline(loaded, settings)
+    seeds = [seed + j for _ in filled for j in range(num)]
+    images = sample_images(pipe, [p for p in filled for _ in range(num)], seeds, steps=settings.steps,
+                           guidance=settings.guidance, resolution=resolution,
+                           negative_prompt=settings.negative_prompt)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    first = _next_index(out)
+    paths = []
+    for k, (image, s) in enumerate(zip(images, seeds)):
+        prompt = filled[k // num]
+        path = out / f"{first + k:04d}-{_slug(prompt)}-seed{s}.png"
+        image.save(path)
+        record = dict(asdict(settings), prompt=prompt, seed=s, resolution=resolution, model=str(model),
+                      lora=str(loaded.lora) if loaded.lora else None)
+        path.with_suffix(".json").write_text(json.dumps(record, indent=2))
+        paths.append(path)
+    make_grid(images, cols=num).save(out / f"grid-{first:04d}.png")
+    return paths
+
+
+def _next_index(folder: Path) -> int:
+    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"^(\d{4,})-", p.name))]
+    return max(numbers) + 1 if numbers else 0
+
+
+def _slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+
+
+def read_prompts(prompts: list[str], prompt_file: str | Path | None) -> list[str]:
+    out = list(prompts)
+    if prompt_file:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise ConfigError("prompt file not found", [Problem(str(path), "expected a text file, one prompt per line")])
+        out += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return out
