@@ -10,7 +10,6 @@ import hashlib
 import html
 import io
 import json
-import math
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -18,6 +17,7 @@ from typing import Mapping, Sequence
 from PIL import Image
 
 from dreambooth.evaluation.metrics import METRIC_DEFINITIONS
+from dreambooth.grid import make_grid as tile_images
 from dreambooth.evaluation.scoring import EvaluationResult
 
 THUMB_WIDTH = 512  # px width of the inlined grid thumbnails
@@ -25,22 +25,16 @@ THUMB_WIDTH = 512  # px width of the inlined grid thumbnails
 
 def make_grid(images: Sequence[Image.Image], cols: int, *, pad: int = 4,
               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Images in rows of `cols`, each cell the size of the first image, `pad` px apart."""
+    """`dreambooth.grid.make_grid` with at most `cols` columns and never an empty column.
+
+    A prompt with fewer images than `cols` gets a narrower grid, so the report's thumbnails
+    carry no blank cells.
+    """
     if not images:
         raise ValueError("make_grid needs at least one image")
     if cols < 1:
         raise ValueError(f"cols must be >= 1, got {cols}")
-    cols = min(cols, len(images))
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), background)
-    for i, image in enumerate(images):
-        cell = image.convert("RGB")
-        if cell.size != (w, h):
-            cell = cell.resize((w, h), Image.Resampling.BICUBIC)
-        r, c = divmod(i, cols)
-        grid.paste(cell, (pad + c * (w + pad), pad + r * (h + pad)))
-    return grid
+    return tile_images(list(images), min(cols, len(images)), pad=pad, background=background)
 
 
 def safe_file_name(prompt: str, index: int, *, max_len: int = 60) -> str:
