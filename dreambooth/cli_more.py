@@ -11,11 +11,22 @@ def register(sub) -> None:
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("evaluate", help="score a run with the DreamBooth benchmark metrics")
-    v.add_argument("--model", required=True)
-    v.add_argument("--images", required=True)
+    v.add_argument("--model", required=True, help="run directory or MODEL")
+    v.add_argument("--images", required=True, help="the real subject photos")
     v.add_argument("--identifier", required=True)
     v.add_argument("--class-noun", required=True)
-    v.add_argument("--output", required=True)
+    v.add_argument("--output", required=True, help="folder for metrics.json, grids/, report.html")
+    v.add_argument("--prompts", default=None, help="prompt file, one per line with {identifier} and "
+                   "{class} (default: the paper's 25 prompts for the class)")
+    v.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (paper: 4)")
+    v.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
+    v.add_argument("--steps", type=int, default=25, help="sampler steps")
+    v.add_argument("--dino", default=None, help="DINO folder or hub id (default facebook/dino-vits16)")
+    v.add_argument("--clip", default=None, help="CLIP folder or hub id (default openai/clip-vit-base-patch32)")
+    v.add_argument("--standin", action="store_true", help="score subject fidelity with the offline "
+                   "EfficientNet-Lite0 stand-in instead of DINO (labelled *_standin; CLIP optional)")
+    v.add_argument("--oracle", action="store_true", help="toy-world runs: score with the oracle")
+    v.add_argument("--subject", default=None, help="toy subject for --oracle (default: the class noun)")
     v.set_defaults(func=cmd_evaluate)
 
     u = sub.add_parser("ui", help="start the local web app")
@@ -36,7 +47,25 @@ def cmd_export(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    return _not_ready("evaluate")
+    """Generate the benchmark images, score them, print the overall scores and the report path."""
+    from functools import partial
+
+    from .evaluation.oracle_scoring import load_toy_oracle
+    from .evaluation.run import evaluate_run
+    from .evaluation.scorers import load_extractors
+
+    # Loaders, not models: evaluate_run checks the photos and prompts before loading anything.
+    oracle = load_toy_oracle if args.oracle else None
+    extractors = partial(load_extractors, args.dino, args.clip, standin=args.standin)
+    result = evaluate_run(args.model, args.images, args.identifier, args.class_noun, args.output,
+                          prompts=args.prompts, num_per_prompt=args.num_per_prompt, seed=args.seed,
+                          steps=args.steps, extractors=extractors, oracle=oracle, subject=args.subject)
+    for name, value in result.overall.items():
+        print(f"{name:>40}: {'not measured' if value is None else f'{value:.4f}'}")
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"report: {args.output}/report.html")
+    return 0
 
 
 def cmd_ui(args) -> int:

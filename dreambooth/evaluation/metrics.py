@@ -43,6 +43,20 @@ METRIC_DEFINITIONS: dict[str, str] = {
                    "among images of the same prompt (neither LPIPS nor DINO).",
     "subject_similarity_standin_real_images": "Stand-in similarity among distinct real subject "
                                               "images (reference for the stand-in fidelity).",
+    "subject_fidelity": "Toy world: share of identifier-prompt images that the oracle recognises as "
+                        "the subject's identity. Higher is better.",
+    "prompt_fidelity": "Toy world: share of identifier-prompt images that the oracle sees in the "
+                       "context the prompt asks for. Higher is better.",
+    "language_drift": "Toy world: share of plain class-prompt images ('a dog') that the oracle "
+                      "recognises as the subject. Lower is better (the class kept its meaning).",
+    "class_accuracy": "Toy world: share of identifier-prompt images that the oracle sees as the "
+                      "subject's class.",
+    "class_accuracy_class_prompt": "Toy world: share of plain class-prompt images that the oracle "
+                                   "sees as the class; a drop means the class prompt broke.",
+    "div_oracle": "Toy world diversity: 1 - mean pairwise cosine of the oracle's pooled features "
+                  "among images of the same prompt. Compare only with itself.",
+    "subject_fidelity_real_images": "Toy world: share of the real subject images that the oracle "
+                                    "recognises as the subject (the ceiling for subject_fidelity).",
 }
 
 

@@ -94,6 +94,15 @@ def _overall_table(overall: Mapping[str, float | None]) -> str:
     return f"<table><tr><th>metric</th><th>value</th><th>definition</th></tr>{rows}</table>"
 
 
+def _prompt_note(row: Mapping) -> str:
+    """What the prompt was judged against: the oracle's intended context, or CLIP-T's text."""
+    if row.get("context"):
+        return f"<br><small>intended context: {html.escape(row['context'])}</small>"
+    if row.get("clip_prompt"):
+        return f"<br><small>CLIP-T text: {html.escape(row['clip_prompt'])}</small>"
+    return ""
+
+
 def _prompt_table(per_prompt: Sequence[Mapping], grids: Mapping[str, Image.Image]) -> str:
     keys = list(dict.fromkeys(k for row in per_prompt for k in row["metrics"]))
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
@@ -102,9 +111,8 @@ def _prompt_table(per_prompt: Sequence[Mapping], grids: Mapping[str, Image.Image
         cells = "".join(f"<td>{_fmt(row['metrics'].get(k))}</td>" for k in keys)
         grid = grids.get(row["prompt"])
         img = f'<img src="{_thumbnail_uri(grid)}" alt="grid">' if grid is not None else ""
-        body.append(f"<tr><td>{html.escape(row['prompt'])}<br><small>CLIP-T text: "
-                    f"{html.escape(row['clip_prompt'])}</small></td><td>{row['num_images']}</td>"
-                    f"{cells}<td>{img}</td></tr>")
+        body.append(f"<tr><td>{html.escape(row['prompt'])}{_prompt_note(row)}</td>"
+                    f"<td>{row['num_images']}</td>{cells}<td>{img}</td></tr>")
     return (f"<table><tr><th>prompt</th><th>images</th>{head}<th>samples</th></tr>"
             f"{''.join(body)}</table>")
 
@@ -112,6 +120,25 @@ def _prompt_table(per_prompt: Sequence[Mapping], grids: Mapping[str, Image.Image
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
 text-align:left;vertical-align:top}img{max-width:512px}small{color:#555}"""
+
+
+def _other_grids(per_prompt: Sequence[Mapping], grids: Mapping[str, Image.Image]) -> str:
+    """Grids of prompts that have no score row, such as the plain class prompt behind PRES."""
+    scored = {row["prompt"] for row in per_prompt}
+    rest = [(p, g) for p, g in grids.items() if p not in scored]
+    if not rest:
+        return ""
+    items = "".join(f"<h3>{html.escape(p)}</h3><img src=\"{_thumbnail_uri(g)}\" alt=\"grid\">"
+                    for p, g in rest)
+    return f"<h2>Other prompts (not scored per prompt)</h2>{items}"
+
+
+def _settings_line(settings: Mapping) -> str:
+    """One line on how the images were made, so the page can be reproduced."""
+    if not settings:
+        return ""
+    text = ", ".join(f"{k}: {v}" for k, v in settings.items())
+    return f"<p><small>Generation: {html.escape(text)}</small></p>"
 
 
 def render_html(data: Mapping, grids: Mapping[str, Image.Image], *, title: str) -> str:
@@ -123,7 +150,7 @@ def render_html(data: Mapping, grids: Mapping[str, Image.Image], *, title: str) 
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>Protocol: {html.escape(data.get('protocol', ''))}. Extractors: {extractors}. "
-        f"Images: {counts}.</p><h2>Overall</h2>{_overall_table(data['overall'])}"
+        f"Images: {counts}.</p>{_settings_line(data.get('settings', {}))}<h2>Overall</h2>{_overall_table(data['overall'])}"
         f"<ul>{notes}</ul><h2>Per prompt</h2>{_prompt_table(data['per_prompt'], grids)}"
-        "</body></html>"
+        f"{_other_grids(data['per_prompt'], grids)}</body></html>"
     )

@@ -38,6 +38,7 @@ class MetricKeys:
     pres: str
     div: str
     real_images: str
+    prompt: str = "clip_t"  # prompt fidelity: CLIP-T, or the oracle's context share
 
     @property
     def pair_weighted(self) -> frozenset[str]:
@@ -48,6 +49,9 @@ class MetricKeys:
 DINO_KEYS = MetricKeys("dino", "pres", "div", "dino_real_images")
 STANDIN_KEYS = MetricKeys("subject_similarity_standin", "pres_standin", "div_standin",
                           "subject_similarity_standin_real_images")
+# Toy world: the oracle's shares (see oracle_scoring.py) under their own names.
+ORACLE_KEYS = MetricKeys("subject_fidelity", "language_drift", "div_oracle",
+                         "subject_fidelity_real_images", prompt="prompt_fidelity")
 
 
 def metric_keys(extractor: FeatureExtractor) -> MetricKeys:
@@ -68,6 +72,7 @@ class PromptScores:
     clip_prompt: str  # what CLIP-T scored against: identifier replaced by the class noun
     num_images: int
     metrics: dict[str, float | None]
+    context: str | None = None  # toy world: the context the prompt asks for, judged by the oracle
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class EvaluationResult:
     counts: dict[str, int]  # generated, real, class, prompts
     extractors: dict[str, str]  # role ("subject", "clip") -> extractor name
     notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # how the images were made (model, seeds, steps)
 
     def to_dict(self) -> dict:
         """JSON-ready dict; None stands for a metric that could not be computed."""
@@ -199,11 +205,15 @@ def _notes(keys: MetricKeys, clip: TextImageExtractor | None) -> list[str]:
 
 
 def selection_scores(result: EvaluationResult, step: int) -> dict[str, float | int | None]:
-    """The row `select_checkpoint` takes: subject fidelity, prompt fidelity (CLIP-T), drift (PRES)."""
-    keys = STANDIN_KEYS if STANDIN_KEYS.subject in result.overall else DINO_KEYS
+    """The row `select_checkpoint` takes: subject fidelity, prompt fidelity, drift.
+
+    DINO (or stand-in) fidelity, CLIP-T and PRES for real models; the oracle's subject fidelity,
+    prompt fidelity and language drift for the toy world.
+    """
+    keys = next((k for k in (ORACLE_KEYS, STANDIN_KEYS) if k.subject in result.overall), DINO_KEYS)
     return {
         "step": step,
         "fidelity": result.overall.get(keys.subject),
-        "prompt_fidelity": result.overall.get("clip_t"),
+        "prompt_fidelity": result.overall.get(keys.prompt),
         "drift": result.overall.get(keys.pres),
     }
