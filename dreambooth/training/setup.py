@@ -29,9 +29,11 @@ def mark_trainable(components, train: TrainConfig) -> dict[str, torch.nn.Module]
             return LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, init_lora_weights="gaussian",
                               target_modules=list(targets))
 
-        components.unet.add_adapter(lora(train.lora_targets))
-        if train.train_text_encoder:
-            components.text_encoder.add_adapter(lora(TEXT_ENCODER_LORA_TARGETS))
+        with torch.random.fork_rng(devices=[]):  # adapter init depends on the run's seed alone
+            torch.manual_seed(train.seed)
+            components.unet.add_adapter(lora(train.lora_targets))
+            if train.train_text_encoder:
+                components.text_encoder.add_adapter(lora(TEXT_ENCODER_LORA_TARGETS))
     if train.gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if train.train_text_encoder:

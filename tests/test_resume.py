@@ -1,0 +1,111 @@
+"""Resume reproduces the uninterrupted run bit for bit; stops and divergence keep a good checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth.config import load_config
+from dreambooth.errors import TrainingDiverged
+from dreambooth.training import events as ev
+from dreambooth.training import train
+
+
+def config_for(subject_dir, preset="tiny", *extra):
+    return load_config(preset, {"data": {"images": str(subject_dir), "class_noun": "dog"}},
+                       ["train.steps=4", "output.checkpoint_every=0", *extra])
+
+
+def final_weights(run, mode):
+    if mode == "lora":
+        return load_file(run / "final" / "pytorch_lora_weights.safetensors")
+    return {**load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors"),
+            **{f"te.{k}": v for k, v in load_file(run / "final" / "text_encoder" / "model.safetensors").items()}}
+
+
+def stop_at(step):
+    flag = threading.Event()
+
+    def on_event(event):
+        if isinstance(event, ev.StepDone) and event.step == step:
+            flag.set()
+    return flag, on_event
+
+
+@pytest.mark.parametrize("preset,extra", [("tiny", ["train.train_text_encoder=true"]),
+                                          ("tiny-lora", ["train.train_text_encoder=true"]),
+                                          ("tiny", ["data.crop=random", "train.grad_accum=2",
+                                                    "train.lr_schedule=cosine", "train.warmup_steps=1"])])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, subject_dir, preset, extra):
+    config = config_for(subject_dir, preset, *extra)
+    straight = train(config, tmp_path / "straight")
+    assert isinstance(straight, ev.Finished)
+
+    flag, on_event = stop_at(2)
+    stopped = train(config, tmp_path / "resumed", stop=flag, on_event=on_event)
+    assert isinstance(stopped, ev.Stopped) and stopped.step == 2
+    assert not (tmp_path / "resumed" / "final").exists()
+    resumed = train(config, tmp_path / "resumed", resume=True)
+    assert isinstance(resumed, ev.Finished)
+
+    mode = "lora" if "lora" in preset else "full"
+    a, b = final_weights(tmp_path / "straight", mode), final_weights(tmp_path / "resumed", mode)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
+
+
+def test_resume_is_refused_when_the_config_changed(tmp_path, subject_dir):
+    flag, on_event = stop_at(1)
+    train(config_for(subject_dir), tmp_path / "run", stop=flag, on_event=on_event)
+    from dreambooth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr"):
+        train(config_for(subject_dir, "tiny", "train.lr=0.5"), tmp_path / "run", resume=True)
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, subject_dir, monkeypatch):
+    from dreambooth.training import loop
+
+    real = loop.dreambooth_loss
+    calls = []
+
+    def poisoned(pred, target, is_prior, weight):
+        calls.append(1)
+        parts = real(pred, target, is_prior, weight)
+        if len(calls) == 3:
+            return parts._replace(total=parts.total * float("nan"))
+        return parts
+
+    monkeypatch.setattr(loop, "dreambooth_loss", poisoned)
+    config = config_for(subject_dir, "tiny", "output.checkpoint_every=2")
+    with pytest.raises(TrainingDiverged) as info:
+        train(config, tmp_path / "run")
+    assert "step 3" in str(info.value) and "step-00002" in str(info.value)
+    assert (tmp_path / "run" / "checkpoints" / "step-00002" / "state.json").exists()
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, subject_dir):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dreambooth", "train", "--images", str(subject_dir), "--class-noun", "dog",
+           "--preset", "tiny", "--steps", "100000", "--output", str(run), "--set", "output.checkpoint_every=0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "DREAMBOOTH_NO_PROGRESS": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "log.jsonl").exists() and (run / "log.jsonl").stat().st_size):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "resume with --resume" in out
+    checkpoints = list((run / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainable.safetensors").exists()
