@@ -7,7 +7,8 @@ def register(sub) -> None:
     e.add_argument("run_dir")
     e.add_argument("--format", required=True, choices=["diffusers", "single-file", "lora-peft", "lora-kohya"])
     e.add_argument("--output", required=True)
-    e.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    e.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"],
+                   help="weight precision of the written files (default fp16, as A1111/ComfyUI share them)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("evaluate", help="score a run with the DreamBooth benchmark metrics")
@@ -32,6 +33,8 @@ def register(sub) -> None:
     u = sub.add_parser("ui", help="start the local web app")
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=7860)
+    u.add_argument("--workspace", default=None,
+                   help="where jobs, uploads and runs are kept (default: ~/.cache/dreambooth/ui)")
     u.set_defaults(func=cmd_ui)
 
 
@@ -43,7 +46,12 @@ def _not_ready(what: str) -> int:
 
 
 def cmd_export(args) -> int:
-    return _not_ready("export")
+    """Errors (existing output, LoRA format of a full run, ...) are DreamboothErrors: cli.main reports them."""
+    from .export import export
+
+    path = export(args.run_dir, args.format, args.output, dtype=args.dtype)
+    print(f"wrote {path}")
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -69,4 +77,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    return _not_ready("ui")
+    from .ui import serve
+
+    return serve(args.host, args.port, args.workspace)

@@ -1,0 +1,192 @@
+"""The web app's operations, as plain methods returning JSON-ready dicts (the HTTP layer only routes).
+
+Keeping them here, apart from `server.py`, lets tests call them directly and keeps every decision
+(what a job shows, which files may be served) in one readable place.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import DreamboothError
+from . import outputs, settings
+from .jobs import Job, JobRunner, TrainFn
+from .uploads import MAX_BYTES, MAX_FILES, MAX_PIXELS, PhotoStore, UploadRejected, display_name
+
+SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+
+class ProblemsError(Exception):
+    """A request the user can fix; the page shows the message and each problem."""
+
+    def __init__(self, message: str, problems: list[dict] | None = None):
+        super().__init__(message)
+        self.message, self.problems = message, problems or []
+
+
+def default_workspace() -> Path:
+    from ..models.builtin import cache_root
+
+    return cache_root() / "ui"
+
+
+class App:
+    """Photo sets, the job queue and generation behind one object; `start()` before use."""
+
+    def __init__(self, workspace: Path, train_fn: TrainFn | None = None, verbose: bool = False):
+        self.workspace = Path(workspace)
+        self.photos = PhotoStore(self.workspace / "uploads")
+        self.runner = JobRunner(self.workspace, train_fn)
+        self.generator = outputs.Generator(self.runner)
+        self.verbose = verbose
+
+    def start(self) -> "App":
+        self.runner.start()
+        return self
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
+
+    # --- page set-up -----------------------------------------------------------------------------
+    def info(self) -> dict:
+        return {"models": settings.model_options(), "online": settings.hub_online(),
+                "presets": [{"value": k, "label": v} for k, v in settings.PRESET_LABELS.items()],
+                "limits": {"files": MAX_FILES, "bytes": MAX_BYTES, "pixels": MAX_PIXELS},
+                "export": outputs.export_available()}
+
+    def presets(self, purpose: str, model: str) -> dict:
+        try:
+            return settings.preset_defaults(purpose, model)
+        except DreamboothError as err:
+            raise ProblemsError(err.summary, settings.problems_json(err.problems)) from None
+
+    # --- photos ----------------------------------------------------------------------------------
+    def new_set(self) -> dict:
+        return self.get_set(self.photos.create().id)
+
+    def get_set(self, set_id: str, resolution: int = 512) -> dict:
+        photo_set = self.photos.get(set_id)
+        photos = [dict(asdict(p), url=f"/api/photosets/{set_id}/thumbs/{p.id}") for p in photo_set.photos]
+        for p in photos:
+            p.pop("stored_name")  # internal
+        problems = settings.photo_problems(self.photos.images_dir(set_id), photo_set.photos, resolution)
+        return {"id": set_id, "photos": photos, "rejected": photo_set.rejected, "problems": problems}
+
+    def upload(self, set_id: str, name: str, data: bytes) -> dict:
+        try:
+            photo = self.photos.add(set_id, name, data)
+        except UploadRejected as rejected:
+            raise ProblemsError(f"{display_name(name)} {rejected}") from None
+        return {"id": photo.id, "name": photo.original_name}
+
+    def reject_too_big(self, set_id: str, name: str, length: int) -> str:
+        message = f"is {length / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB limit; export a smaller JPEG"
+        self.photos.reject(set_id, name, message)
+        return f"{display_name(name)} {message}"
+
+    def delete_photo(self, set_id: str, photo_id: str) -> dict:
+        self.photos.remove(set_id, photo_id)
+        return {"ok": True}
+
+    def clear_rejected(self, set_id: str) -> dict:
+        self.photos.clear_rejected(set_id)
+        return {"ok": True}
+
+    # --- subject and model -----------------------------------------------------------------------
+    def check_identifier(self, identifier: str, class_noun: str) -> dict:
+        return {"problems": settings.problems_json(settings.identifier_problems(identifier, class_noun))}
+
+    def suggest(self, seed: int) -> dict:
+        return {"identifiers": settings.suggest(6, seed)}
+
+    def check_model(self, model: str) -> dict:
+        return {"problems": settings.problems_json(settings.model_problems(model))}
+
+    # --- jobs ------------------------------------------------------------------------------------
+    def submit(self, body: dict) -> dict:
+        """Validate everything the library would reject, then queue; nothing loads here."""
+        set_id, form = str(body.get("set_id", "")), dict(body.get("form") or {})
+        photo_set = self.photos.get(set_id)
+        problems = settings.model_problems(str(form.get("model", "tiny-random")))
+        blocking = [p for p in self.get_set(set_id)["problems"] if p["severity"] == "error"]
+        if not photo_set.photos:
+            blocking.append({"severity": "error", "message": "add 3-10 photos of your subject first"})
+        try:
+            settings.build_run_config(form, self.photos.images_dir(set_id))
+        except DreamboothError as err:
+            problems += err.problems
+        if problems or blocking:
+            raise ProblemsError("fix these before training", settings.problems_json(problems) + blocking)
+
+        def prepare(images_dir: Path) -> dict:
+            self.photos.copy_images(set_id, images_dir)
+            return settings.build_run_config(form, images_dir).to_dict()
+
+        name = f"{form.get('identifier', '').strip()} {form.get('class_noun', '').strip()}"
+        return self.job_view(self.runner.submit(name, form, prepare))
+
+    def list_jobs(self) -> dict:
+        return {"jobs": [self.job_view(job) for job in reversed(self.runner.list())]}
+
+    def job_json(self, job_id: str) -> dict:
+        return self.job_view(self.runner.get(job_id))
+
+    def job_view(self, job: Job) -> dict:
+        """The job as the page needs it: state, queue place, and URLs instead of paths."""
+        view = asdict(job)
+        base = f"/api/jobs/{job.id}"
+        view["queue_position"] = self.runner.queue_position(job.id)
+        view["sample_urls"] = [f"{base}/samples/{Path(s).name}" for s in job.samples]
+        view["generated"] = [dict(g, url=f"{base}/generated/{g['file']}") for g in job.generated]
+        view["model"] = job.config.get("model", {}).get("name")
+        view["mode"] = job.config.get("train", {}).get("mode")
+        return view
+
+    def cancel(self, job_id: str) -> dict:
+        return self.job_view(self.runner.cancel(job_id))
+
+    def resume(self, job_id: str) -> dict:
+        return self.job_view(self.runner.resume(job_id))
+
+    # --- results ---------------------------------------------------------------------------------
+    def generate(self, job_id: str, body: dict) -> dict:
+        try:
+            items = self.generator.generate(job_id, str(body.get("prompt", "")), num=int(body.get("num", 4)),
+                                            seed=int(body.get("seed", 0)), steps=int(body.get("steps", 25)))
+        except DreamboothError as err:
+            raise ProblemsError(err.summary, settings.problems_json(err.problems)) from None
+        base = f"/api/jobs/{job_id}"
+        return {"images": [dict(g, url=f"{base}/generated/{g['file']}") for g in items]}
+
+    def examples(self, job_id: str) -> dict:
+        data = self.runner.get(job_id).config["data"]
+        return {"prompts": outputs.example_prompts(data["class_noun"]), "identifier": data["identifier"],
+                "class_noun": data["class_noun"]}
+
+    def downloads(self, job_id: str) -> dict:
+        return outputs.downloads(self.runner, job_id)
+
+    def job_file(self, job_id: str, kind: str, name: str) -> Path:
+        """A file of a job by kind and plain name; anything else is 'not found'."""
+        if not SAFE_FILE.match(name):
+            raise KeyError(name)
+        folder = {"samples": self.runner.run_dir(job_id) / "samples", "final": self.runner.run_dir(job_id) / "final",
+                  "generated": self.runner.folder(job_id) / "generated"}[kind]
+        path = (folder / name).resolve()
+        if path.parent != folder.resolve() or not path.is_file():
+            raise KeyError(name)
+        return path
+
+    def job_zip(self, job_id: str, kind: str) -> Path:
+        self.runner.get(job_id)
+        if kind == "final":
+            return outputs.final_zip(self.runner, job_id)
+        return outputs.generated_zip(self.runner, job_id)
+
+    def export(self, job_id: str, fmt: str) -> Path:
+        try:
+            return outputs.export_file(self.runner, job_id, fmt)
+        except DreamboothError as err:
+            raise ProblemsError(err.summary, settings.problems_json(err.problems)) from None
+

@@ -1,0 +1,135 @@
+"""What a finished job gives back: generated images, example prompts, and downloads.
+
+Generation calls the library's `generate` on the job's run directory (which describes itself, so
+`{identifier}` and `{class}` fill in). Loaded models are kept for the last run used, because
+reloading a model per click would dominate the time of a small request. Downloads use
+`dreambooth.export.export_run` when that module is installed; until then the page offers the raw
+files of final/.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+import zipfile
+from pathlib import Path
+
+from .jobs import JobRunner
+
+# Picked from the paper's benchmark lists by phrase, so the chips stay in step with prompts.py.
+EXAMPLE_PHRASES = ("in the snow", "on the beach", "in the jungle", "wearing a santa hat", "in a chef outfit",
+                   "with a city in the background", "floating on top of water", "a red ", "a shiny ")
+MOON = "a {identifier} {class} on the moon"  # from the paper's figures, not its benchmark list
+EXPORT_FORMATS = {"lora": ("lora-peft", "lora-kohya", "single-file"), "full": ("single-file", "diffusers")}
+EXPORT_NAMES = {"single-file": "model.safetensors", "lora-peft": "lora-peft.safetensors",
+                "lora-kohya": "lora-kohya.safetensors", "diffusers": "diffusers"}
+MAX_IMAGES_PER_CLICK = 8
+
+
+def example_prompts(class_noun: str) -> list[str]:
+    """Example prompts with `{identifier}` and `{class}` placeholders, for one-click use."""
+    from ..evaluation.prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS, is_live_class
+
+    source = LIVE_SUBJECT_PROMPTS if is_live_class(class_noun.strip().lower()) else OBJECT_PROMPTS
+    templates = [t.format("{identifier}", "{class}") for t in source]
+    picked = [next(t for t in templates if phrase in t) for phrase in EXAMPLE_PHRASES
+              if any(phrase in t for t in templates)]
+    return [MOON] + picked
+
+
+class Generator:
+    """Runs one generation at a time and keeps the last loaded model."""
+
+    def __init__(self, runner: JobRunner):
+        self.runner = runner
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, object] | None = None
+
+    def generate(self, job_id: str, prompt: str, *, num: int, seed: int, steps: int) -> list[dict]:
+        from ..generate import GenerationSettings, fill_placeholders, generate, load_for_generation
+
+        job = self.runner.get(job_id)
+        if job.status != "finished":
+            raise ValueError("this job has no finished model yet; generate after training finishes")
+        if not prompt.strip():
+            raise ValueError("write a prompt, or click one of the examples")
+        num = max(1, min(int(num), MAX_IMAGES_PER_CLICK))
+        run_dir = self.runner.run_dir(job_id)
+        out = self.runner.folder(job_id) / "generated"
+        with self._lock:
+            if self._loaded is None or self._loaded[0] != job_id:
+                self._loaded = None  # free the old model before loading the next one
+                self._loaded = (job_id, load_for_generation(run_dir))
+            loaded = self._loaded[1]
+            paths = generate(run_dir, [prompt], out, num=num, seed=int(seed),
+                             settings=GenerationSettings(steps=max(1, min(int(steps), 150))), loaded=loaded)
+            filled = fill_placeholders(prompt, loaded.info)
+        batch = len({g.get("batch") for g in job.generated})  # one batch per click, newest shown first
+        items = [{"file": p.name, "prompt": filled, "seed": int(seed) + k, "batch": batch} for k, p in enumerate(paths)]
+        self.runner.update(job_id, lambda j: j.generated.extend(items))
+        return items
+
+
+def export_available() -> bool:
+    try:
+        module = importlib.import_module("dreambooth.export")
+    except ImportError:
+        return False
+    return callable(getattr(module, "export_run", None))
+
+
+def downloads(runner: JobRunner, job_id: str) -> dict:
+    """The download links the page shows for a job."""
+    job = runner.get(job_id)
+    base = f"/api/jobs/{job_id}"
+    items: list[dict] = []
+    note = None
+    if job.status == "finished":
+        mode = job.config.get("train", {}).get("mode", "full")
+        if export_available():
+            items += [{"label": fmt, "url": f"{base}/export/{fmt}"} for fmt in EXPORT_FORMATS.get(mode, ())]
+        else:
+            note = "Exports (single-file, kohya LoRA) are not installed in this version; these are the raw files of final/."
+            items += [{"label": f"final/{p.name}", "url": f"{base}/final/{p.name}"}
+                      for p in sorted(runner.run_dir(job_id).joinpath("final").iterdir()) if p.is_file()]
+            items.append({"label": "final/ (zip)", "url": f"{base}/final.zip"})
+    if job.generated:
+        items.append({"label": f"generated images ({len(job.generated)}, zip)", "url": f"{base}/generated.zip"})
+    return {"items": items, "note": note}
+
+
+def export_file(runner: JobRunner, job_id: str, fmt: str) -> Path:
+    """Export once per format into exports/<fmt>/ and return a file (folders are zipped)."""
+    job = runner.get(job_id)
+    mode = job.config.get("train", {}).get("mode", "full")
+    if job.status != "finished" or fmt not in EXPORT_FORMATS.get(mode, ()):
+        raise KeyError(fmt)
+    folder = runner.folder(job_id) / "exports" / fmt
+    target = folder / EXPORT_NAMES[fmt]
+    if not target.exists():
+        from dreambooth.export import export_run
+
+        folder.mkdir(parents=True, exist_ok=True)
+        export_run(runner.run_dir(job_id), fmt, target)
+    return zip_folder(target, folder / f"{fmt}.zip") if target.is_dir() else target
+
+
+def zip_folder(folder: Path, target: Path, only: set[str] | None = None) -> Path:
+    """Zip `folder` (or the named files in it); written beside, then renamed, so readers never see half."""
+    tmp = target.with_suffix(".zip.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and (only is None or path.name in only):
+                archive.write(path, path.relative_to(folder).as_posix())
+    tmp.replace(target)
+    return target
+
+
+def generated_zip(runner: JobRunner, job_id: str) -> Path:
+    job = runner.get(job_id)
+    folder = runner.folder(job_id) / "generated"
+    return zip_folder(folder, runner.folder(job_id) / "generated.zip", {g["file"] for g in job.generated})
+
+
+def final_zip(runner: JobRunner, job_id: str) -> Path:
+    return zip_folder(runner.run_dir(job_id) / "final", runner.folder(job_id) / "final.zip")
+

@@ -1,0 +1,145 @@
+"""What the form asks for, and the checks the page shows before anything trains.
+
+The page offers three presets by purpose (fast LoRA, full quality, memory-lean); which YAML preset
+that means depends on the base model (the tiny smoke-test model has its own small presets).
+Everything is turned into a `RunConfig` with the library's `load_config`, so the web app and the
+CLI validate the same way and report every problem at once.
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import DreamboothError, Problem
+
+# purpose -> (preset for tiny-random, preset for the toy model, preset for SD-class models)
+PRESETS = {
+    "fast-lora": ("tiny-lora", "toy-lora", "sd15-lora"),
+    "full": ("tiny", "toy", "sd15-full"),
+    "lean": ("tiny", "toy", "sd15-lean"),
+}
+PRESET_LABELS = {"fast-lora": "Fast LoRA", "full": "Full quality", "lean": "Memory-lean"}
+
+
+def model_options() -> list[dict]:
+    """Built-in models the page lists; `toy` only once its weights are shipped in this install."""
+    from ..models.builtin import TOY_WEIGHTS
+
+    options = [{"value": "tiny-random", "label": "tiny-random (smoke test: random weights, learns nothing)"}]
+    if (TOY_WEIGHTS / "model_index.json").exists():
+        options.insert(0, {"value": "toy", "label": "toy (built-in toy-world model)"})
+    return options
+
+
+def hub_online() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "YES", "yes")
+
+
+def preset_for(purpose: str, model: str) -> str:
+    """The YAML preset for a purpose and base model; falls back to the SD 1.5 one."""
+    from ..config import list_presets
+
+    if purpose not in PRESETS:
+        raise DreamboothError("unknown preset", [Problem("preset", f"{purpose!r}: use {', '.join(PRESETS)}")])
+    tiny, toy, sd = PRESETS[purpose]
+    choice = {"tiny-random": tiny, "toy": toy}.get(model, sd)
+    return choice if choice in list_presets() else sd
+
+
+def preset_defaults(purpose: str, model: str) -> dict:
+    """The values the advanced section starts from, read from the preset itself."""
+    from ..config import load_config
+
+    config = load_config(preset_for(purpose, model), {"data": {"class_noun": "placeholder"}})  # needed by validation
+    return {"preset": preset_for(purpose, model), "steps": config.train.steps, "lr": config.train.lr,
+            "prior": config.prior.enabled, "class_images": config.prior.num_images,
+            "sample_every": config.output.sample_every, "resolution": config.data.resolution}
+
+
+def model_problems(model: str) -> list[Problem]:
+    """Check MODEL without loading weights: built-in, local folder or file, or hub id when online."""
+    from ..models import detect_source
+
+    try:
+        source = detect_source(model.strip())
+    except DreamboothError as err:
+        return err.problems or [Problem(model, err.summary)]
+    if source.kind == "hub" and not hub_online():
+        return [Problem(model, "looks like a hub id, but this machine is offline (HF_HUB_OFFLINE=1); "
+                               "use a built-in model or a local folder or .safetensors file")]
+    return []
+
+
+def build_run_config(form: dict, images_dir: Path):
+    """The form's values as a validated `RunConfig`; raises `ConfigError` listing every bad field."""
+    from ..config import load_config
+
+    model = str(form.get("model") or "tiny-random").strip()
+    purpose = str(form.get("preset") or "fast-lora")
+    overrides: dict = {
+        "model": {"name": model},
+        "data": {"images": str(images_dir), "identifier": str(form.get("identifier", "")).strip(),
+                 "class_noun": str(form.get("class_noun", "")).strip()},
+        "train": {}, "prior": {}, "output": {},
+    }
+    for key, group, name in [("steps", "train", "steps"), ("lr", "train", "lr"), ("prior", "prior", "enabled"),
+                             ("class_images", "prior", "num_images"), ("sample_every", "output", "sample_every")]:
+        if form.get(key) not in (None, ""):
+            overrides[group][name] = form[key]
+    preset = preset_for(purpose, model)
+    config = load_config(preset, {k: v for k, v in overrides.items() if v})
+    if config.output.checkpoint_every > config.train.steps:  # a short run still leaves a checkpoint midway
+        overrides["output"]["checkpoint_every"] = max(1, config.train.steps // 2)
+        config = load_config(preset, {k: v for k, v in overrides.items() if v})
+    return config
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    """The CLIP BPE tokenizer shipped with the package (the vocabulary of SD 1.x and 2.x)."""
+    from transformers import CLIPTokenizer
+
+    from ..models.builtin import TOKENIZER_DIR
+
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def identifier_problems(identifier: str, class_noun: str) -> list[Problem]:
+    from ..identifier import check_identifier
+
+    return check_identifier(_tokenizer(), identifier.strip(), class_noun.strip())
+
+
+def suggest(count: int = 6, seed: int = 0) -> list[str]:
+    from ..identifier import suggest_identifiers
+
+    return suggest_identifiers(_tokenizer(), count, seed=seed)
+
+
+def photo_problems(images_dir: Path, photos: list, resolution: int) -> list[dict]:
+    """The library's folder checks (small, duplicate, too few, ...), each tied to a photo id if any."""
+    from ..data.images import check_images
+
+    if not images_dir.is_dir() or not photos:
+        return [{"photo": None, "severity": "warning", "message": "no photos yet; add 3-10 photos of your subject"}]
+    try:
+        problems = check_images(images_dir, resolution).problems
+    except DreamboothError as err:
+        problems = err.problems
+    by_name = {p.stored_name: p for p in photos}
+    out = []
+    for problem in problems:
+        where = Path(problem.where)
+        photo = by_name.get(where.name)
+        message = problem.message
+        for other in photos:  # name the photos the way the user knows them, never by stored path
+            message = message.replace(str(images_dir / other.stored_name), other.original_name)
+            message = message.replace(other.stored_name, other.original_name)
+        message = message.replace(str(images_dir), "the set")
+        out.append({"photo": photo.id if photo else None, "severity": problem.severity, "message": message})
+    return out
+
+
+def problems_json(problems: list[Problem]) -> list[dict]:
+    return [{"where": p.where, "severity": p.severity, "message": p.message} for p in problems]

@@ -1,0 +1,204 @@
+"""Photo sets: the subject photos a user uploads, stored safely and checked before anything trains.
+
+An upload is untrusted bytes. We limit the count, the bytes and the pixels; we store each file
+under a generated name (the browser's file name is only shown, never used as a path); and we keep
+only what Pillow verifies and fully decodes as an image. Nothing uploaded is ever unpickled: the
+only reader is Pillow, and only image formats it registers are accepted.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_FILES = 10  # the method wants 3-10 photos; more is refused, not silently dropped
+MAX_BYTES = 25 * 1024 * 1024  # per file; a phone photo is 2-8 MB
+MAX_PIXELS = 40_000_000  # per file, checked from the header before decoding (decompression bombs)
+THUMB_SIZE = 256
+ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
+# Pillow format name -> the suffix we store it under (suffix chosen by content, never by the upload).
+SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif",
+            "MPO": ".jpg"}
+
+
+class UploadRejected(Exception):
+    """An uploaded file cannot be used; the message says why and is shown to the user."""
+
+
+@dataclass
+class Photo:
+    id: str
+    original_name: str  # display only
+    stored_name: str  # generated, inside the set's images/ folder
+    width: int
+    height: int
+    exif_rotated: bool
+
+
+@dataclass
+class PhotoSet:
+    id: str
+    photos: list[Photo] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)  # {"name", "message"}, newest last
+
+
+def new_id() -> str:
+    """Random, unguessable, path-safe id (also used for jobs)."""
+    return secrets.token_hex(6)
+
+
+def display_name(name: str) -> str:
+    """The upload's name, cut to its last path part and 80 printable characters, for display only."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    cleaned = "".join(ch for ch in base if ch.isprintable())[:80]
+    return cleaned or "unnamed"
+
+
+class PhotoStore:
+    """Photo sets under `root/<set id>/`: images/, thumbs/ and set.json."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def create(self) -> PhotoSet:
+        photo_set = PhotoSet(new_id())
+        self._save(photo_set)
+        return photo_set
+
+    def folder(self, set_id: str) -> Path:
+        if not ID_PATTERN.match(set_id or ""):
+            raise KeyError(set_id)
+        return self.root / set_id
+
+    def images_dir(self, set_id: str) -> Path:
+        return self.folder(set_id) / "images"
+
+    def get(self, set_id: str) -> PhotoSet:
+        path = self.folder(set_id) / "set.json"
+        if not path.exists():
+            raise KeyError(set_id)
+        data = json.loads(path.read_text())
+        return PhotoSet(data["id"], [Photo(**p) for p in data["photos"]], data.get("rejected", []))
+
+    def add(self, set_id: str, name: str, data: bytes) -> Photo:
+        """Validate and store one upload; on rejection remember why and raise `UploadRejected`."""
+        photo_set = self.get(set_id)
+        shown = display_name(name)
+        try:
+            photo = self._accept(photo_set, shown, data)
+        except UploadRejected as rejected:
+            photo_set.rejected.append({"name": shown, "message": str(rejected)})
+            self._save(photo_set)
+            raise
+        photo_set.photos.append(photo)
+        self._save(photo_set)
+        return photo
+
+    def remove(self, set_id: str, photo_id: str) -> None:
+        photo_set = self.get(set_id)
+        for photo in [p for p in photo_set.photos if p.id == photo_id]:
+            (self.images_dir(set_id) / photo.stored_name).unlink(missing_ok=True)
+            (self.folder(set_id) / "thumbs" / f"{photo.id}.jpg").unlink(missing_ok=True)
+            photo_set.photos.remove(photo)
+        self._save(photo_set)
+
+    def reject(self, set_id: str, name: str, message: str) -> None:
+        """Remember a file refused before it was read (e.g. over the byte limit)."""
+        photo_set = self.get(set_id)
+        photo_set.rejected.append({"name": display_name(name), "message": message})
+        self._save(photo_set)
+
+    def clear_rejected(self, set_id: str) -> None:
+        photo_set = self.get(set_id)
+        photo_set.rejected = []
+        self._save(photo_set)
+
+    def thumb(self, set_id: str, photo_id: str) -> Path:
+        if not ID_PATTERN.match(photo_id or ""):
+            raise KeyError(photo_id)
+        path = self.folder(set_id) / "thumbs" / f"{photo_id}.jpg"
+        if not path.is_file():
+            raise KeyError(photo_id)
+        return path
+
+    def copy_images(self, set_id: str, dest: Path) -> None:
+        """Freeze the set for a job: later edits of the set do not change what the job trains on."""
+        shutil.copytree(self.images_dir(set_id), dest, dirs_exist_ok=True)
+
+    def _accept(self, photo_set: PhotoSet, shown: str, data: bytes) -> Photo:
+        if len(photo_set.photos) >= MAX_FILES:
+            raise UploadRejected(f"the set already has {MAX_FILES} photos, the most DreamBooth needs; "
+                                 "remove one first")
+        if len(data) > MAX_BYTES:
+            raise UploadRejected(f"is {len(data) / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB limit; "
+                                 "export a smaller JPEG")
+        if not data:
+            raise UploadRejected("is empty")
+        photo_id = new_id()
+        folder = self.folder(photo_set.id)
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "thumbs").mkdir(parents=True, exist_ok=True)
+        incoming = folder / f".incoming-{photo_id}"
+        incoming.write_bytes(data)
+        try:
+            fmt, upright, rotated = verify_image(incoming)
+            stored = f"{photo_id}{SUFFIXES[fmt]}"
+            incoming.replace(folder / "images" / stored)
+        finally:
+            incoming.unlink(missing_ok=True)
+        write_thumb(upright, folder / "thumbs" / f"{photo_id}.jpg")
+        return Photo(photo_id, shown, stored, upright.width, upright.height, rotated)
+
+    def _save(self, photo_set: PhotoSet) -> None:
+        folder = self.folder(photo_set.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "set.json.tmp"
+        tmp.write_text(json.dumps(asdict(photo_set), indent=1))
+        tmp.replace(folder / "set.json")
+
+
+def verify_image(path: Path) -> tuple[str, Image.Image, bool]:
+    """(format, upright RGB-or-original image, EXIF-rotated?) or `UploadRejected`.
+
+    Three gates: the header's pixel count (before any decoding), Pillow's `verify()` (structure and
+    checksums), then a full decode (truncation). Formats outside `SUFFIXES` are refused.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as image:
+                fmt, (width, height) = image.format, image.size
+                if width * height > MAX_PIXELS:
+                    raise UploadRejected(f"is {width}x{height} = {width * height:,} pixels, over the limit of "
+                                         f"{MAX_PIXELS:,} (possible decompression bomb); downscale it")
+                image.verify()
+            with Image.open(path) as image:
+                image.load()
+                orientation = image.getexif().get(0x0112, 1)
+                upright = ImageOps.exif_transpose(image)
+        except UploadRejected:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UploadRejected(f"has too many pixels (over {MAX_PIXELS:,}; possible decompression bomb); "
+                                 "downscale it") from None
+        except UnidentifiedImageError:
+            raise UploadRejected("is not an image Pillow can read (JPEG, PNG, WebP, ...); refused") from None
+        except (OSError, SyntaxError, EOFError, ValueError, IndexError) as exc:
+            raise UploadRejected(f"is a damaged or truncated image ({exc}); refused") from None
+    if fmt not in SUFFIXES:
+        raise UploadRejected(f"is a {fmt} image; use JPEG, PNG or WebP")
+    return fmt, upright, orientation in range(2, 9)
+
+
+def write_thumb(image: Image.Image, path: Path) -> None:
+    """An upright JPEG thumbnail, so the page shows the photo the way training will see it."""
+    thumb = image.convert("RGB")
+    thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
+    thumb.save(path, "JPEG", quality=85)

@@ -1,0 +1,137 @@
+"""The web app in a real browser: photos (with a bad file), training on tiny-random, generating.
+
+Uses Debian's chromium (`apt-get install -y chromium`), never a browser downloaded by Playwright.
+Screenshots of each screen go to $DREAMBOOTH_UI_SCREENSHOTS (or the test's tmp dir); the copies in
+docs/ui/ come from a run of this test.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+CHROMIUM = os.environ.get("DREAMBOOTH_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run"]
+# Drop a file that is not an image on the drop zone, the way a desktop drag does.
+DROP_BAD_FILE = """() => {
+  const data = new DataTransfer();
+  data.items.add(new File(["just some notes, not pixels"], "notes.jpg", {type: "image/jpeg"}));
+  document.getElementById("dropzone").dispatchEvent(new DragEvent("drop", {dataTransfer: data, bubbles: true}));
+}"""
+
+
+@pytest.fixture
+def app_url(tmp_path):
+    """The app on a free localhost port, with its own workspace."""
+    from dreambooth.ui.api import App
+    from dreambooth.ui.server import make_server
+
+    app = App(tmp_path / "workspace").start()
+    server = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+    app.shutdown()
+
+
+@pytest.fixture
+def page():
+    if not Path(CHROMIUM).exists() and not shutil.which(CHROMIUM):
+        pytest.skip(f"chromium not found at {CHROMIUM}; install it with `apt-get install -y chromium`")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        yield page
+        browser.close()
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    folder = Path(os.environ.get("DREAMBOOTH_UI_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_tiny_flow_in_the_browser(app_url, page, shots, subject_dir):
+    from playwright.sync_api import expect
+
+    began = time.perf_counter()
+    page.goto(app_url)
+    page.wait_for_selector("body[data-ready='1']")
+    upload_photos(page, sorted(subject_dir.glob("*.png")))
+    fill_subject(page)
+    page.screenshot(path=str(shots / "1-photos.png"), full_page=True)
+
+    page.click("#train")
+    expect(page).to_have_url(f"{app_url}#jobs")
+    job = page.locator(".job").first
+    expect(job.locator(".progress-label")).to_contain_text("Step", timeout=60_000)
+    expect(job).to_have_attribute("data-status", "finished", timeout=60_000)
+    expect(job.locator(".progress-label")).to_contain_text("Finished · 4 steps")
+    expect(job.locator(".samples img").first).to_be_visible()
+    page.screenshot(path=str(shots / "2-training.png"), full_page=True)
+
+    job.get_by_role("button", name="Generate").click()
+    expect(page.locator("#examples .chip").first).to_be_visible()
+    page.locator("#examples .chip", has_text="in the snow").click()
+    expect(page.locator("#prompt")).to_have_value("a {identifier} {class} in the snow")
+    page.fill("#num", "2")
+    page.fill("#gen-steps", "4")
+    page.click("#generate")
+    gallery = page.locator("#gallery img")
+    expect(gallery).to_have_count(2, timeout=60_000)
+    expect(page.locator("#gallery figcaption").first).to_contain_text("a sks dog in the snow")
+    assert all(gallery.nth(i).evaluate("img => img.complete && img.naturalWidth > 0") for i in range(2))
+    expect(page.locator("#downloads a").first).to_be_visible()
+    page.screenshot(path=str(shots / "3-generate.png"), full_page=True)
+
+    page.reload()  # state lives on the server: the finished job and its images are still there
+    page.wait_for_selector("body[data-ready='1']")
+    page.goto(f"{app_url}#jobs")
+    expect(page.locator(".job").first).to_have_attribute("data-status", "finished")
+    page.screenshot(path=str(shots / "4-jobs.png"), full_page=True)
+    assert time.perf_counter() - began < 120
+
+
+def upload_photos(page, photos: list[Path]) -> None:
+    """Five good photos through the file picker, one bad file by drag and drop."""
+    from playwright.sync_api import expect
+
+    page.set_input_files("#file-input", [str(p) for p in photos])
+    expect(page.locator("#thumbs .thumb")).to_have_count(len(photos))
+    page.evaluate(DROP_BAD_FILE)
+    alert = page.locator("#rejected .alert")
+    expect(alert).to_contain_text("notes.jpg")
+    expect(alert).to_contain_text("not an image")
+    expect(page.locator("#thumbs .thumb")).to_have_count(len(photos))
+
+
+def fill_subject(page) -> None:
+    """Identifier (with the warning for a real word), class noun, tiny model, a 4-step LoRA run."""
+    from playwright.sync_api import expect
+
+    page.fill("#identifier", "dog")
+    page.fill("#class-noun", "dog")
+    page.press("#class-noun", "Tab")
+    expect(page.locator("#identifier-problems li").first).to_be_visible()
+    page.click("#suggest")
+    expect(page.locator("#suggestions .chip")).to_have_count(6)
+    page.fill("#identifier", "sks")
+    page.press("#identifier", "Tab")
+    expect(page.locator("#identifier-problems li")).to_have_count(0)
+    page.select_option("#model", "tiny-random")
+    page.check("input[name=preset][value=fast-lora]")
+    page.click("#advanced summary")
+    expect(page.locator("#steps")).to_have_value("4")
+    page.fill("#class-images", "2")
+    page.fill("#sample-every", "2")
+    page.press("#sample-every", "Tab")
