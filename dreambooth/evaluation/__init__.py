@@ -11,7 +11,9 @@ Typical use:
     step, why = select_checkpoint([selection_scores(r, s) for s, r in results],
                                   min_prompt_fidelity=0.28, max_drift=0.6)
 
-Feature models are imported only when a loader is called.
+Whole runs: `evaluate_run(run_dir, photos, "sks", "dog", out)` (the `evaluate` command). Toy
+world: `OracleScorer`. During training: `score_checkpoint` every N steps, then
+`select_and_explain` and `plot_scores`. Feature models are imported only when a loader is called.
 """
 from dreambooth.evaluation.features import (
     DEFAULT_CLIP,
@@ -46,6 +48,16 @@ from dreambooth.evaluation.scoring import (
     selection_scores,
 )
 from dreambooth.evaluation.selection import select_checkpoint
+from dreambooth.evaluation.oracle_scoring import OracleScorer, load_toy_oracle, toy_prompts
+from dreambooth.evaluation.scorers import Extractors, FeatureScorer, Scorer, load_extractors
+from dreambooth.evaluation.run import evaluate_run
+from dreambooth.evaluation.checkpoint_choice import (
+    build_checkpoint_scorer,
+    checkpoint_prompts,
+    score_checkpoint,
+    select_and_explain,
+)
+from dreambooth.evaluation.plot import plot_scores
 
 __all__ = [
     "DEFAULT_CLIP", "DEFAULT_DINO", "STANDIN_NAME", "FeatureExtractor", "TextImageExtractor",
@@ -53,5 +65,8 @@ __all__ = [
     "mean_self_similarity", "within_set_diversity", "LIVE_SUBJECT_PROMPTS", "OBJECT_PROMPTS",
     "class_prompt", "class_prompt_for", "prompts_for", "read_prompt_file", "make_grid",
     "write_report", "EvaluationResult", "PromptScores", "score_images", "score_prompt",
-    "selection_scores", "select_checkpoint",
+    "selection_scores", "select_checkpoint", "OracleScorer", "load_toy_oracle", "toy_prompts",
+    "Extractors", "FeatureScorer", "Scorer", "load_extractors", "evaluate_run",
+    "build_checkpoint_scorer", "checkpoint_prompts", "score_checkpoint", "select_and_explain",
+    "plot_scores",
 ]
