@@ -38,14 +38,15 @@ def checkpoint_prompts(identifier: str, class_noun: str, *, toy: bool = False,
     return prompts_for(identifier, class_noun)[:count]
 
 
-def build_checkpoint_scorer(config, *, oracle: bool = False, dino: str | Path | None = None,
-                            clip: str | Path | None = None, standin: bool = False) -> Scorer:
-    """The scorer for a run: the toy oracle (subject = class noun), or DINO/CLIP (or stand-in)
-    against the run's subject photos. Load it once, before training, so a missing model fails
-    before the first step."""
+def build_checkpoint_scorer(config, *, oracle: bool = False, subject: str | None = None,
+                            dino: str | Path | None = None, clip: str | Path | None = None,
+                            standin: bool = False) -> Scorer:
+    """The scorer for a run: the toy oracle (`subject` defaults to the class noun), or DINO/CLIP
+    (or stand-in) against the run's subject photos. Build it once, before training, so a missing
+    model fails before the first step."""
     real = load_real_images(config.data.images)
     if oracle:
-        return OracleScorer(load_toy_oracle(), config.data.class_noun, real=real)
+        return OracleScorer(load_toy_oracle(), subject or config.data.class_noun, real=real)
     return FeatureScorer(load_extractors(dino, clip, standin=standin), real,
                          identifier=config.data.identifier, class_noun=config.data.class_noun)
 
