@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=None)
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="delete an existing run in --output first")
+    tr.add_argument("--eval-every", type=int, default=None, help="score the model every N steps")
+    tr.add_argument("--select", choices=["last", "best"], default=None,
+                    help="best: keep the scored checkpoint with the best fidelity/prompt/drift trade-off")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="group.key=value")
     tr.set_defaults(func=cmd_train)
 
@@ -164,6 +167,7 @@ def cmd_train(args) -> int:
         overrides["model"] = {"name": args.model}
     if args.steps:
         overrides["train"] = {"steps": args.steps}
+    overrides["eval"] = {k: v for k, v in (("every", args.eval_every), ("select", args.select)) if v is not None}
     config = load_config(args.preset, overrides, args.overrides)
     stop = threading.Event()
     with stop_on_signals(stop):
@@ -195,6 +199,11 @@ def render_training(events):
             _advance(bar, last.step)
         elif isinstance(last, (ev.SampleWritten, ev.CheckpointSaved)):
             bars["steps"].write(f"step {last.step}: wrote {last.path}")
+        elif isinstance(last, ev.Evaluated):
+            scores = ", ".join(f"{k} {last.scores.get(k)}" for k in ("fidelity", "prompt_fidelity", "drift"))
+            bars["steps"].write(f"step {last.step}: {scores}")
+        elif isinstance(last, ev.Selected):
+            bars["steps"].write(f"kept step {last.step}: {last.reason}")
         elif isinstance(last, ev.Stopped):
             bars["steps"].write(f"stopped at step {last.step}; resume with --resume (checkpoint {last.checkpoint})")
         elif isinstance(last, ev.Finished):

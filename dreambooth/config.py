@@ -152,9 +152,36 @@ class OutputConfig:
         return out
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(0, "score the model every N steps (0: never); see dreambooth.evaluation")
+    scorer: str = _f("standin", "oracle (toy world), features (DINO + CLIP) or standin (EfficientNet-Lite0)")
+    subject: str = _f("", "toy-world subject name for the oracle (default: the class noun)")
+    dino: str = _f("", "DINO ViT-S/16 folder or hub id (default facebook/dino-vits16)")
+    clip: str = _f("", "CLIP folder or hub id (default openai/clip-vit-base-patch32)")
+    num_prompts: int = _f(4, "prompts scored per evaluation")
+    num_per_prompt: int = _f(2, "images per prompt per evaluation")
+    select: str = _f("last", "last, or best: keep the scored checkpoint with the best trade-off in final/")
+    min_prompt_fidelity: float = _f(0.75, "best: prompt fidelity must be at least this")
+    max_drift: float = _f(0.10, "best: language drift must be at most this")
+
+    def problems(self) -> list[Problem]:
+        out = []
+        if self.every < 0 or self.num_prompts < 1 or self.num_per_prompt < 1:
+            out.append(Problem("eval", "every must be >= 0, num_prompts and num_per_prompt >= 1"))
+        if self.scorer not in ("oracle", "features", "standin"):
+            out.append(Problem("eval.scorer", f"{self.scorer!r}: use oracle, features or standin"))
+        if self.select not in ("last", "best"):
+            out.append(Problem("eval.select", f"{self.select!r}: use last or best"))
+        if self.select == "best" and not self.every:
+            out.append(Problem("eval.select", "best needs eval.every > 0 (e.g. --eval-every 100)"))
+        return out
+
+
 SAMPLERS = ("dpmpp", "ddim", "pndm", "euler")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-GROUPS = {"model": ModelConfig, "data": DataConfig, "prior": PriorConfig, "train": TrainConfig, "output": OutputConfig}
+GROUPS = {"model": ModelConfig, "data": DataConfig, "prior": PriorConfig, "train": TrainConfig,
+          "output": OutputConfig, "eval": EvalConfig}
 
 
 @dataclass(frozen=True)
@@ -164,6 +191,7 @@ class RunConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         problems = [p for name in GROUPS for p in getattr(self, name).problems()]

@@ -53,6 +53,18 @@ class CheckpointSaved:
 
 
 @dataclass(frozen=True)
+class Evaluated:
+    step: int
+    scores: dict  # fidelity, prompt_fidelity, drift and the scorer's metrics
+
+
+@dataclass(frozen=True)
+class Selected:
+    step: int  # the step whose weights final/ holds
+    reason: str
+
+
+@dataclass(frozen=True)
 class Stopped:
     """The stop flag or a signal ended the run early; the checkpoint lets `--resume` continue."""
 
@@ -67,4 +79,5 @@ class Finished:
     seconds: float
 
 
-Event = Notice | ClassImagesProgress | Started | StepDone | SampleWritten | CheckpointSaved | Stopped | Finished
+Event = (Notice | ClassImagesProgress | Started | StepDone | SampleWritten | CheckpointSaved | Evaluated | Selected
+         | Stopped | Finished)

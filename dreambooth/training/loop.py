@@ -27,6 +27,7 @@ from .batches import LatentSource, build_batch, step_generator
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .losses import add_noise, dreambooth_loss, prediction_target, sample_timesteps
 from .outputs import fill_prompt, prepare_class_images, save_final, write_samples
+from .scoring import CheckpointScoring
 from .setup import count_trainable, make_lr_schedule, make_optimizer, mark_trainable
 
 
@@ -81,14 +82,16 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
                                config.data.resolution, crop="center", cache=config.train.cache_latents,
                                device=device, dtype=frozen_dtype)
     prompts = PromptEmbeddings(components, config, device)
+    scoring = CheckpointScoring(components, config, run) if config.eval.every else None
 
     yield ev.Started(start, config.train.steps, count_trainable(modules), str(device), accelerator.mixed_precision)
     step_fn = lambda step: training_step(step, config, components, wrapped, prompts, instances, classes,
                                          accelerator, optimizer, lr_schedule)
-    yield from run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop)
+    yield from run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop, scoring)
 
 
-def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop) -> Iterator[ev.Event]:
+def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop,
+              scoring=None) -> Iterator[ev.Event]:
     """Steps, logging, samples and checkpoints; ends with Finished or Stopped."""
     out = config.output
     began = time.perf_counter()
@@ -113,6 +116,8 @@ def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, comp
         yield event
         if out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
             yield ev.SampleWritten(done, write_samples(components, config, run, done))
+        if scoring is not None and scoring.due(done):
+            yield ev.Evaluated(done, scoring.score(done, modules))
         stopping = stop is not None and stop.is_set()
         if (out.checkpoint_every and done % out.checkpoint_every == 0) or stopping:
             path = save_checkpoint(run.checkpoints, done, modules, optimizer, lr_schedule, out.keep_checkpoints)
@@ -120,8 +125,13 @@ def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, comp
             if stopping:
                 yield ev.Stopped(done, path)
                 return
+    choice = scoring.finish(modules) if scoring is not None else None
+    if choice is not None:
+        yield ev.Selected(*choice)
     yield ev.SampleWritten(config.train.steps, write_samples(components, config, run, config.train.steps))
-    final = save_final(components, config, run)
+    final = save_final(components, config, run, selection=choice)
+    if scoring is not None:
+        scoring.cleanup()
     yield ev.Finished(config.train.steps, final, time.perf_counter() - began)
 
 
@@ -181,12 +191,13 @@ class PromptEmbeddings:
 def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:
     """On resume the saved config rules; only the step count and output settings may change."""
     a, b = saved.to_dict(), given.to_dict()
-    diffs = [f"{g}.{k}" for g in a for k in a[g] if a[g][k] != b[g][k] and g != "output" and k != "steps"]
+    free = ("output", "eval")  # may change on resume: they do not alter the weights
+    diffs = [f"{g}.{k}" for g in a for k in a[g] if a[g][k] != b[g][k] and g not in free and k != "steps"]
     if diffs:
         raise ConfigError("--resume with a changed configuration would not reproduce the run", [
             Problem(d, f"saved {a[d.split('.')[0]][d.split('.')[1]]!r}, given {b[d.split('.')[0]][d.split('.')[1]]!r}; "
                     "drop the change or start a new run") for d in diffs])
-    merged = dict(a, output=b["output"])
+    merged = dict(a, output=b["output"], eval=b["eval"])
     merged["train"] = dict(a["train"], steps=b["train"]["steps"])
     from ..config import build_config
 

@@ -86,7 +86,7 @@ def run_info(components, config: RunConfig) -> dict:
     }
 
 
-def save_final(components, config: RunConfig, run: RunDir) -> Path:
+def save_final(components, config: RunConfig, run: RunDir, selection: tuple[int, str] | None = None) -> Path:
     """Write final/ atomically: a diffusers folder (full) or LoRA weights + base reference (lora)."""
     tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run.root))
     try:
@@ -94,7 +94,10 @@ def save_final(components, config: RunConfig, run: RunDir) -> Path:
             save_pipeline_folder(components, tmp)
         else:
             save_lora_weights(components, config, tmp)
-        (tmp / RUN_INFO).write_text(json.dumps(run_info(components, config), indent=2))
+        info = run_info(components, config)
+        if selection is not None:
+            info["selected_step"], info["selection_reason"] = selection
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
         if run.final.exists():
             shutil.rmtree(run.final)
         os.replace(tmp, run.final)
