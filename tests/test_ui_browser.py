@@ -7,12 +7,14 @@ docs/ui/ come from a run of this test.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 pytestmark = pytest.mark.browser
 CHROMIUM = os.environ.get("DREAMBOOTH_CHROMIUM", "/usr/bin/chromium")
@@ -61,24 +63,36 @@ def shots(tmp_path) -> Path:
     return folder
 
 
-def test_tiny_flow_in_the_browser(app_url, page, shots, subject_dir):
+def rotated_copy(photo: Path, folder: Path) -> Path:
+    """A phone-style JPEG: stored sideways with an EXIF turn, and a near-duplicate of `photo`."""
+    exif = Image.Exif()
+    exif[0x0112] = 8  # display rotated 90 degrees
+    out = folder / "phone.jpg"
+    Image.open(photo).convert("RGB").transpose(Image.Transpose.ROTATE_270).save(out, "JPEG", exif=exif.tobytes())
+    return out
+
+
+def test_tiny_flow_in_the_browser(app_url, page, shots, subject_dir, tmp_path):
     from playwright.sync_api import expect
 
     began = time.perf_counter()
     page.goto(app_url)
     page.wait_for_selector("body[data-ready='1']")
-    upload_photos(page, sorted(subject_dir.glob("*.png")))
+    photos = sorted(subject_dir.glob("*.png"))
+    upload_photos(page, photos + [rotated_copy(photos[0], tmp_path)])
+    expect(page.locator(".thumb .tag.info")).to_have_text("EXIF rotation applied")
     fill_subject(page)
     page.screenshot(path=str(shots / "1-photos.png"), full_page=True)
 
     page.click("#train")
     expect(page).to_have_url(f"{app_url}#jobs")
     job = page.locator(".job").first
-    expect(job.locator(".progress-label")).to_contain_text("Step", timeout=60_000)
+    expect(job.locator(".progress-label")).to_contain_text(re.compile(r"left|Finished"), timeout=60_000)
+    page.screenshot(path=str(shots / "2-training.png"), full_page=True)  # mid-run on most machines
     expect(job).to_have_attribute("data-status", "finished", timeout=60_000)
     expect(job.locator(".progress-label")).to_contain_text("Finished · 4 steps")
     expect(job.locator(".samples img").first).to_be_visible()
-    page.screenshot(path=str(shots / "2-training.png"), full_page=True)
+    page.screenshot(path=str(shots / "3-finished.png"), full_page=True)
 
     job.get_by_role("button", name="Generate").click()
     expect(page.locator("#examples .chip").first).to_be_visible()
@@ -92,13 +106,13 @@ def test_tiny_flow_in_the_browser(app_url, page, shots, subject_dir):
     expect(page.locator("#gallery figcaption").first).to_contain_text("a sks dog in the snow")
     assert all(gallery.nth(i).evaluate("img => img.complete && img.naturalWidth > 0") for i in range(2))
     expect(page.locator("#downloads a").first).to_be_visible()
-    page.screenshot(path=str(shots / "3-generate.png"), full_page=True)
+    page.screenshot(path=str(shots / "4-generate.png"), full_page=True)
 
     page.reload()  # state lives on the server: the finished job and its images are still there
     page.wait_for_selector("body[data-ready='1']")
     page.goto(f"{app_url}#jobs")
     expect(page.locator(".job").first).to_have_attribute("data-status", "finished")
-    page.screenshot(path=str(shots / "4-jobs.png"), full_page=True)
+    page.screenshot(path=str(shots / "5-jobs.png"), full_page=True)
     assert time.perf_counter() - began < 120
 
 

@@ -123,6 +123,7 @@ class App:
             self.photos.copy_images(set_id, images_dir)
             return settings.build_run_config(form, images_dir).to_dict()
 
+        form["photo_names"] = {p.stored_name: p.original_name for p in photo_set.photos}
         name = f"{form.get('identifier', '').strip()} {form.get('class_noun', '').strip()}"
         return self.job_view(self.runner.submit(name, form, prepare))
 
@@ -139,9 +140,18 @@ class App:
         view["queue_position"] = self.runner.queue_position(job.id)
         view["sample_urls"] = [f"{base}/samples/{Path(s).name}" for s in job.samples]
         view["generated"] = [dict(g, url=f"{base}/generated/{g['file']}") for g in job.generated]
+        view["notices"] = [self._readable(job, n) for n in job.notices]
+        view["error"] = self._readable(job, job.error) if job.error else None
         view["model"] = job.config.get("model", {}).get("name")
         view["mode"] = job.config.get("train", {}).get("mode")
         return view
+
+    def _readable(self, job: Job, text: str) -> str:
+        """Library messages name stored files by path; show the user's file names instead."""
+        images = str(self.runner.images_dir(job.id))
+        for stored, original in job.form.get("photo_names", {}).items():
+            text = text.replace(f"{images}/{stored}", original)
+        return text.replace(images, "the photos").replace(str(self.workspace), "workspace")
 
     def cancel(self, job_id: str) -> dict:
         return self.job_view(self.runner.cancel(job_id))

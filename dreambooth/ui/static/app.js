@@ -12,6 +12,7 @@ function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(attrs)) {
     if (key === "class") node.className = value;
+    else if (key === "width") node.style.width = value;  // CSSOM: allowed by the page's CSP, inline style is not
     else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
     else node.setAttribute(key, value);
   }
@@ -245,7 +246,7 @@ function jobCard(job) {
   return el("div", { class: "card job", "data-job": job.id, "data-status": job.status },
     el("div", { class: "job-head" }, el("h3", {}, job.name), el("span", { class: `status ${job.status}` }, job.status),
       el("span", { class: "muted" }, `${job.model} · ${job.mode}`), el("span", { class: "spacer" }), buttons),
-    el("div", { class: `bar ${job.status === "finished" ? "done" : ""}` }, el("div", { style: `width:${Math.round(100 * fraction)}%` })),
+    el("div", { class: `bar ${job.status === "finished" ? "done" : ""}` }, el("div", { width: `${Math.round(100 * fraction)}%` })),
     el("div", { class: "progress-label" }, label),
     job.error ? el("div", { class: "error-text" }, job.error) : null,
     job.sample_urls.length ? el("div", { class: "samples" }, job.sample_urls.map((url) =>

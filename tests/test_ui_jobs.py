@@ -1,0 +1,287 @@
+"""The web app's library side: job queue, persistence across restarts, upload safety, HTTP guards.
+
+Most queue tests use a scripted stand-in for `train_events` (same signature, same event types) so
+they control timing exactly; one test cancels and resumes a real tiny-random training.
+"""
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dreambooth.training import events as ev
+from dreambooth.ui.api import App, ProblemsError
+from dreambooth.ui.jobs import JobRunner
+from dreambooth.ui.uploads import MAX_BYTES, MAX_FILES, PhotoStore, UploadRejected
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            raise AssertionError("timed out")
+        time.sleep(0.02)
+
+
+class ScriptedTrainer:
+    """Stands in for `train_events`: 3 steps, each waits for `go`; honours `stop` like the real loop."""
+
+    def __init__(self, steps: int = 3):
+        self.steps, self.calls, self.go = steps, [], threading.Event()
+
+    def __call__(self, config, output, *, resume=False, overwrite=False, stop=None):
+        self.calls.append({"output": Path(output), "resume": resume, "overwrite": overwrite})
+        Path(output).mkdir(parents=True, exist_ok=True)
+        (Path(output) / "config.yaml").write_text("scripted\n")
+        start = 1 if resume else 0
+        yield ev.Started(start, self.steps, 10, "cpu", "no")
+        for step in range(start + 1, self.steps + 1):
+            self.go.wait(10)
+            yield ev.StepDone(step, self.steps, 0.5, 0.4, 0.1, 1e-4, 0.01)
+            if stop is not None and stop.is_set():
+                checkpoint = Path(output) / "checkpoints" / f"step-{step:05d}"
+                checkpoint.mkdir(parents=True)
+                yield ev.CheckpointSaved(step, checkpoint)
+                yield ev.Stopped(step, checkpoint)
+                return
+        yield ev.Finished(self.steps, Path(output) / "final", 0.1)
+
+
+def submit(runner: JobRunner, name: str = "sks dog"):
+    return runner.submit(name, {"identifier": "sks"}, lambda images: {"train": {"steps": 3}})
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    """`build_config` accepts the scripted jobs' minimal config dicts."""
+    monkeypatch.setattr("dreambooth.config.build_config", lambda data, problems=None: data)
+    return ScriptedTrainer()
+
+
+def test_queue_runs_one_job_at_a_time_in_order(tmp_path, scripted):
+    runner = JobRunner(tmp_path, scripted).start()
+    jobs = [submit(runner, f"job {i}") for i in range(3)]
+    wait_for(lambda: runner.get(jobs[0].id).status == "running")
+    assert [runner.get(j.id).status for j in jobs] == ["running", "queued", "queued"]
+    assert [runner.queue_position(j.id) for j in jobs] == [None, 1, 2]
+    scripted.go.set()
+    wait_for(lambda: all(runner.get(j.id).status == "finished" for j in jobs))
+    assert [c["output"].parent.name for c in scripted.calls] == [j.id for j in jobs]
+    started = [runner.get(j.id).started for j in jobs]
+    ended = [runner.get(j.id).ended for j in jobs]
+    assert started[1] >= ended[0] and started[2] >= ended[1]  # never two at once
+    runner.shutdown()
+
+
+def test_cancel_queued_and_running_jobs(tmp_path, scripted):
+    runner = JobRunner(tmp_path, scripted).start()
+    first, second = submit(runner), submit(runner)
+    wait_for(lambda: runner.get(first.id).status == "running")
+    assert runner.cancel(second.id).status == "cancelled"
+    runner.cancel(first.id)
+    scripted.go.set()
+    wait_for(lambda: runner.get(first.id).status == "stopped")
+    job = runner.get(first.id)
+    assert job.checkpoint == "checkpoints/step-00001" and job.resume_next
+    assert len(scripted.calls) == 1  # the cancelled queued job never ran
+    runner.shutdown()
+
+
+def test_state_survives_restart_and_running_job_becomes_interrupted(tmp_path, scripted):
+    crashed = JobRunner(tmp_path, scripted).start()
+    running, waiting = submit(crashed), submit(crashed)
+    wait_for(lambda: crashed.get(running.id).status == "running")
+    # A new server on the same workspace, as after a crash (the old worker is still blocked).
+    restarted_trainer = ScriptedTrainer()
+    restarted_trainer.go.set()
+    restarted = JobRunner(tmp_path, restarted_trainer).start()
+    assert restarted.get(running.id).status == "interrupted"
+    assert "server stopped" in restarted.get(running.id).notices[-1]
+    wait_for(lambda: restarted.get(waiting.id).status == "finished")
+    restarted.resume(running.id)
+    wait_for(lambda: restarted.get(running.id).status == "finished")
+    assert restarted_trainer.calls[-1]["resume"] is True and restarted_trainer.calls[-1]["overwrite"] is False
+    saved = json.loads((tmp_path / "jobs" / running.id / "job.json").read_text())
+    assert saved["status"] == "finished"
+    crashed.shutdown(timeout=0.1)
+    scripted.go.set()
+
+
+def test_failed_training_reports_the_error_and_can_be_resumed(tmp_path, monkeypatch):
+    monkeypatch.setattr("dreambooth.config.build_config", lambda data, problems=None: data)
+
+    def broken(config, output, **kwargs):
+        yield ev.Notice("loading")
+        raise RuntimeError("out of memory")
+
+    runner = JobRunner(tmp_path, broken).start()
+    job = submit(runner)
+    wait_for(lambda: runner.get(job.id).status == "failed")
+    assert "out of memory" in runner.get(job.id).error
+    assert runner.resume(job.id).status == "queued"
+    runner.shutdown()
+
+
+@pytest.mark.slow
+def test_cancel_real_training_keeps_checkpoint_and_resume_finishes(tmp_path, subject_dir):
+    """tiny-random: cancel after the first step -> Stopped with a checkpoint; resume continues from it."""
+    from dreambooth.training.loop import train_events
+
+    first_step, seen = threading.Event(), []
+
+    def watched(*args, **kwargs):
+        for event in train_events(*args, **kwargs):
+            seen.append(event)
+            if isinstance(event, ev.StepDone):
+                first_step.set()
+            yield event
+
+    app = App(tmp_path / "ws", watched).start()
+    photo_set = app.photos.create()
+    for path in sorted(subject_dir.glob("*.png")):
+        app.upload(photo_set.id, path.name, path.read_bytes())
+    form = {"identifier": "sks", "class_noun": "dog", "model": "tiny-random", "preset": "fast-lora",
+            "steps": 6, "prior": False}
+    job = app.submit({"set_id": photo_set.id, "form": form})
+    assert first_step.wait(120)
+    app.cancel(job["id"])
+    wait_for(lambda: app.runner.get(job["id"]).status == "stopped", 120)
+    stopped = app.runner.get(job["id"])
+    assert (app.runner.run_dir(job["id"]) / stopped.checkpoint).is_dir()
+    assert isinstance(seen[-1], ev.Stopped) and stopped.step < 6
+    app.resume(job["id"])
+    wait_for(lambda: app.runner.get(job["id"]).status == "finished", 120)
+    started = [e for e in seen if isinstance(e, ev.Started)]
+    assert started[-1].start_step == stopped.step
+    assert (app.runner.run_dir(job["id"]) / "final" / "dreambooth.json").exists()
+    app.shutdown()
+
+
+def test_submit_lists_every_problem_before_anything_loads(tmp_path):
+    app = App(tmp_path).start()
+    photo_set = app.photos.create()
+    with pytest.raises(ProblemsError) as raised:
+        app.submit({"set_id": photo_set.id, "form": {"identifier": "two words", "class_noun": "",
+                                                        "model": "no/such/model/here"}})
+    text = json.dumps(raised.value.problems)
+    for expected in ("class_noun", "identifier", "no/such/model/here", "add 3-10 photos"):
+        assert expected in text
+    assert app.runner.list() == []
+    app.shutdown()
+
+
+# --- uploads -------------------------------------------------------------------------------------
+def png_bytes(size=(64, 64), colour=(200, 40, 40), **save_args) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG", **save_args)
+    return buffer.getvalue()
+
+
+def test_upload_limits_count_and_bytes(tmp_path):
+    store = PhotoStore(tmp_path)
+    photo_set = store.create()
+    for i in range(MAX_FILES):
+        store.add(photo_set.id, f"p{i}.png", png_bytes(colour=(i * 20, 0, 0)))
+    with pytest.raises(UploadRejected, match="already has 10"):
+        store.add(photo_set.id, "one-more.png", png_bytes())
+    other = store.create()
+    with pytest.raises(UploadRejected, match="MB limit"):
+        store.add(other.id, "huge.png", b"\x89PNG" + b"0" * MAX_BYTES)
+    assert [r["name"] for r in store.get(other.id).rejected] == ["huge.png"]
+
+
+def test_upload_rejects_bombs_non_images_and_pickles(tmp_path):
+    import pickle
+
+    store = PhotoStore(tmp_path)
+    photo_set = store.create()
+    bomb = png_bytes(size=(10_000, 10_000), colour=(0, 0, 0))  # 100 MP of black, a few hundred kB
+    with pytest.raises(UploadRejected, match="decompression bomb"):
+        store.add(photo_set.id, "bomb.png", bomb)
+    with pytest.raises(UploadRejected, match="not an image"):
+        store.add(photo_set.id, "notes.jpg", b"just text")
+    with pytest.raises(UploadRejected, match="not an image"):
+        store.add(photo_set.id, "weights.png", pickle.dumps({"a": 1}))
+    with pytest.raises(UploadRejected, match="damaged or truncated"):
+        store.add(photo_set.id, "cut.png", png_bytes()[:-40])
+    assert store.get(photo_set.id).photos == []
+    assert not list((tmp_path / photo_set.id / "images").glob("*"))  # nothing rejected stays on disk
+
+
+def test_upload_names_are_never_paths(tmp_path):
+    store = PhotoStore(tmp_path / "uploads")
+    photo_set = store.create()
+    photo = store.add(photo_set.id, "../../evil.png", png_bytes())
+    also = store.add(photo_set.id, "..\\..\\win.png", png_bytes(colour=(0, 0, 200)))
+    assert photo.original_name == "evil.png" and also.original_name == "win.png"
+    stored = sorted(p.name for p in (tmp_path / "uploads" / photo_set.id / "images").iterdir())
+    assert stored == sorted([photo.stored_name, also.stored_name])
+    assert all(name.startswith((photo.id, also.id)) and name.endswith(".png") for name in stored)
+    assert not (tmp_path / "evil.png").exists() and not list(tmp_path.rglob("evil.png"))
+    with pytest.raises(KeyError):
+        store.images_dir("../x")
+
+
+def test_upload_applies_exif_rotation_and_reports_checks(tmp_path, subject_dir):
+    app = App(tmp_path)
+    photo_set = app.photos.create()
+    image = Image.open(sorted(subject_dir.glob("*.png"))[0]).convert("RGB").resize((40, 80))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif.tobytes())
+    app.upload(photo_set.id, "phone.jpg", buffer.getvalue())
+    app.upload(photo_set.id, "copy.jpg", buffer.getvalue())
+    view = app.get_set(photo_set.id, resolution=64)
+    assert view["photos"][0]["exif_rotated"] and (view["photos"][0]["width"], view["photos"][0]["height"]) == (80, 40)
+    messages = " ".join(p["message"] for p in view["problems"])
+    assert "smaller than the training resolution" in messages
+    assert re.search(r"exact duplicate of (phone|copy)\.jpg", messages)  # named as uploaded
+    assert str(tmp_path) not in messages  # stored paths never reach the page
+    assert any(p["photo"] for p in view["problems"])
+
+
+# --- HTTP guards ---------------------------------------------------------------------------------
+@pytest.fixture
+def server_url(tmp_path):
+    from dreambooth.ui.server import make_server
+
+    app = App(tmp_path).start()
+    server = make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    app.shutdown()
+
+
+def request(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, body, headers or {}, method=method)) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_http_refuses_foreign_hosts_cross_site_posts_and_path_tricks(server_url):
+    assert request(server_url + "/api/info")[0] == 200
+    assert request(server_url + "/api/info", headers={"Host": "evil.example"})[0] == 421
+    assert request(server_url + "/api/photosets", "POST")[0] == 403
+    status, body = request(server_url + "/api/photosets", "POST", {"X-Dreambooth": "1"})
+    set_id = json.loads(body)["id"]
+    upload = server_url + f"/api/photosets/{set_id}/photos"
+    status, body = request(upload, "POST", {"X-Dreambooth": "1", "X-File-Name": "..%2F..%2Fa.png"}, b"not an image")
+    assert status == 400 and b"a.png is not an image" in body
+    assert request(upload, "POST", {"X-Dreambooth": "1", "X-File-Name": "b.png"}, png_bytes())[0] == 201
+    for path in ("/static/..%2F..%2Fjobs.py", "/api/jobs/000000000000/samples/..%2Fjob.json",
+                 f"/api/photosets/{set_id}/thumbs/..", "/static/../api.py"):
+        assert request(server_url + path)[0] == 404, path
+    assert request(server_url + "/")[0] == 200
