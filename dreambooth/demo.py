@@ -1,0 +1,178 @@
+"""`dreambooth demo`: DreamBooth end to end on the toy world, on a CPU, with figures.
+
+Five rendered photos of a toy subject -> class images from the base model -> fine-tune with prior
+preservation -> the subject in new contexts. The gallery shows the photos, the class images, and
+before/after images for the same prompts and seeds; the toy oracle turns "did it work?" into
+numbers (subject fidelity, prompt fidelity, language drift).
+"""
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import Problem, RunDirError
+from .grid import make_grid
+
+MARKER = "demo.json"
+PHOTO_CONTEXTS = ("plain", "plain", "table", "plain", "city")  # like a user's photos: mostly at home
+NEW_CONTEXTS = ("beach", "moon", "snow", "jungle", "underwater", "red_carpet")
+SEEDS = (0, 1, 2, 3)
+
+
+def prepare_output(output: Path) -> None:
+    """The demo may replace its own earlier output, never anything else."""
+    if output.exists() and any(output.iterdir()):
+        if not (output / MARKER).exists():
+            raise RunDirError(f"{output} is not empty and is not a demo output",
+                              [Problem(str(output), "choose another --output; nothing was changed")])
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def write_subject_photos(folder: Path, subject: str) -> list[Path]:
+    from .toyworld import render_subject
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, context in enumerate(PHOTO_CONTEXTS):
+        path = folder / f"{subject}-{i}.png"
+        render_subject(subject, context, seed=100 + i).save(path)
+        paths.append(path)
+    return paths
+
+
+def toy_available() -> bool:
+    from .models.builtin import TOY_WEIGHTS
+
+    return (TOY_WEIGHTS / "model_index.json").exists()
+
+
+def demo_config(photos: Path, model: str, subject: str, steps: int | None, extra: list[str]):
+    from .config import load_config
+    from .toyworld.render import SUBJECT_SPECS
+
+    preset = "toy" if model == "toy" else "tiny"
+    overrides = {"data": {"images": str(photos), "identifier": "sks",
+                          "class_noun": SUBJECT_SPECS[subject].class_name}, "model": {"name": model}}
+    if steps:
+        overrides["train"] = {"steps": steps}
+    return load_config(preset, overrides, extra)
+
+
+def run_demo(output: str | Path, *, model: str | None = None, steps: int | None = None, subject: str = "dog",
+             render=None, extra: list[str] = (), prior: bool = True) -> dict:
+    """Train, render before/after, score with the oracle, write gallery.png/index.html/figures.json."""
+    from .training import train_events
+
+    began = time.perf_counter()
+    out = Path(output)
+    prepare_output(out)
+    (out / MARKER).write_text(json.dumps({"status": "running"}))
+    model = model or ("toy" if toy_available() else "tiny-random")
+    photos = write_subject_photos(out / "photos", subject)
+    extra = list(extra) + ([] if prior else ["prior.enabled=false"])
+    config = demo_config(out / "photos", model, subject, steps, extra)
+    events = train_events(config, out / "run")
+    last = render(events) if render else _drain(events)
+    figures = {"model": model, "subject": subject, "prior_preservation": prior, "steps": config.train.steps,
+               "train_seconds": round(getattr(last, "seconds", 0.0), 1)}
+    figures.update(before_after(out, config, model, subject, photos))
+    figures["total_seconds"] = round(time.perf_counter() - began, 1)
+    (out / "figures.json").write_text(json.dumps(figures, indent=2))
+    write_html(out, figures)
+    (out / MARKER).write_text(json.dumps({"status": "done", **figures}))
+    return figures
+
+
+def _drain(events):
+    last = None
+    for last in events:
+        pass
+    return last
+
+
+def before_after(out: Path, config, model: str, subject: str, photos: list[Path]) -> dict:
+    """Images of the same prompts and seeds from the base model and the trained one, and scores."""
+    from .generate import load_for_generation, make_generation_pipeline, GenerationSettings
+    from .pipelines import sample_images
+    from .training.outputs import fill_prompt
+
+    prompts = [fill_prompt("a photo of {identifier} {class} " + _phrase(c), config) for c in NEW_CONTEXTS]
+    plain = fill_prompt("a photo of a {class}", config)
+    settings = GenerationSettings(steps=config.output.sample_steps, guidance=5.0)
+    images = {}
+    for name, source in (("before", model), ("after", out / "run")):
+        loaded = load_for_generation(str(source))
+        pipe = make_generation_pipeline(loaded, settings)
+        every = prompts + [plain]
+        flat = sample_images(pipe, [p for p in every for _ in SEEDS], [s for _ in every for s in SEEDS],
+                             steps=settings.steps, guidance=settings.guidance, resolution=config.data.resolution)
+        images[name] = {p: flat[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, p in enumerate(every)}
+    write_gallery(out, [Image.open(p) for p in photos], _class_images(config), images, prompts, plain)
+    return score(images, prompts, plain, subject, photos)
+
+
+def _phrase(context: str) -> str:
+    from .toyworld.render import context_phrase
+
+    return context_phrase(context)
+
+
+def _class_images(config) -> list:
+    from .models import load_components
+    from .priors import cached_class_images
+    from .training.outputs import class_image_key
+
+    if not config.prior.enabled:
+        return []
+    key = class_image_key(load_components(config.model.name), config)
+    return [Image.open(p) for p in cached_class_images(key, config.prior.cache or None)[:8]]
+
+
+def score(images: dict, prompts: list[str], plain: str, subject: str, photos: list[Path]) -> dict:
+    """Oracle figures before and after training (toy world only; None elsewhere)."""
+    from .errors import ModelSourceError
+    from .evaluation import OracleScorer, load_toy_oracle
+
+    try:
+        scorer = OracleScorer(load_toy_oracle(), subject, real=[Image.open(p) for p in photos])
+    except ModelSourceError as e:  # the oracle ships with the toy world; say so when it is missing
+        return {"oracle": f"not available: {e.summary}"}
+    out = {}
+    for name, by_prompt in images.items():
+        result = scorer.score({p: by_prompt[p] for p in prompts}, by_prompt[plain])
+        out[name] = {k: v for k, v in result.overall.items() if isinstance(v, (int, float)) or v is None}
+    return out
+
+
+def write_gallery(out: Path, photos: list, class_images: list, images: dict, prompts: list[str], plain: str) -> None:
+    """gallery.png: photos, class images, then per prompt a row of before | after."""
+    rows = [make_grid(photos, cols=len(photos))]
+    if class_images:
+        rows.append(make_grid(class_images, cols=len(class_images)))
+    for prompt in prompts + [plain]:
+        rows.append(make_grid(images["before"][prompt] + images["after"][prompt], cols=2 * len(SEEDS)))
+    width = max(r.width for r in rows)
+    sheet = Image.new("RGB", (width, sum(r.height for r in rows)), "white")
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height
+    sheet.save(out / "gallery.png")
+
+
+def write_html(out: Path, figures: dict) -> None:
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v))}</td></tr>"
+                   for k, v in figures.items())
+    (out / "index.html").write_text(
+        "<!doctype html><meta charset=utf-8><title>dreambooth demo</title>"
+        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}img{image-rendering:pixelated;"
+        "width:100%}td,th{text-align:left;padding:.2em .6em;border-bottom:1px solid #ddd}</style>"
+        "<h1>DreamBooth on the toy world</h1><p>Rows: the subject photos; class images from the base model; "
+        "then for each prompt four images before training (left) and after (right), same seeds.</p>"
+        f"<img src=gallery.png alt=gallery><h2>Figures</h2><table>{rows}</table>")
