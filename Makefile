@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-cpu.txt | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast browser clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,16 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 demo: setup
 	$(VENV)/bin/dreambooth demo --output demo-output
 
-test: setup
+test: setup browser
 	$(PY) -m pytest
+
+# Debian's Chromium for the web app's browser test (never `playwright install`: it downloads
+# browsers). Needs root or sudo; without either the browser test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "chromium not installed and no root: the browser test will skip"; fi; }
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not browser"
