@@ -1,0 +1,237 @@
+"""Export a finished run in the formats other tools read, in one step (DESIGN.md pain point 4).
+
+    diffusers     complete pipeline folder (safetensors), `StableDiffusionPipeline.from_pretrained`
+    single-file   one .safetensors in the original SD key layout (A1111, ComfyUI, `from_single_file`)
+    lora-peft     LoRA weights as diffusers saves them (`load_lora_weights`), alpha in the metadata
+    lora-kohya    LoRA weights in the kohya sd-scripts layout (A1111, ComfyUI, `load_lora_weights`)
+
+A LoRA run exported as diffusers or single-file has its LoRA merged into the base weights. Every
+export describes itself (export_meta.py), is written to a temporary name and renamed when complete,
+and never replaces an existing path. All exporters share one signature:
+`(source: ExportSource, output: Path, dtype: torch.dtype) -> Path`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+from .errors import ConfigError, Problem, raise_if_errors
+from .export_meta import STABILITY_IMPL, export_metadata
+from .rundir import RUN_INFO, RunDir
+
+FORMATS = ("diffusers", "single-file", "lora-peft", "lora-kohya")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what training writes in final/ for LoRA runs
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """A finished run as the exporters see it: final/, its dreambooth.json and the resolved config."""
+
+    run: RunDir
+    info: dict
+    config: dict
+
+    @property
+    def is_lora(self) -> bool:
+        return self.info["mode"] == "lora"
+
+    @property
+    def lora_file(self) -> Path:
+        return self.run.final / LORA_FILE
+
+    def alphas(self) -> dict[str, float]:
+        alpha = float(self.config.get("train", {}).get("lora_alpha", 0) or 0)
+        return {"unet": alpha, "text_encoder": alpha}  # training uses one alpha for both parts
+
+    def text_encoder_config(self) -> dict:
+        from .models import detect_source, model_folder
+
+        folder = self.run.final if not self.is_lora else model_folder(detect_source(str(self.info["base_model"])))
+        return json.loads((folder / "text_encoder" / "config.json").read_text())
+
+    def metadata(self, *, lora: bool, implementation: str = "diffusers") -> dict[str, str]:
+        return export_metadata(self.info, self.config, self.text_encoder_config(), lora=lora,
+                               implementation=implementation)
+
+
+def open_run(run_dir: str | Path) -> ExportSource:
+    run = RunDir(Path(run_dir))
+    info = run.run_info()  # raises RunDirError naming final/dreambooth.json when missing
+    config = yaml.safe_load(run.config.read_text()) if run.config.exists() else {}
+    return ExportSource(run, info, config or {})
+
+
+def export(run_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "fp16") -> Path:
+    """Write RUN_DIR's model as `fmt` to `output`; returns the written path."""
+    source = open_run(run_dir)
+    output = Path(output)
+    raise_if_errors(f"cannot export {run_dir} as {fmt}", _check_request(source, fmt, output, dtype), ConfigError)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return EXPORTERS[fmt](source, output, DTYPES[dtype])
+
+
+def export_after_training(run_dir: str | Path, formats: list[str], dtype: str = "fp16") -> list[Path]:
+    """`train --export a,b`: write each format into RUN_DIR/export/ under a descriptive name.
+    Every request is checked before the first is written, so a bad one fails fast."""
+    source = open_run(run_dir)
+    outputs = {fmt: default_output(source, fmt) for fmt in formats}
+    problems = [p for fmt in formats for p in _check_request(source, fmt, outputs.get(fmt), dtype)]
+    raise_if_errors(f"cannot export {run_dir}", problems, ConfigError)
+    return [export(run_dir, fmt, out, dtype=dtype) for fmt, out in outputs.items()]
+
+
+def default_output(source: ExportSource, fmt: str) -> Path:
+    stem = f"{source.info['identifier']}-{source.info['class_noun']}".replace("/", "-").replace(" ", "-")
+    name = {"diffusers": f"{stem}-diffusers", "single-file": f"{stem}.safetensors",
+            "lora-peft": f"{stem}-lora-peft.safetensors", "lora-kohya": f"{stem}-lora-kohya.safetensors"}
+    return source.run.root / "export" / name.get(fmt, stem)
+
+
+def _check_request(source: ExportSource, fmt: str, output: Path | None, dtype: str) -> list[Problem]:
+    problems = []
+    if fmt not in FORMATS:
+        problems.append(Problem(fmt, f"unknown format; use one of {', '.join(FORMATS)}"))
+    if dtype not in DTYPES:
+        problems.append(Problem(dtype, f"unknown dtype; use one of {', '.join(DTYPES)}"))
+    if fmt.startswith("lora-") and not source.is_lora:
+        problems.append(Problem(str(source.run.root), f"{fmt} needs a LoRA run (train.mode=lora); this run is a "
+                                "full fine-tune: export it as diffusers or single-file"))
+    if output is not None and output.exists():
+        problems.append(Problem(str(output), "already exists; exports never overwrite: choose another "
+                                "--output or remove it first"))
+    return problems
+
+
+def merged_components(source: ExportSource):
+    """The run's networks in fp32, with a LoRA run's adapters merged into its base weights."""
+    from .lora_files import merge_lora, read_lora_file
+    from .models import load_components
+
+    if not source.is_lora:
+        return load_components(str(source.run.final))
+    components = load_components(str(source.info["base_model"]), prediction_type=source.info["prediction_type"])
+    state, _ = read_lora_file(source.lora_file)
+    alphas = source.alphas()
+    for part in ("unet", "text_encoder"):
+        merge_lora(getattr(components, part), state, part, alphas[part] or _rank(state, part))
+    return components
+
+
+def _rank(state: dict[str, torch.Tensor], part: str) -> float:
+    """Fallback alpha (= rank, scale 1) when a run's config does not record lora_alpha."""
+    from .lora_files import to_peft_layout
+
+    downs = [v for k, v in to_peft_layout(state).items() if k.startswith(part + ".") and k.endswith(".lora_A.weight")]
+    return float(downs[0].shape[0]) if downs else 1.0
+
+
+def export_diffusers(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
+    """A complete pipeline folder; its dreambooth.json carries the run facts and modelspec block."""
+    from .training.outputs import save_pipeline_folder
+
+    components = merged_components(source).to("cpu", dtype)
+    info = dict(source.info, mode="full", merged_lora=source.is_lora, dtype=str(dtype).removeprefix("torch."),
+                metadata=source.metadata(lora=False))
+
+    def write(tmp: Path) -> None:
+        save_pipeline_folder(components, tmp)
+        (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
+
+    return write_folder_atomically(output, write)
+
+
+def export_single_file(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
+    """One .safetensors in the original layout, with the component configs in its metadata so this
+    tool (and anyone reading the metadata) can reload it without guessing the architecture."""
+    from .export_layout import pipeline_to_original
+    from .models.single_file import CONFIGS_METADATA_KEY
+
+    c = merged_components(source)
+    state = pipeline_to_original(c.unet.state_dict(), c.vae.state_dict(), c.text_encoder.state_dict(),
+                                 {"unet": dict(c.unet.config), "vae": dict(c.vae.config),
+                                  "text_encoder": c.text_encoder.config.to_dict()})
+    metadata = source.metadata(lora=False, implementation=STABILITY_IMPL)
+    metadata[CONFIGS_METADATA_KEY] = json.dumps(component_configs(c), default=str)
+    return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
+
+
+def component_configs(components) -> dict:
+    """Configs that rebuild the architecture: networks, the run's scheduler, the tokenizer settings."""
+    import diffusers
+
+    scheduler = diffusers.DDPMScheduler.load_config(components.folder, subfolder="scheduler")
+    scheduler["prediction_type"] = components.prediction_type
+    tokenizer = json.loads((components.folder / "tokenizer" / "tokenizer_config.json").read_text())
+    return {"unet": dict(components.unet.config), "vae": dict(components.vae.config),
+            "text_encoder": components.text_encoder.config.to_dict(), "scheduler": dict(scheduler),
+            "tokenizer": {k: v for k, v in tokenizer.items() if k not in ("is_local", "local_files_only")}}
+
+
+def export_lora_peft(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
+    from .lora_files import adapter_metadata, read_lora_file, to_peft_layout
+
+    state = to_peft_layout(read_lora_file(source.lora_file)[0])
+    metadata = dict(source.metadata(lora=True), format="pt", **adapter_metadata(state, source.alphas()))
+    return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
+
+
+def export_lora_kohya(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
+    from .lora_files import peft_to_kohya, read_lora_file
+
+    state = peft_to_kohya(read_lora_file(source.lora_file)[0], source.alphas())
+    rank = next(v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight"))
+    metadata = dict(source.metadata(lora=True, implementation=STABILITY_IMPL), ss_network_module="networks.lora",
+                    ss_network_dim=str(rank), ss_network_alpha=str(source.alphas()["unet"]))
+    return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
+
+
+def save_safetensors(output: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    from safetensors.torch import save_file
+
+    return write_file_atomically(output, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def write_file_atomically(output: Path, write: Callable[[Path], None]) -> Path:
+    """Write to a hidden temporary file beside `output`, then link it into place: a crash leaves no
+    half-written file, and `os.link` fails instead of replacing a file that appeared meanwhile."""
+    tmp = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        write(tmp)
+        os.link(tmp, output)
+    except FileExistsError as e:
+        raise ConfigError("export target exists", [Problem(str(output), "already exists; not overwritten")]) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output
+
+
+def write_folder_atomically(output: Path, write: Callable[[Path], None]) -> Path:
+    """Folder version: build in a temporary folder beside `output`, then rename it into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        write(tmp)
+        if output.exists():
+            raise ConfigError("export target exists", [Problem(str(output), "already exists; not overwritten")])
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+EXPORTERS: dict[str, Callable[[ExportSource, Path, torch.dtype], Path]] = {
+    "diffusers": export_diffusers,
+    "single-file": export_single_file,
+    "lora-peft": export_lora_peft,
+    "lora-kohya": export_lora_kohya,
+}
