@@ -150,10 +150,11 @@ def test_kohya_lora_equals_peft_lora(lora_run, tmp_path):
     base = json.loads((lora_run / "final" / "dreambooth.json").read_text())["base_model"]
     from dreambooth.models import builtin_path
 
-    pipes = {}
-    for name, path in (("peft", peft), ("kohya", kohya)):
-        pipes[name] = _pipe(builtin_path(base))
-        pipes[name].load_lora_weights(str(path.parent), weight_name=path.name)
+    from dreambooth.lora_files import load_lora_into_pipeline
+
+    pipes = {"peft": _pipe(builtin_path(base)), "kohya": _pipe(builtin_path(base))}
+    pipes["peft"].load_lora_weights(str(peft.parent), weight_name=peft.name)
+    load_lora_into_pipeline(pipes["kohya"], kohya)  # what `generate --lora FILE` does
     hidden = {n: _text_hidden(p) for n, p in pipes.items()}
     torch.testing.assert_close(hidden["kohya"], hidden["peft"], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(hidden["peft"], _text_hidden(_pipe(builtin_path(base))), atol=1e-3)  # te LoRA matters
