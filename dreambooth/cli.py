@@ -5,7 +5,6 @@ import argparse
 import os
 import sys
 import threading
-from pathlib import Path
 
 from .errors import DreamboothError
 
@@ -62,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-every", type=int, default=None, help="score the model every N steps")
     tr.add_argument("--select", choices=["last", "best"], default=None,
                     help="best: keep the scored checkpoint with the best fidelity/prompt/drift trade-off")
+    tr.add_argument("--export", default="", metavar="FORMATS",
+                    help="comma-separated formats to write to RUN_DIR/export/ at the end, e.g. single-file,lora-kohya")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="group.key=value")
     tr.set_defaults(func=cmd_train)
 
@@ -169,10 +170,22 @@ def cmd_train(args) -> int:
         overrides["train"] = {"steps": args.steps}
     overrides["eval"] = {k: v for k, v in (("every", args.eval_every), ("select", args.select)) if v is not None}
     config = load_config(args.preset, overrides, args.overrides)
+    formats = [f.strip() for f in args.export.split(",") if f.strip()]
+    if formats:
+        from .export import check_formats
+
+        check_formats(formats, config.train.mode)  # a typo fails now, not after an hour of training
     stop = threading.Event()
     with stop_on_signals(stop):
         last = render_training(train_events(config, args.output, resume=args.resume,
                                             overwrite=args.overwrite, stop=stop))
+    from .training import events as ev
+
+    if formats and isinstance(last, ev.Finished):
+        from .export import export_after_training
+
+        for path in export_after_training(args.output, formats):
+            print(f"exported {path}")
     return 0 if last is not None else 1
 
 

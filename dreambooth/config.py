@@ -116,7 +116,6 @@ class TrainConfig:
     seed: int = _f(0, "seed of noise, timesteps and data order; step k's randomness depends on (seed, k)")
 
     def problems(self) -> list[Problem]:
-        out = []
         checks = [
             (self.mode in ("full", "lora"), "train.mode", f"{self.mode!r}: use full or lora"),
             (self.steps >= 1, "train.steps", f"{self.steps}: must be >= 1"),

@@ -97,6 +97,15 @@ def default_output(source: ExportSource, fmt: str) -> Path:
     return source.run.root / "export" / name.get(fmt, stem)
 
 
+def check_formats(formats: list[str], mode: str | None = None) -> None:
+    """Before training: the requested formats exist and fit the training mode (LoRA formats need LoRA)."""
+    problems = [Problem(f, f"unknown format; use one of {', '.join(FORMATS)}") for f in formats if f not in FORMATS]
+    if mode == "full":
+        problems += [Problem(f, "needs train.mode=lora; a full fine-tune exports as diffusers or single-file")
+                     for f in formats if f.startswith("lora-")]
+    raise_if_errors("cannot export in the requested formats", problems, ConfigError)
+
+
 def _check_request(source: ExportSource, fmt: str, output: Path | None, dtype: str) -> list[Problem]:
     problems = []
     if fmt not in FORMATS:

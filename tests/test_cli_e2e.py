@@ -102,3 +102,23 @@ def test_token_suggestions_are_single_tokens(capsys):
     words = capsys.readouterr().out.split()
     tok = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
     assert len(words) == 5 and all(len(tok(w, add_special_tokens=False).input_ids) == 1 for w in words)
+
+
+def test_train_exports_requested_formats(tmp_path, subject_dir):
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    assert main(["train", "--images", str(subject_dir), "--class-noun", "dog", "--preset", "tiny-lora",
+                 "--output", str(run), "--export", "lora-kohya,single-file"]) == 0
+    with safe_open(run / "export" / "sks-dog-lora-kohya.safetensors", "pt") as f:
+        keys = list(f.keys())
+        assert all(k.startswith("lora_unet_") for k in keys) and any(k.endswith(".alpha") for k in keys)
+        assert f.metadata()["modelspec.architecture"].endswith("/lora")
+    assert (run / "export" / "sks-dog.safetensors").stat().st_size > 0
+
+
+def test_train_refuses_unknown_export_format_before_training(tmp_path, subject_dir, capsys):
+    code = main(["train", "--images", str(subject_dir), "--class-noun", "dog", "--preset", "tiny",
+                 "--output", str(tmp_path / "run"), "--export", "lora-kohya,ckpt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "ckpt" in err and "lora-kohya" in err and not (tmp_path / "run").exists()

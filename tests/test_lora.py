@@ -29,7 +29,7 @@ def randomise_lora(module, generator):
 
 def test_lora_saved_and_reloaded_gives_the_same_images(tmp_path):
     config = load_config("tiny-lora", {"data": {"class_noun": "dog", "images": "x"}},
-                         ["train.train_text_encoder=true"])
+                         ["train.train_text_encoder=true", "train.lora_rank=4", "train.lora_alpha=8"])
     trained = load_components("tiny-random")
     mark_trainable(trained, config.train)
     g = torch.Generator().manual_seed(0)
@@ -46,3 +46,4 @@ def test_lora_saved_and_reloaded_gives_the_same_images(tmp_path):
 
     assert np.abs(expected - base).mean() > 1.0  # the LoRA really changes the picture
     np.testing.assert_allclose(reloaded, expected, atol=1.0)  # PNG-level: within one grey level
+    # alpha != rank: the scale alpha/rank = 2 must survive the file (it is in the metadata)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,25 +85,15 @@ def model_identity(folder: Path) -> str:
     """A content hash of a diffusers folder's weights and configs.
 
     Class images are keyed by it, so a changed model never reuses stale class images (peers count
-    files in a folder instead). Hashing SD 1.5 reads ~4 GB once; the result is memoised next to
-    the cache keyed by each file's size and modification time.
+    files in a folder instead). Each file's hash is memoised by size and modification time, so
+    SD 1.5's ~4 GB are read once.
     """
-    from .builtin import cache_root
+    from .hashing import file_digest
 
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and _counts_for_identity(p))
-    stamp = [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    memo_key = hashlib.sha256(json.dumps([str(Path(folder).resolve()), stamp]).encode()).hexdigest()
-    memo = cache_root() / "identity" / f"{memo_key}.txt"
-    if memo.exists():
-        return memo.read_text().strip()
     digest = hashlib.sha256()
     for p in files:
-        digest.update(str(p.relative_to(folder)).encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest.hexdigest())
+        digest.update(f"{p.relative_to(folder)}:{file_digest(p)}\n".encode())
     return digest.hexdigest()
 
 

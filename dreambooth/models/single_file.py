@@ -26,6 +26,7 @@ import torch
 
 from ..errors import ModelSourceError, Problem, UnsafeCheckpointError
 from .builtin import TOKENIZER_DIR, _write_atomically, cache_root, copy_tokenizer_files
+from .hashing import file_digest
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "single_file_configs"
 CONFIGS_METADATA_KEY = "dreambooth.diffusers_configs"
@@ -225,19 +226,3 @@ def _sidecar_config(path: Path) -> Path | None:
 def _folder_configs_digest(folder: Path) -> str:
     files = sorted(f for f in folder.rglob("*.json") if f.is_file())
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of the file, memoised by (path, size, mtime) so a 4 GB file is hashed once."""
-    st = path.stat()
-    memo_key = hashlib.sha256(json.dumps([str(path.resolve()), st.st_size, st.st_mtime_ns]).encode()).hexdigest()
-    memo = cache_root() / "identity" / f"file-{memo_key}.txt"
-    if memo.exists():
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest.hexdigest())
-    return digest.hexdigest()

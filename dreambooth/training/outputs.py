@@ -127,17 +127,24 @@ def save_pipeline_folder(components, folder: Path) -> None:
 
 
 def save_lora_weights(components, config: RunConfig, folder: Path) -> None:
-    """LoRA layers in the diffusers/PEFT layout that `pipe.load_lora_weights` reads."""
+    """LoRA layers in the diffusers/PEFT layout that `pipe.load_lora_weights` reads.
+
+    The adapter configs go into the file's metadata: without them a loader assumes alpha == rank
+    and applies the wrong scale whenever lora_alpha != lora_rank.
+    """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    text_layers = None
+    def layers_and_metadata(module):
+        return (convert_state_dict_to_diffusers(get_peft_model_state_dict(module)),
+                module.peft_config["default"].to_dict())
+
+    unet_layers, unet_meta = layers_and_metadata(components.unet)
+    text_layers = text_meta = None
     if config.train.train_text_encoder:
-        text_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(components.text_encoder))
+        text_layers, text_meta = layers_and_metadata(components.text_encoder)
     StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(components.unet)),
-        text_encoder_lora_layers=text_layers,
-        safe_serialization=True,
+        folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True,
+        unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=text_meta,
     )
