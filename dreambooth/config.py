@@ -114,9 +114,16 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     cache_latents: bool = _f(True, "encode subject/class images once (VAE is frozen)")
     seed: int = _f(0, "seed of noise, timesteps and data order; step k's randomness depends on (seed, k)")
+    fast: str = _f("auto", "auto (with CUDA), always or never: the static-shape step of training/fast.py, same math")
+    compile: str = _f("none", "torch.compile the UNet in the fast step: none, default, reduce-overhead, "
+                              "max-autotune-no-cudagraphs (compile time counts against short runs)")
+    cuda_graph: bool = _f(True, "fast step on CUDA: replay forward+backward as one CUDA graph")
+    channels_last: bool = _f(True, "CUDA only: UNet and VAE in channels-last memory layout (faster convolutions)")
 
     def problems(self) -> list[Problem]:
         checks = [
+            (self.fast in ("auto", "always", "never"), "train.fast", f"{self.fast!r}: use auto, always or never"),
+            (self.compile in COMPILE_MODES, "train.compile", f"{self.compile!r}: use {', '.join(COMPILE_MODES)}"),
             (self.mode in ("full", "lora"), "train.mode", f"{self.mode!r}: use full or lora"),
             (self.steps >= 1, "train.steps", f"{self.steps}: must be >= 1"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size", "batch_size and grad_accum must be >= 1"),
@@ -178,6 +185,7 @@ class EvalConfig:
 
 
 SAMPLERS = ("dpmpp", "ddim", "pndm", "euler")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 GROUPS = {"model": ModelConfig, "data": DataConfig, "prior": PriorConfig, "train": TrainConfig,
           "output": OutputConfig, "eval": EvalConfig}

@@ -1,6 +1,8 @@
 """Build diffusers pipelines from loaded components, with the sampler the user asked for."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 SAMPLER_CLASSES = {
@@ -51,6 +53,20 @@ def seeded_generators(seeds: list[int], device: torch.device | str) -> list[torc
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
+def sampling_precision(pipe):
+    """Autocast to the frozen parts' dtype when the UNet is kept in another one.
+
+    During training the UNet stays fp32 (full fine-tune: master weights) or mixed (LoRA: bf16 base,
+    fp32 adapters) while the VAE and text encoder are bf16; a diffusers pipeline does not cast between
+    them. When all three share a dtype (CPU fp32, or a bf16 pipeline) nothing changes.
+    """
+    dtypes = {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype}
+    if len(dtypes) == 1:
+        return contextlib.nullcontext()
+    low = min(dtypes, key=lambda d: torch.finfo(d).bits)
+    return torch.autocast(pipe._execution_device.type, dtype=low)
+
+
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
                   resolution: int, negative_prompt: str = "", batch_size: int = 8) -> list:
@@ -59,14 +75,15 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
-        out = pipe(
-            prompt=prompts[chunk],
-            negative_prompt=[negative_prompt] * len(prompts[chunk]) if negative_prompt else None,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=resolution,
-            width=resolution,
-            generator=seeded_generators(seeds[chunk], device),
-        )
+        with sampling_precision(pipe):
+            out = pipe(
+                prompt=prompts[chunk],
+                negative_prompt=[negative_prompt] * len(prompts[chunk]) if negative_prompt else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+                generator=seeded_generators(seeds[chunk], device),
+            )
         images.extend(out.images)
     return images

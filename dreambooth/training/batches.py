@@ -63,6 +63,11 @@ class LatentSource:
         dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
         return Posterior(dist.mean[0], dist.std[0])
 
+    def posteriors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached means and stds stacked (2 N, C, h, w), row 2 i + flip, for the fast step's gather."""
+        keys = [(i, flip) for i in range(len(self.images)) for flip in (False, True)]
+        return (torch.stack([self._cache[k].mean for k in keys]), torch.stack([self._cache[k].std for k in keys]))
+
     def latent(self, index: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
         post = self._cache.get((index, flip))
         if post is None:

@@ -25,6 +25,7 @@ from ..rundir import RunDir
 from . import events as ev
 from .batches import LatentSource, build_batch, step_generator
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .fast import FastStep, LossReadout, lower_frozen_weights, prepare_modules, use_fast_path
 from .losses import add_noise, dreambooth_loss, prediction_target, sample_timesteps
 from .outputs import fill_prompt, prepare_class_images, save_final, write_samples
 from .scoring import CheckpointScoring
@@ -56,6 +57,11 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     components.vae.to(device, frozen_dtype)
     components.text_encoder.to(device, frozen_dtype if not config.train.train_text_encoder else torch.float32)
     components.unet.to(device)
+    fast, why_not = use_fast_path(config, device, accelerator.num_processes, accelerator.mixed_precision)
+    if why_not:
+        yield ev.Notice(why_not)
+    if fast:
+        prepare_modules(components, config, device)
 
     class_paths = []
     if config.prior.enabled:
@@ -70,8 +76,10 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     if resume and (found := list_checkpoints(run.checkpoints)):
         start = load_checkpoint(found[-1][1], modules, optimizer, lr_schedule)
         run.truncate_log(start)
-    prepared = accelerator.prepare(*modules.values(), optimizer)
-    wrapped = dict(zip(modules, prepared[:-1]))
+    if fast and config.train.mode == "lora" and frozen_dtype != torch.float32:
+        lower_frozen_weights(modules, frozen_dtype)
+    # The fast step runs its own autocast on the bare modules (one process only).
+    wrapped = modules if fast else dict(zip(modules, accelerator.prepare(*modules.values(), optimizer)[:-1]))
 
     instances = LatentSource([load_rgb(i.path, max_pixels=config.data.max_pixels) for i in report.images],
                              components.vae, config.data.resolution, crop=config.data.crop,
@@ -87,38 +95,36 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     yield ev.Started(start, config.train.steps, count_trainable(modules), str(device), accelerator.mixed_precision)
     step_fn = lambda step: training_step(step, config, components, wrapped, prompts, instances, classes,
                                          accelerator, optimizer, lr_schedule)
-    yield from run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop, scoring)
+    if fast:
+        step_fn = FastStep(config, components, modules, prompts, instances, classes, accelerator, optimizer,
+                           lr_schedule, accelerator.mixed_precision)
+    lag = 1 if fast and device.type == "cuda" else 0
+    yield from run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop, scoring,
+                         lag=lag)
 
 
 def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop,
-              scoring=None) -> Iterator[ev.Event]:
-    """Steps, logging, samples and checkpoints; ends with Finished or Stopped."""
+              scoring=None, lag: int = 0) -> Iterator[ev.Event]:
+    """Steps, logging, samples and checkpoints; ends with Finished or Stopped.
+
+    With `lag` > 0 the losses of a step are read (and its StepDone yielded) that many steps later,
+    except before samples, scoring, checkpoints, a stop and the end, which see every step reported.
+    """
     out = config.output
     began = time.perf_counter()
-    last = began
+    clock = {"began": began, "last": began}
+    readout = LossReadout(lag)
     for step in range(start, config.train.steps):
         parts = step_fn(step)
         done = step + 1
-        loss = float(parts.total.detach())
-        if not math.isfinite(loss):
-            kept = list_checkpoints(run.checkpoints)
-            raise TrainingDiverged(f"the loss became {loss} at step {done}", [Problem(
-                str(run.root), f"last good checkpoint: {kept[-1][1] if kept else 'none'}; "
-                "lower train.lr, or use bf16 instead of fp16")])
-        now = time.perf_counter()
-        event = ev.StepDone(done, config.train.steps, loss, float(parts.instance), float(parts.prior),
-                            lr_schedule.get_last_lr()[0], now - last)
-        last = now
-        if done % out.log_every == 0 or done == config.train.steps:
-            run.append_log({"step": done, "loss": loss, "instance_loss": event.instance_loss,
-                            "prior_loss": event.prior_loss, "lr": event.lr, "time": round(now - began, 4),
-                            "memory_mb": _memory_mb()})
-        yield event
+        readout.push(done, parts, lr_schedule.get_last_lr()[0])
+        yield from _report_steps(readout.take(flush=_acts_after(done, config, scoring, stop)), config, run, clock)
         if out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
             yield ev.SampleWritten(done, write_samples(components, config, run, done))
         if scoring is not None and scoring.due(done):
             yield ev.Evaluated(done, scoring.score(done, modules))
         stopping = stop is not None and stop.is_set()
+        yield from _report_steps(readout.take(flush=stopping), config, run, clock)
         if (out.checkpoint_every and done % out.checkpoint_every == 0) or stopping:
             path = save_checkpoint(run.checkpoints, done, modules, optimizer, lr_schedule, out.keep_checkpoints)
             yield ev.CheckpointSaved(done, path)
@@ -133,6 +139,33 @@ def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, comp
     if scoring is not None:
         scoring.cleanup()
     yield ev.Finished(config.train.steps, final, time.perf_counter() - began)
+
+
+def _acts_after(done: int, config: RunConfig, scoring, stop) -> bool:
+    """Whether anything besides logging happens after step `done` (then every loss is read first)."""
+    out = config.output
+    return (done == config.train.steps or bool(out.sample_every and done % out.sample_every == 0)
+            or bool(out.checkpoint_every and done % out.checkpoint_every == 0)
+            or (scoring is not None and scoring.due(done)) or (stop is not None and stop.is_set()))
+
+
+def _report_steps(records, config: RunConfig, run: RunDir, clock: dict) -> Iterator[ev.Event]:
+    """StepDone events and log lines for finished steps; stop at a non-finite loss."""
+    out = config.output
+    for done, (loss, instance, prior), lr in records:
+        if not math.isfinite(loss):
+            kept = list_checkpoints(run.checkpoints)
+            raise TrainingDiverged(f"the loss became {loss} at step {done}", [Problem(
+                str(run.root), f"last good checkpoint: {kept[-1][1] if kept else 'none'}; "
+                "lower train.lr, or use bf16 instead of fp16")])
+        now = time.perf_counter()
+        event = ev.StepDone(done, config.train.steps, loss, instance, prior, lr, now - clock["last"])
+        clock["last"] = now
+        if done % out.log_every == 0 or done == config.train.steps:
+            run.append_log({"step": done, "loss": loss, "instance_loss": event.instance_loss,
+                            "prior_loss": event.prior_loss, "lr": event.lr, "time": round(now - clock["began"], 4),
+                            "memory_mb": _memory_mb()})
+        yield event
 
 
 def training_step(step, config, components, wrapped, prompts, instances, classes, accelerator, optimizer,

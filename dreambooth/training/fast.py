@@ -1,0 +1,260 @@
+"""The fast training step: same math as `loop.training_step`, laid out for a GPU.
+
+Why a second step function: the plain step rebuilds every batch on the host and calls `float(loss)`
+each step, so a GPU waits for Python twice per step, and eager PyTorch launches thousands of small
+kernels for one SD 1.5 forward and backward. Here
+
+- the cached VAE posteriors of all images sit in two device tensors, and a step gathers its rows by
+  index, so each step moves only a few small, pinned host tensors to the device, asynchronously;
+- the step's random draws come from the same per-step generators as the plain step, in the same
+  order, so both paths see identical noise, timesteps, flips and images (resume stays exact);
+- the instance/prior split is a slice (subject rows first, then class rows: `build_batch`'s layout)
+  instead of a boolean mask, which has a data-dependent shape and would force a host sync;
+- on CUDA the forward and backward are captured once in a CUDA graph and replayed every step
+  (optionally over a `torch.compile`d UNet); the optimizer and gradient clipping stay outside the
+  graph, so the learning-rate schedule needs no device tensors;
+- losses are read back one step late (`LossReadout`), so the host never waits for the step it just
+  queued.
+
+On a CPU in fp32 only the numerically neutral parts apply (gathering, slicing, same draws): the result
+equals the plain path bit for bit (benchmarks/test_fast_equivalence.py).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .batches import LatentSource, pick, step_generator
+from .losses import LossParts, add_noise, prediction_target, sample_timesteps
+
+
+def fast_path_problems(config, device: torch.device, num_processes: int, mixed_precision: str) -> list[str]:
+    """Why the fast step cannot run this configuration (empty when it can)."""
+    train = config.train
+    checks = [
+        (train.grad_accum == 1, "train.grad_accum > 1"),
+        (train.cache_latents and config.data.crop == "center", "latents are not cached (random crop or cache_latents off)"),
+        (num_processes == 1, "more than one process"),
+        (mixed_precision in ("no", "bf16"), f"mixed precision {mixed_precision} (fp16 needs a loss scaler)"),
+    ]
+    return [why for ok, why in checks if not ok]
+
+
+def use_fast_path(config, device: torch.device, num_processes: int, mixed_precision: str) -> tuple[bool, str]:
+    """(use it, a notice for the user): `auto` means on for CUDA, off elsewhere."""
+    wanted = config.train.fast == "always" or (config.train.fast == "auto" and device.type == "cuda")
+    if not wanted:
+        return False, ""
+    problems = fast_path_problems(config, device, num_processes, mixed_precision)
+    if problems:
+        return False, "fast training step not used: " + "; ".join(problems)
+    return True, ""
+
+
+def prepare_modules(components, config, device: torch.device) -> None:
+    """Layout switches that change speed, not math beyond bf16 rounding; CUDA only (STYLE.md #12)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution once
+    if config.train.channels_last:
+        components.unet.to(memory_format=torch.channels_last)
+        components.vae.to(memory_format=torch.channels_last)
+
+
+def lower_frozen_weights(modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
+    """Store frozen weights (the base of a LoRA model) in the autocast dtype.
+
+    Autocast would cast them on every forward anyway; storing them cast saves that copy and the fp32
+    memory. Trainable parameters (the adapters) stay fp32.
+    """
+    for module in modules.values():
+        for param in module.parameters():
+            if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+
+
+class StepDraws(NamedTuple):
+    """Everything random about one step, drawn on the host: rows (B,), latent noise and noise
+    (B, C, h, w) fp32, timesteps (B,)."""
+
+    rows: torch.Tensor
+    latent_noise: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
+def draw_step(step: int, seed: int, sizes: list[int], batch_size: int, flip_prob: float,
+              latent_shape: tuple[int, ...], num_train_timesteps: int) -> StepDraws:
+    """The draws of `build_batch` + `training_step` for cached posteriors, in the same order.
+
+    Row r of the stacked posteriors is image i of source s flipped or not: offset(s) + 2 i + flip.
+    """
+    g = step_generator(seed, step, salt=1)
+    rows, latent_noise, offset = [], [], 0
+    for salt, n in enumerate(sizes):
+        for index in pick(n, batch_size, seed, step, salt):
+            flip = bool(torch.rand((), generator=g) < flip_prob)
+            rows.append(offset + 2 * index + int(flip))
+            latent_noise.append(torch.randn(latent_shape, generator=g))
+        offset += 2 * n
+    g = step_generator(seed, step, salt=2)
+    noise = torch.randn((len(rows), *latent_shape), generator=g)
+    timesteps = sample_timesteps(len(rows), num_train_timesteps, g)
+    return StepDraws(torch.tensor(rows), torch.stack(latent_noise), noise, timesteps)
+
+
+def split_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float) -> LossParts:
+    """`losses.dreambooth_loss` for a batch whose first `num_instance` rows are subject images.
+
+    Same values bit for bit (the same elements are averaged in the same order); a slice keeps the
+    shapes static where a boolean mask would not.
+    """
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    instance = per_sample[:num_instance].mean()
+    has_prior = per_sample.shape[0] > num_instance
+    prior = per_sample[num_instance:].mean() if has_prior else per_sample.new_zeros(())
+    return LossParts(instance + prior_weight * prior, instance.detach(), prior.detach())
+
+
+class FastStep:
+    """Callable `step -> LossParts`, a drop-in for `loop.training_step` (grad_accum 1, cached latents)."""
+
+    def __init__(self, config, components, modules: dict[str, torch.nn.Module], prompts, instances: LatentSource,
+                 classes: LatentSource | None, accelerator, optimizer, lr_schedule, mixed_precision: str):
+        self.config, self.components, self.modules = config, components, modules
+        self.prompts, self.accelerator, self.optimizer, self.lr_schedule = prompts, accelerator, optimizer, lr_schedule
+        self.device = accelerator.device
+        sources = [instances] + ([classes] if classes is not None else [])
+        self.sizes = [len(s.images) for s in sources]
+        stacked = [s.posteriors() for s in sources]
+        self.means = torch.cat([m for m, _ in stacked])  # (2 N, C, h, w): each image and its mirror
+        self.stds = torch.cat([s for _, s in stacked])
+        self.scale = instances.scale
+        self.batch = config.train.batch_size
+        rows = self.batch * len(sources)
+        self.context_index = torch.tensor([0] * self.batch + [1] * (rows - self.batch), device=self.device)
+        self.alphas = components.noise_scheduler.alphas_cumprod.to(self.device)
+        self.num_t = components.noise_scheduler.config.num_train_timesteps
+        self.dtype = {"bf16": torch.bfloat16}.get(mixed_precision)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.unet = self._compiled(components.unet)
+        self.graphed = self.device.type == "cuda" and config.train.cuda_graph and config.train.compile != "reduce-overhead"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static: StepDraws | None = None
+        self.parts: LossParts | None = None
+
+    def _compiled(self, unet):
+        mode = self.config.train.compile
+        if mode == "none" or self.device.type != "cuda":
+            return unet
+        return torch.compile(unet, mode=None if mode == "default" else mode, fullgraph=False)
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        # No weight-cast cache: each weight is used once per forward, and a cache inside a CUDA graph
+        # capture would only hold memory.
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
+
+    def draws(self, step: int) -> StepDraws:
+        seed = self.config.train.seed + 1000 * self.accelerator.process_index
+        return draw_step(step, seed, self.sizes, self.batch, self.config.data.flip_prob,
+                         tuple(self.means.shape[1:]), self.num_t)
+
+    def compute(self, draws: StepDraws) -> LossParts:
+        """Forward and backward of eq. 2 of Ruiz et al. on device tensors; no host sync."""
+        mean, std = self.means[draws.rows], self.stds[draws.rows]
+        latents = (mean + std * draws.latent_noise.to(mean.dtype)) * self.scale  # (B, C, h, w)
+        noise = draws.noise.to(latents.dtype)
+        noisy = add_noise(latents, noise, draws.timesteps, self.alphas)
+        target = prediction_target(latents, noise, draws.timesteps, self.alphas, self.components.prediction_type)
+        with self._autocast():
+            context = self._context()  # (B, 77, D)
+            pred = self.unet(noisy, draws.timesteps, context).sample
+            parts = split_loss(pred, target, self.batch, self.config.prior.weight)
+        parts.total.backward()
+        return parts
+
+    def _context(self) -> torch.Tensor:
+        if self.prompts.frozen is not None:
+            return self.prompts.frozen[self.context_index]
+        return self.modules["text_encoder"](self.prompts.ids)[0][self.context_index]
+
+    def __call__(self, step: int) -> LossParts:
+        for module in self.modules.values():
+            module.train()
+        host = self.draws(step)
+        if not self.graphed:
+            parts = self.compute(StepDraws(*(t.to(self.device) for t in host)))
+        else:
+            parts = self._replay(host)
+        train = self.config.train
+        if train.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        if not self.graphed:  # a graph overwrites its gradients on every replay
+            self.optimizer.zero_grad(set_to_none=True)
+        return parts
+
+    def _replay(self, host: StepDraws) -> LossParts:
+        if self.graph is None:
+            self._capture(host)
+        for static, value in zip(self.static, host):
+            static.copy_(value.pin_memory(), non_blocking=True)
+        self.graph.replay()
+        return self.parts
+
+    def _capture(self, host: StepDraws) -> None:
+        """Warm up on a side stream (cuDNN/cuBLAS choices, compilation), then record one step.
+
+        Warm-up runs forward and backward only, never the optimizer, so the weights are untouched.
+        """
+        self.static = StepDraws(*(t.to(self.device) for t in host))
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.compute(self.static)
+                self.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.parts = self.compute(self.static)
+
+
+class LossReadout:
+    """Loss tensors to floats, `lag` steps late: with a lag the host never waits for the step it
+    has just queued, so the GPU always has the next step in hand. Lag 0 is the plain behaviour."""
+
+    def __init__(self, lag: int = 0):
+        self.lag = lag
+        self.pending: deque = deque()
+
+    def push(self, done: int, parts: LossParts, lr: float) -> None:
+        if not self.lag:
+            values = (float(parts.total.detach()), float(parts.instance), float(parts.prior))
+            self.pending.append((done, values, lr, None))
+            return
+        stacked = torch.stack([parts.total.detach(), parts.instance, parts.prior]).float()
+        host = torch.empty(3, pin_memory=True)
+        host.copy_(stacked, non_blocking=True)  # queued behind this step, before the next one
+        event = torch.cuda.Event()
+        event.record()
+        self.pending.append((done, host, lr, event))
+
+    def take(self, flush: bool = False) -> list[tuple[int, tuple[float, float, float], float]]:
+        """Records of finished steps, oldest first: all of them when `flush`, else all but `lag`."""
+        out = []
+        while self.pending and (flush or len(self.pending) > self.lag):
+            done, values, lr, event = self.pending.popleft()
+            if event is not None:
+                event.synchronize()
+                values = tuple(float(v) for v in values.tolist())
+            out.append((done, values, lr))
+        return out
