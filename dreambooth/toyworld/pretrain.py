@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--eval-per-prompt", type=int, default=8)
     p.add_argument("--save-every", type=float, default=90.0, help="seconds between UNet checkpoints")
+    p.add_argument("--resume", default=None,
+                   help="diffusers folder of an earlier run: keep its VAE and oracle, continue UNet + text encoder")
+    p.add_argument("--eval-guidance", type=float, nargs="+", default=[6.0])
     return p.parse_args(argv)
 
 
@@ -108,8 +111,10 @@ def train_vae(run: Run, vae: torch.nn.Module, images: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def encode_all(run: Run, vae: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image (fp16), and set the VAE's latent scaling factor to 1/std."""
+def encode_all(run: Run, vae: torch.nn.Module, images: torch.Tensor,
+               set_scale: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image (fp16), and set the VAE's latent scaling factor to 1/std
+    (not when resuming: the UNet was trained with the scale already in the config)."""
     means, stds = [], []
     for i in range(0, len(images), 1024):
         with run.amp:
@@ -118,7 +123,8 @@ def encode_all(run: Run, vae: torch.nn.Module, images: torch.Tensor) -> tuple[to
         stds.append(post.std.half())
     mean, std = torch.cat(means), torch.cat(stds)
     sample = mean[:8192].float() + std[:8192].float() * torch.randn_like(std[:8192].float())
-    vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
+    if set_scale:
+        vae.register_to_config(scaling_factor=float(1.0 / sample.std()))
     run.log(stage="encode", latent_std=float(sample.std()), latent_mean=float(sample.mean()))
     return mean, std
 
@@ -292,10 +298,15 @@ def evaluate(run: Run, vae, unet, text_encoder, oracle_net: OracleNet) -> None:
     pipe.set_progress_bar_config(disable=True)
     oracle = Oracle(copy.deepcopy(oracle_net).to("cpu", torch.float32))
     batch = 216 if run.args.device == "cuda" else 16
-    metrics, results = evaluate_base_model(pipe, oracle, per_prompt=run.args.eval_per_prompt, batch_size=batch)
-    grid(results, per_cell=2).save(run.out / "samples.png")
-    run.log(stage="eval", **metrics)
-    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    all_metrics = []
+    for k, guidance in enumerate(run.args.eval_guidance):
+        metrics, results = evaluate_base_model(pipe, oracle, per_prompt=run.args.eval_per_prompt,
+                                               guidance=guidance, batch_size=batch)
+        if k == 0:
+            grid(results, per_cell=2).save(run.out / "samples.png")
+        run.log(stage="eval", **metrics)
+        all_metrics.append(metrics)
+    (run.out / "metrics.json").write_text(json.dumps(all_metrics, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -304,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     # Render first: the pool forks, which must happen before CUDA is initialised.
     diff = render_dataset("diffusion", args.n_train, args.seed, args.workers)
+    if args.resume:
+        run.log(stage="render", n_train=len(diff.images))
+        return resume(run, diff)
     orc_train = render_dataset("oracle", args.n_oracle, args.seed + 1, args.workers)
     orc_test = render_dataset("oracle", max(500, args.n_oracle // 15), args.seed + 2, args.workers)
     run.log(stage="render", n_train=len(diff.images), n_oracle=len(orc_train.images), n_test=len(orc_test.images))
@@ -326,6 +340,40 @@ def main(argv: list[str] | None = None) -> None:
     run.log(stage="oracle_test", clean=oracle_accuracy(oracle_net, test, None, run),
             vae_roundtrip=oracle_accuracy(oracle_net, test, vae, run))
     oracle_net.eval()
+    used = torch.unique(torch.cat([ids.flatten(), empty.flatten()]))
+    ema_unet, ema_te = train_diffusion(
+        run, unet, text_encoder, mean, std, ids, empty, vae.config.scaling_factor,
+        lambda u, t: save_bundle(run, vae, u, t, oracle_net))
+    restore_unused_rows(ema_te, init_rows, used, run)
+    save_bundle(run, vae, ema_unet, ema_te, oracle_net)
+    evaluate(run, vae, ema_unet, ema_te, oracle_net)
+    run.log(stage="done", minutes=run.elapsed() / 60)
+
+
+def resume(run: Run, diff) -> None:
+    """Continue UNet + text encoder training from ``--resume`` (fp16 weights, loaded as fp32) with a
+    fresh optimizer and warm-up; VAE, latent scale and oracle are kept as they are. Unused token rows
+    are taken from the loaded encoder, where they still hold their initial values."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    folder = Path(run.args.resume)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    tokenizer = load_tokenizer()
+    ids = tokenize_captions(diff.captions, tokenizer).to(run.device)
+    empty = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids.to(run.device)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=torch.float32)
+    vae, unet, text_encoder = (m.to(run.device, memory_format=torch.channels_last) for m in (vae, unet, text_encoder))
+    vae.eval().requires_grad_(False)
+    unet.train(), text_encoder.train()
+    init_rows = text_encoder.get_input_embeddings().weight.detach().cpu().clone()
+    oracle_net = OracleNet()
+    oracle_net.load_state_dict({k: v.float() for k, v in load_file(str(folder.parent / "oracle.safetensors")).items()})
+    oracle_net = oracle_net.to(run.device).eval()
+    mean, std = encode_all(run, vae, torch.from_numpy(diff.images).to(run.device), set_scale=False)
     used = torch.unique(torch.cat([ids.flatten(), empty.flatten()]))
     ema_unet, ema_te = train_diffusion(
         run, unet, text_encoder, mean, std, ids, empty, vae.config.scaling_factor,
