@@ -34,13 +34,11 @@ def sample_prompts(pipe, prompts: list[str], seed: int, steps: int = 25, guidanc
                    batch_size: int = 64) -> list[Image.Image]:
     """Generate one image per prompt with a fixed seed per batch, so runs are comparable."""
     images: list[Image.Image] = []
-    device = pipe.unet.device
     for i in range(0, len(prompts), batch_size):
         generator = torch.Generator(device="cpu").manual_seed(seed + i)
         out = pipe(prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
                    generator=generator, height=64, width=64, output_type="pil")
         images.extend(out.images)
-    del device
     return images
 
 
