@@ -22,6 +22,7 @@ equals the plain path bit for bit (benchmarks/test_fast_equivalence.py).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import deque
 from typing import NamedTuple
 
@@ -60,7 +61,9 @@ def prepare_modules(components, config, device: torch.device) -> None:
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution once
-    if config.train.channels_last:
+    # bitsandbytes' 8-bit AdamW turned channels-last weights into NaN after one step on an H100
+    # (benchmarks/RESULTS.md, run 2026-11-25); with contiguous weights it trains.
+    if config.train.channels_last and config.train.optimizer != "adamw8bit":
         components.unet.to(memory_format=torch.channels_last)
         components.vae.to(memory_format=torch.channels_last)
 
@@ -203,7 +206,14 @@ class FastStep:
 
     def _replay(self, host: StepDraws) -> LossParts:
         if self.graph is None:
-            self._capture(host)
+            try:
+                self._capture(host)
+            except RuntimeError as e:  # an op that cannot be captured: same step, eager
+                warnings.warn(f"CUDA graph capture failed, running the fast step eagerly: {e}")
+                self.graphed, self.graph = False, None
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                return self.compute(StepDraws(*(t.to(self.device) for t in host)))
         for static, value in zip(self.static, host):
             static.copy_(value.pin_memory(), non_blocking=True)
         self.graph.replay()

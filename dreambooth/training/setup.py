@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 
 from ..config import TrainConfig
 from ..errors import ConfigError, Problem
@@ -35,10 +36,25 @@ def mark_trainable(components, train: TrainConfig) -> dict[str, torch.nn.Module]
             if train.train_text_encoder:
                 components.text_encoder.add_adapter(lora(TEXT_ENCODER_LORA_TARGETS))
     if train.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-        if train.train_text_encoder:
-            components.text_encoder.gradient_checkpointing_enable()
+        enable_checkpointing(components.unet, components.text_encoder if train.train_text_encoder else None)
     return modules
+
+
+def enable_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+    """Activation checkpointing; without dropout the recomputation draws no random numbers, so the
+    RNG state need not be saved and restored (which a CUDA graph capture cannot do)."""
+    keep_rng = _has_dropout(unet) or (text_encoder is not None and _has_dropout(text_encoder))
+    kwargs = {"use_reentrant": False, "preserve_rng_state": keep_rng}
+    unet.enable_gradient_checkpointing(lambda module, *args: torch.utils.checkpoint.checkpoint(module, *args, **kwargs))
+    if text_encoder is not None:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _has_dropout(module: torch.nn.Module) -> bool:
+    """Dropout layers, or attention that passes a float `dropout` to SDPA (CLIP), with p > 0."""
+    def p(m):
+        return m.p if isinstance(m, torch.nn.Dropout) else vars(m).get("dropout", 0.0)
+    return any(isinstance(p(m), float) and p(m) > 0 for m in module.modules())
 
 
 def count_trainable(modules: dict[str, torch.nn.Module]) -> int:

@@ -1,0 +1,208 @@
+"""Our DreamBooth against diffusers' example scripts, same recipe, same GPU, one invocation.
+
+    python benchmarks/gpu_vs_reference.py --reference DIR_WITH_train_dreambooth.py --out OUT [--budget 460]
+        [--parts ref_full,ours_full,...] [--tiny] [--previous OLD_results.jsonl]
+
+Builds a random-weight Stable Diffusion 1.5 (sd15_random.py), then runs the parts in priority order,
+each in its own process with its own time budget (a part that does not fit in what is left is
+skipped). Every finished part is appended to OUT/results.jsonl and the table OUT/table.md is
+rewritten, so a run cut short still leaves numbers. `--tiny` shrinks the model for a CPU dry run.
+The reference scripts are not part of this repository: pass the folder that holds
+train_dreambooth.py and train_dreambooth_lora.py (diffusers/examples/dreambooth).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+from report import make_table  # noqa: E402
+
+FAST, LEAN = "sd15-fast", "sd15-lean"
+LORA = ["train.mode=lora", "train.lr=1e-4", "train.lora_rank=4", "train.lora_alpha=4.0"]
+
+
+def part_specs(tiny: bool) -> dict[str, dict]:
+    """name -> what to run and its time budget in seconds (priority order is `DEFAULT_ORDER`)."""
+    n = (lambda big, small: small if tiny else big)
+    return {
+        "ref_full": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full", "stop": n(60, 6), "budget": 110},
+        "ours_full": {"kind": "train", "preset": FAST, "dotted": [], "measure": n(120, 6), "budget": 80},
+        "ref_lora": {"kind": "ref", "script": "train_dreambooth_lora.py", "variant": "lora", "stop": n(60, 6), "budget": 80},
+        "ours_lora": {"kind": "train", "preset": FAST, "dotted": LORA, "measure": n(150, 6), "budget": 60},
+        "ours_cls_pndm50": {"kind": "classes", "sampler": "pndm", "steps": n(50, 3), "batch": n(16, 2),
+                            "num": n(48, 4), "budget": 70},
+        "ours_cls_dpmpp25": {"kind": "classes", "sampler": "dpmpp", "steps": n(25, 3), "batch": n(25, 2),
+                             "num": n(75, 4), "budget": 90},
+        "lean_full": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false"],
+                      "measure": n(60, 6), "budget": 70, "cap_gb": None},
+        "lean_lora": {"kind": "train", "preset": LEAN, "dotted": LORA + ["train.train_text_encoder=false",
+                                                                        "train.optimizer=adamw"],
+                      "measure": n(100, 6), "budget": 60},
+        "lean_full_te16": {"kind": "train", "preset": LEAN, "dotted": [], "measure": n(40, 6), "budget": 70,
+                           "cap_gb": 15.0},
+        "plain_full": {"kind": "train", "preset": FAST, "dotted": ["train.fast=never"], "measure": n(40, 6),
+                       "budget": 90, "profile": 3},
+        "ours_full_nocl": {"kind": "train", "preset": FAST, "dotted": ["train.channels_last=false"],
+                           "measure": n(120, 6), "budget": 80, "profile": 3},
+        "lean_full_nocl": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
+                                                                     "train.channels_last=false"],
+                           "measure": n(40, 6), "budget": 60},
+        "lean_full_adamw": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
+                                                                      "train.optimizer=adamw"],
+                            "measure": n(40, 6), "budget": 60},
+        "ours_e2e": {"kind": "e2e", "preset": FAST, "dotted": [] if not tiny else [
+            "prior.num_images=8", "train.steps=8", "data.resolution=64", "prior.steps=3"], "budget": 200, "min": 120},
+        "ours_full_compile": {"kind": "train", "preset": FAST, "dotted": ["train.compile=default"],
+                              "measure": n(150, 6), "budget": 200, "min": 150},
+        "ref_full_te": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full_te", "stop": n(40, 6),
+                        "budget": 90},
+    }
+
+
+DEFAULT_ORDER = ["ref_full", "ours_full", "ref_lora", "ours_lora", "ours_cls_pndm50", "ours_cls_dpmpp25",
+                 "lean_full", "lean_lora", "lean_full_te16", "plain_full", "ours_e2e", "ours_full_compile",
+                 "ref_full_te"]
+
+
+def run_worker(name: str, spec: dict, work: Path, tiny: bool, reference: Path, log) -> dict:
+    """One part; reference parts run here, ours in a fresh Python process (clean memory peaks)."""
+    if spec["kind"] == "ref":
+        from reference_runner import reference_args, run_reference
+
+        classes = work / "class_ref"  # the first reference run fills it; later ones reuse it
+        args = reference_args(spec["variant"], work / "model", work / "instance", classes, work / f"out_{name}",
+                              num_class=12 if not tiny else 4, max_steps=spec["stop"] + 1000,
+                              resolution=64 if tiny else 512)
+        return run_reference(reference / spec["script"], args, stop_after=spec["stop"], budget_s=spec["budget"],
+                             mixed_precision="no" if tiny else "bf16", log=log)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work),
+           "--spec", json.dumps(spec)] + (["--tiny"] if tiny else [])
+    env = dict(os.environ)
+    if spec["kind"] == "e2e":
+        env["DREAMBOOTH_CACHE"] = str(work / f"cache_{name}")  # cold: no class images, no identity memo
+    began = time.perf_counter()
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=spec["budget"],
+                          text=True)
+    log.write(proc.stdout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(lines[-1][7:]) if lines else {"failed": True, "error_tail": proc.stdout[-1500:]}
+    result["process_s"] = time.perf_counter() - began
+    return result
+
+
+def worker_main(name: str, spec: dict, work: Path, tiny: bool) -> None:
+    import ours_parts as ours
+
+    model, images = work / "model", work / "instance"
+    dotted = list(spec.get("dotted", []))
+    if tiny and spec["kind"] in ("train", "e2e"):
+        dotted = ["data.resolution=64", "prior.num_images=4", "prior.steps=3", "prior.batch_size=2"] + dotted
+    elif spec["kind"] == "train":
+        dotted = ["prior.num_images=12"] + dotted
+    if spec["kind"] == "train":
+        result = ours.train_part(model, images, work / f"run_{name}", preset=spec["preset"], dotted=dotted,
+                                 measure=spec["measure"], cap_gb=spec.get("cap_gb"), profile=spec.get("profile", 0))
+    elif spec["kind"] == "classes":
+        result = ours.classes_part(model, work / f"classes_{name}", sampler=spec["sampler"], steps=spec["steps"],
+                                   batch=spec["batch"], num=spec["num"])
+    else:
+        result = ours.e2e_part(model, images, work / f"run_{name}", preset=spec["preset"], dotted=dotted)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def best_layout(results: list[dict]) -> list[str]:
+    """The end-to-end run uses the faster measured memory layout (the preset then ships that one)."""
+    rate = {r["part"]: r.get("steps_per_s") or 0 for r in results if r.get("part") in ("ours_full", "ours_full_nocl")}
+    return ["train.channels_last=false"] if rate.get("ours_full_nocl", 0) > rate.get("ours_full", 0) else []
+
+
+def environment() -> dict:
+    import torch
+
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "python": sys.version.split()[0],
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    for pkg in ("diffusers", "transformers", "accelerate", "peft", "bitsandbytes"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception as e:  # report what is missing rather than stop the benchmark
+            info[pkg] = f"missing ({type(e).__name__})"
+    return info
+
+
+def setup(work: Path, tiny: bool) -> None:
+    from sd15_random import build_pipeline_folder, write_subject_photos
+
+    work.mkdir(parents=True, exist_ok=True)
+    build_pipeline_folder(work / "model", tiny=tiny)
+    write_subject_photos(work / "instance", size=64 if tiny else 512)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reference", type=Path, help="folder with train_dreambooth.py and train_dreambooth_lora.py")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/dreambooth-bench"))
+    parser.add_argument("--budget", type=float, default=460, help="seconds for the whole invocation")
+    parser.add_argument("--parts", default=",".join(DEFAULT_ORDER))
+    parser.add_argument("--previous", type=Path, help="results.jsonl of an earlier run to merge into the table")
+    parser.add_argument("--tiny", action="store_true", help="tiny model at 64 px: a CPU dry run of every part")
+    parser.add_argument("--worker")
+    parser.add_argument("--spec")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DREAMBOOTH_CACHE", str(args.work / "cache"))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    if args.worker:
+        worker_main(args.worker, json.loads(args.spec), args.work, args.tiny)
+        return
+    run_parts(args)
+
+
+def run_parts(args) -> None:
+    began = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path, log = args.out / "results.jsonl", open(args.out / "bench.log", "a", buffering=1)
+    previous = [json.loads(x) for x in args.previous.read_text().splitlines()] if args.previous else []
+    env = environment()
+    t = time.perf_counter()
+    setup(args.work, args.tiny)
+    results = previous + [{"part": "setup", "seconds": time.perf_counter() - t, "env": env}]
+    with open(results_path, "a") as f:
+        f.write(json.dumps(results[-1]) + "\n")
+    specs = part_specs(args.tiny)
+    for name in args.parts.split(","):
+        spec = dict(specs[name])
+        left = args.budget - (time.perf_counter() - began)
+        if left < spec.get("min", min(spec["budget"], 45)):
+            results.append({"part": name, "skipped": f"{left:.0f} s left"})
+            continue
+        spec["budget"] = min(spec["budget"], left - 5)
+        if spec["kind"] == "e2e":
+            spec["dotted"] = spec["dotted"] + best_layout(results)
+        print(f"== {name} (budget {spec['budget']:.0f} s)", flush=True)
+        t = time.perf_counter()
+        try:
+            result = run_worker(name, spec, args.work, args.tiny, args.reference, log)
+        except subprocess.TimeoutExpired:
+            result = {"failed": True, "error_tail": f"over its {spec['budget']:.0f} s budget"}
+        results.append({"part": name, "wall_s": time.perf_counter() - t, **result})
+        with open(results_path, "a") as f:
+            f.write(json.dumps(results[-1]) + "\n")
+        (args.out / "table.md").write_text(make_table(results))
+        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("losses", "error_tail")})[:600], flush=True)
+    (args.out / "table.md").write_text(make_table(results))
+    print(make_table(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Our side of the benchmark: each function runs one measurement in its own process and returns a
+dict for results.jsonl. They drive the library exactly as the CLI does (train_events, the class-image
+cache), so what is timed is what a user runs.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from dreambooth.config import load_config
+
+
+def gpu_memory() -> dict:
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
+
+
+def limit_memory(cap_gb: float | None) -> None:
+    """Pretend the card has `cap_gb` (a 16 GB card leaves about 15 GB to PyTorch)."""
+    if cap_gb and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total))
+
+
+def start_profiler():
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    prof = profile(activities=activities)
+    prof.start()
+    return prof
+
+
+def stop_profiler(prof, steps: int) -> str:
+    """Top ops by device time over the profiled steps (per step: divide by `steps`)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    prof.stop()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60)
+    print(f"PROFILE over {steps} steps\n{table}", flush=True)
+    return table
+
+
+def run_config(model: Path, images: Path, preset: str, dotted: list[str]):
+    return load_config(preset, {"model": {"name": str(model)}, "data": {"images": str(images), "class_noun": "dog"}},
+                       dotted)
+
+
+def train_part(model: Path, images: Path, out: Path, *, preset: str, dotted: list[str], measure: int,
+               cap_gb: float | None = None, profile: int = 0) -> dict:
+    """Steady-state steps/s of the training loop: `measure` steps, the first fifth left out as warm-up;
+    then `profile` more steps under torch.profiler (kernel time by op, after the timed steps)."""
+    from dreambooth.training import events as ev
+    from dreambooth.training import train_events
+
+    limit_memory(cap_gb)
+    config = run_config(model, images, preset, ["train.steps=100000", "output.checkpoint_every=0",
+                                                "output.log_every=50", *dotted])
+    stamps, losses, notices, began = [], [], [], time.perf_counter()
+    started = None
+    for event in train_events(config, out, overwrite=True):
+        if isinstance(event, ev.Notice):
+            notices.append(event.message)
+        if isinstance(event, ev.Started):
+            started = time.perf_counter()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+        if isinstance(event, ev.StepDone):
+            if event.step <= measure:
+                stamps.append(time.perf_counter())
+                losses.append(event.loss)
+            if event.step == measure and profile:
+                profiler = start_profiler()
+            if event.step >= measure + profile:
+                break
+    skip = max(3, measure // 5)
+    rate = (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip]) if len(stamps) > skip + 1 else None
+    kernels = stop_profiler(profiler, profile) if profile and stamps and len(stamps) >= measure else None
+    return {"steps_per_s": rate, "profile": kernels, "steps": len(stamps), "setup_s": started - began if started else None,
+            "first_step_s": stamps[0] - started if stamps and started else None, "losses": losses,
+            "notices": notices, **gpu_memory()}
+
+
+def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int, num: int) -> dict:
+    """Class images/s through the training run's own path (components as train_events holds them)."""
+    from dreambooth.config import RunConfig
+    from dreambooth.models import load_components
+    from dreambooth.pipelines import make_pipeline
+    from dreambooth.priors import ensure_class_images
+    from dreambooth.training.fast import prepare_modules
+    from dreambooth.training.outputs import class_image_key
+
+    config = run_config(model, out, "sd15-fast", [f"prior.sampler={sampler}", f"prior.steps={steps}",
+                                                  f"prior.batch_size={batch}", f"prior.cache={out}"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    components = load_components(str(model))
+    components.vae.to(device, dtype)
+    components.text_encoder.to(device, dtype)
+    components.unet.to(device)
+    prepare_modules(components, config, device)
+    stamps = []
+    began = time.perf_counter()
+    ensure_class_images(class_image_key(components, config), num,
+                        lambda: make_pipeline(components, sampler, device=device), cache_dir=out,
+                        batch_size=batch, progress=lambda done, total: stamps.append((time.perf_counter(), done)))
+    total = time.perf_counter() - began
+    steady = stamps[1:]  # stamps[0] is the count before any work; the first batch warms up
+    later = steady[1:] if len(steady) > 1 else steady
+    rate = (later[-1][1] - steady[0][1]) / (later[-1][0] - steady[0][0]) if len(steady) > 1 else num / total
+    return {"images_per_s": rate, "images": num, "batch": batch, "total_s": total, **gpu_memory(),
+            "unet_evals_per_image": _evals_per_image(components, sampler, steps)}
+
+
+def _evals_per_image(components, sampler: str, steps: int) -> int:
+    """UNet evaluations per image with classifier-free guidance (two per sampler step)."""
+    from dreambooth.pipelines import make_scheduler
+
+    scheduler = make_scheduler(sampler, components.noise_scheduler.config)
+    scheduler.set_timesteps(steps)
+    return 2 * len(scheduler.timesteps)
+
+
+def e2e_part(model: Path, images: Path, out: Path, *, preset: str, dotted: list[str]) -> dict:
+    """The paper's recipe end to end through `train` (the CLI's call); stage times from events."""
+    from dreambooth.training import events as ev
+    from dreambooth.training import train
+
+    marks: dict[str, float] = {}
+    began = time.perf_counter()
+
+    def on_event(event):
+        now = time.perf_counter() - began
+        name = type(event).__name__
+        marks.setdefault(f"first_{name}", now)
+        marks[f"last_{name}"] = now
+
+    config = run_config(model, images, preset, dotted)
+    last = train(config, out, overwrite=True, on_event=on_event)
+    return {"finished": isinstance(last, ev.Finished), "in_process_s": time.perf_counter() - began,
+            "marks": marks, **gpu_memory()}
