@@ -17,7 +17,7 @@ kernels for one SD 1.5 forward and backward. Here
   queued.
 
 On a CPU in fp32 only the numerically neutral parts apply (gathering, slicing, same draws): the result
-equals the plain path bit for bit (benchmarks/test_fast_equivalence.py).
+equals the plain path bit for bit (tests/test_fast_path.py).
 """
 from __future__ import annotations
 

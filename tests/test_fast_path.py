@@ -2,7 +2,7 @@
 
 On a CPU in fp32 the two paths must agree bit for bit: same draws, same latents, same loss, same
 weights after several optimizer steps. Run with
-`HF_HUB_OFFLINE=1 .venv/bin/python -m pytest benchmarks/test_fast_equivalence.py -q`.
+`HF_HUB_OFFLINE=1 .venv/bin/python -m pytest tests/test_fast_path.py -q`.
 On a GPU, benchmarks/gpu_vs_reference.py compares the bf16 loss curves of both paths.
 """
 import json
