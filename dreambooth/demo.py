@@ -19,7 +19,7 @@ from .errors import Problem, RunDirError
 from .grid import make_grid
 
 MARKER = "demo.json"
-PHOTO_CONTEXTS = ("plain", "plain", "table", "plain", "city")  # like a user's photos: mostly at home
+PHOTO_CONTEXTS = ("plain", "table", "city", "plain", "city")  # varied, as real photos are; none of NEW_CONTEXTS
 NEW_CONTEXTS = ("beach", "moon", "snow", "jungle", "underwater", "red_carpet")
 SEEDS = (0, 1, 2, 3)
 
@@ -79,7 +79,12 @@ def run_demo(output: str | Path, *, model: str | None = None, steps: int | None 
     config = demo_config(out / "photos", model, subject, steps, extra)
     events = train_events(config, out / "run")
     last = render(events) if render else _drain(events)
+    from .rundir import RunDir
+
+    info = RunDir(out / "run").run_info()
     figures = {"model": model, "subject": subject, "prior_preservation": prior, "steps": config.train.steps,
+               "selected_step": info.get("selected_step", config.train.steps),
+               "selection_reason": info.get("selection_reason", ""),
                "train_seconds": round(getattr(last, "seconds", 0.0), 1)}
     figures.update(before_after(out, config, model, subject, photos))
     figures["total_seconds"] = round(time.perf_counter() - began, 1)
@@ -175,4 +180,6 @@ def write_html(out: Path, figures: dict) -> None:
         "width:100%}td,th{text-align:left;padding:.2em .6em;border-bottom:1px solid #ddd}</style>"
         "<h1>DreamBooth on the toy world</h1><p>Rows: the subject photos; class images from the base model; "
         "then for each prompt four images before training (left) and after (right), same seeds.</p>"
-        f"<img src=gallery.png alt=gallery><h2>Figures</h2><table>{rows}</table>")
+        f"<img src=gallery.png alt=gallery><h2>Figures</h2><table>{rows}</table>"
+        + ("<h2>Checkpoint scores</h2><img src=run/scores.png alt=scores style='width:auto'>"
+           if (out / "run" / "scores.png").exists() else ""))

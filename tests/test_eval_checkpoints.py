@@ -67,7 +67,8 @@ def test_plot_scores_handles_gaps_one_row_and_values_outside_0_1(tmp_path):
 
 
 def test_checkpoint_prompts():
-    assert checkpoint_prompts("sks", "dog", toy=True)[2] == "a photo of sks dog on the moon"
+    assert checkpoint_prompts("sks", "dog", toy=True)[1] == "a photo of sks dog on the moon"
+    assert not any("plain" in p or p.endswith("sks dog") for p in checkpoint_prompts("sks", "dog", toy=True))
     assert checkpoint_prompts("sks", "clock", count=2) == ["a sks clock in the jungle",
                                                            "a sks clock in the snow"]
 
@@ -102,3 +103,12 @@ def test_score_checkpoint_samples_in_memory_components(subject_dir):
     assert result["step"] == 40 and result["fidelity"] == 0.5
     assert result["prompt_fidelity"] == 0.3 and result["drift"] == 0.2 and result["seconds"] >= 0
     assert components.unet.training and not components.text_encoder.training  # modes restored
+
+
+def test_fidelity_ties_go_to_the_better_prompt_fidelity():
+    from dreambooth.evaluation.selection import select_checkpoint
+
+    rows = [{"step": 750, "fidelity": 0.9375, "prompt_fidelity": 0.75, "drift": 0.0},
+            {"step": 900, "fidelity": 0.9375, "prompt_fidelity": 0.875, "drift": 0.0}]
+    step, _ = select_checkpoint(rows, min_prompt_fidelity=0.75, max_drift=0.1)
+    assert step == 900

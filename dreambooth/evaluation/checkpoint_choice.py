@@ -26,7 +26,7 @@ from dreambooth.evaluation.selection import select_checkpoint
 Row = Mapping[str, float | int | None]
 
 # Prompts for checkpoint scoring: a few contexts, so that scoring every N steps stays cheap.
-TOY_CHECKPOINT_CONTEXTS = ("plain", "beach", "moon", "snow")
+TOY_CHECKPOINT_CONTEXTS = ("beach", "moon", "snow", "underwater")  # new contexts only: "plain" is free
 CHECKPOINT_PROMPT_COUNT = 4
 
 

@@ -44,8 +44,8 @@ def select_checkpoint(
 
     scores: one dict per checkpoint with `step`, `fidelity` (DINO or stand-in), `prompt_fidelity`
     (CLIP-T) and `drift` (PRES; lower is better). Within the limits (prompt_fidelity >=
-    min_prompt_fidelity and drift <= max_drift) the highest fidelity wins, ties going to the earlier
-    step (less training, less overfitting). When no checkpoint is within the limits, the fallback
+    min_prompt_fidelity and drift <= max_drift) the highest fidelity wins; ties go to the higher
+    prompt fidelity, then the lower drift, then the earlier step (less training, less overfitting). When no checkpoint is within the limits, the fallback
     is the one closest to them (smallest `limit_shortfall`), then the highest fidelity, and the
     reason says that no checkpoint met the limits.
     """
@@ -56,7 +56,8 @@ def select_checkpoint(
     caveat = f" ({', '.join(unmeasured)} not measured for some checkpoints: limit not applied there)" \
         if unmeasured else ""
     if within:
-        best = max(within, key=lambda r: (r["fidelity"], -r["step"]))
+        best = max(within, key=lambda r: (r["fidelity"], _or(r["prompt_fidelity"], 0.0), -_or(r["drift"], 0.0),
+                                          -r["step"]))
         reason = (f"step {best['step']}: highest subject fidelity {best['fidelity']:.3f} among "
                   f"{len(within)} of {len(scores)} checkpoints with prompt fidelity >= "
                   f"{min_prompt_fidelity} and drift <= {max_drift}{caveat}")
@@ -68,6 +69,10 @@ def select_checkpoint(
               f"{_fmt(best['prompt_fidelity'])}, drift {_fmt(best['drift'])}, subject fidelity "
               f"{best['fidelity']:.3f}){caveat}")
     return int(best["step"]), reason
+
+
+def _or(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _fmt(value: float | int | None) -> str:
