@@ -162,6 +162,12 @@ def test_cancel_real_training_keeps_checkpoint_and_resume_finishes(tmp_path, sub
     started = [e for e in seen if isinstance(e, ev.Started)]
     assert started[-1].start_step == stopped.step
     assert (app.runner.run_dir(job["id"]) / "final" / "dreambooth.json").exists()
+    from dreambooth.ui.outputs import downloads, export_file
+
+    labels = [item["label"] for item in downloads(app.runner, job["id"])["items"]]
+    assert {"lora-peft", "lora-kohya", "single-file"} <= set(labels)
+    kohya = export_file(app.runner, job["id"], "lora-kohya")
+    assert kohya.stat().st_size > 0 and export_file(app.runner, job["id"], "lora-kohya") == kohya  # made once
     app.shutdown()
 
 

@@ -52,8 +52,7 @@ class App:
     def info(self) -> dict:
         return {"models": settings.model_options(), "online": settings.hub_online(),
                 "presets": [{"value": k, "label": v} for k, v in settings.PRESET_LABELS.items()],
-                "limits": {"files": MAX_FILES, "bytes": MAX_BYTES, "pixels": MAX_PIXELS},
-                "export": outputs.export_available()}
+                "limits": {"files": MAX_FILES, "bytes": MAX_BYTES, "pixels": MAX_PIXELS}}
 
     def presets(self, purpose: str, model: str) -> dict:
         try:

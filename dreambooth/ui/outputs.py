@@ -2,13 +2,11 @@
 
 Generation calls the library's `generate` on the job's run directory (which describes itself, so
 `{identifier}` and `{class}` fill in). Loaded models are kept for the last run used, because
-reloading a model per click would dominate the time of a small request. Downloads use
-`dreambooth.export.export_run` when that module is installed; until then the page offers the raw
-files of final/.
+reloading a model per click would dominate the time of a small request. Downloads are the formats
+`dreambooth.export` writes (made once per job and format), plus final/ as a zip.
 """
 from __future__ import annotations
 
-import importlib
 import threading
 import zipfile
 from pathlib import Path
@@ -69,32 +67,18 @@ class Generator:
         return items
 
 
-def export_available() -> bool:
-    try:
-        module = importlib.import_module("dreambooth.export")
-    except ImportError:
-        return False
-    return callable(getattr(module, "export_run", None))
-
-
 def downloads(runner: JobRunner, job_id: str) -> dict:
     """The download links the page shows for a job."""
     job = runner.get(job_id)
     base = f"/api/jobs/{job_id}"
     items: list[dict] = []
-    note = None
     if job.status == "finished":
         mode = job.config.get("train", {}).get("mode", "full")
-        if export_available():
-            items += [{"label": fmt, "url": f"{base}/export/{fmt}"} for fmt in EXPORT_FORMATS.get(mode, ())]
-        else:
-            note = "Exports (single-file, kohya LoRA) are not installed in this version; these are the raw files of final/."
-            items += [{"label": f"final/{p.name}", "url": f"{base}/final/{p.name}"}
-                      for p in sorted(runner.run_dir(job_id).joinpath("final").iterdir()) if p.is_file()]
-            items.append({"label": "final/ (zip)", "url": f"{base}/final.zip"})
+        items += [{"label": fmt, "url": f"{base}/export/{fmt}"} for fmt in EXPORT_FORMATS.get(mode, ())]
+        items.append({"label": "final/ (zip)", "url": f"{base}/final.zip"})
     if job.generated:
         items.append({"label": f"generated images ({len(job.generated)}, zip)", "url": f"{base}/generated.zip"})
-    return {"items": items, "note": note}
+    return {"items": items, "note": None}
 
 
 def export_file(runner: JobRunner, job_id: str, fmt: str) -> Path:
@@ -106,10 +90,10 @@ def export_file(runner: JobRunner, job_id: str, fmt: str) -> Path:
     folder = runner.folder(job_id) / "exports" / fmt
     target = folder / EXPORT_NAMES[fmt]
     if not target.exists():
-        from dreambooth.export import export_run
+        from dreambooth.export import export
 
         folder.mkdir(parents=True, exist_ok=True)
-        export_run(runner.run_dir(job_id), fmt, target)
+        export(runner.run_dir(job_id), fmt, target)
     return zip_folder(target, folder / f"{fmt}.zip") if target.is_dir() else target
 
 
