@@ -1,7 +1,9 @@
 """Class-image cache: keyed by everything that made the images, resumable, never half-written."""
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 from dreambooth.priors import ClassImageKey, cached_class_images, class_image_folder, ensure_class_images
@@ -15,7 +17,8 @@ class FakePipe:
 
     def __init__(self, fail_after: int | None = None):
         self.calls, self.fail_after = [], fail_after
-        self._execution_device = "cpu"
+        self._execution_device = torch.device("cpu")
+        self.unet = self.vae = self.text_encoder = SimpleNamespace(dtype=torch.float32)
 
     def __call__(self, prompt, generator, **kwargs):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
