@@ -109,3 +109,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, subject_dir):
     assert "resume with --resume" in out
     checkpoints = list((run / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainable.safetensors").exists()
+
+
+def test_select_best_puts_the_chosen_step_in_final(tmp_path, subject_dir, monkeypatch):
+    import dreambooth.evaluation as evaluation
+
+    scores = {2: 0.9, 4: 0.5}  # step 2 is the better checkpoint
+    monkeypatch.setattr(evaluation, "build_checkpoint_scorer", lambda *a, **k: object())
+    monkeypatch.setattr(evaluation, "score_checkpoint", lambda components, config, step, **k: {
+        "step": step, "fidelity": scores[step], "prompt_fidelity": 0.9, "drift": 0.0})
+    config = config_for(subject_dir, "tiny", "output.checkpoint_every=2", "eval.every=2", "eval.select=best")
+    last = train(config, tmp_path / "run")
+    assert isinstance(last, ev.Finished)
+    info = json.loads((tmp_path / "run" / "final" / "dreambooth.json").read_text())
+    assert info["selected_step"] == 2 and "step 2" in info["selection_reason"]
+    chosen = load_file(tmp_path / "run" / "checkpoints" / "step-00002" / "trainable.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(final[k[len("unet."):]], v) for k, v in chosen.items() if k.startswith("unet."))
+    assert (tmp_path / "run" / "scores.png").exists()
+    assert not (tmp_path / "run" / "checkpoints" / "scored").exists()  # snapshots cleaned up

@@ -68,11 +68,16 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def module_part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of one module in a `trainable_state` dict, with the module prefix removed."""
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> int:
     """Restore a checkpoint in place and return its step."""
     state = load_file(path / "trainable.safetensors")
     for prefix, module in modules.items():
-        own = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        own = module_part(state, prefix)
         expected = {n for n, p in module.named_parameters() if p.requires_grad}
         if set(own) != expected:
             raise RunDirError(

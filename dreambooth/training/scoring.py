@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import RunConfig
 from ..rundir import RunDir
-from .checkpoints import trainable_state
+from .checkpoints import module_part, trainable_state
 
 
 class CheckpointScoring:
@@ -73,5 +73,4 @@ class CheckpointScoring:
 def load_snapshot(path: Path, modules: dict) -> None:
     state = load_file(path)
     for prefix, module in modules.items():
-        own = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        module.load_state_dict(own, strict=False)
+        module.load_state_dict(module_part(state, prefix), strict=False)
