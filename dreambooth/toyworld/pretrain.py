@@ -23,7 +23,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -340,6 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     run.log(stage="oracle_test", clean=oracle_accuracy(oracle_net, test, None, run),
             vae_roundtrip=oracle_accuracy(oracle_net, test, vae, run))
     oracle_net.eval()
+    train_and_ship(run, vae, unet, text_encoder, oracle_net, mean, std, ids, empty, init_rows)
+
+
+def train_and_ship(run: Run, vae, unet, text_encoder, oracle_net, mean, std, ids, empty, init_rows) -> None:
+    """Shared end of a fresh run and a resumed one: diffusion training (saving as it goes), the
+    untouched token rows restored in the EMA encoder, the final bundle and its evaluation."""
     used = torch.unique(torch.cat([ids.flatten(), empty.flatten()]))
     ema_unet, ema_te = train_diffusion(
         run, unet, text_encoder, mean, std, ids, empty, vae.config.scaling_factor,
@@ -374,14 +379,7 @@ def resume(run: Run, diff) -> None:
     oracle_net.load_state_dict({k: v.float() for k, v in load_file(str(folder.parent / "oracle.safetensors")).items()})
     oracle_net = oracle_net.to(run.device).eval()
     mean, std = encode_all(run, vae, torch.from_numpy(diff.images).to(run.device), set_scale=False)
-    used = torch.unique(torch.cat([ids.flatten(), empty.flatten()]))
-    ema_unet, ema_te = train_diffusion(
-        run, unet, text_encoder, mean, std, ids, empty, vae.config.scaling_factor,
-        lambda u, t: save_bundle(run, vae, u, t, oracle_net))
-    restore_unused_rows(ema_te, init_rows, used, run)
-    save_bundle(run, vae, ema_unet, ema_te, oracle_net)
-    evaluate(run, vae, ema_unet, ema_te, oracle_net)
-    run.log(stage="done", minutes=run.elapsed() / 60)
+    train_and_ship(run, vae, unet, text_encoder, oracle_net, mean, std, ids, empty, init_rows)
 
 
 if __name__ == "__main__":
