@@ -148,7 +148,7 @@ def cmd_priors(args) -> int:
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=components.resolution))
     bar = _bar("class images", args.num)
     paths = ensure_class_images(
-        class_image_key(components, config), args.num,
+        class_image_key(components.folder, config), args.num,
         lambda: make_pipeline(components.to(default_device()), config.prior.sampler),
         cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size,
         progress=lambda done, total: _advance(bar, done),

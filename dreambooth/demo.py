@@ -135,13 +135,13 @@ def _phrase(context: str) -> str:
 
 
 def _class_images(config) -> list:
-    from .models import load_components
+    from .models import detect_source, model_folder
     from .priors import cached_class_images
     from .training.outputs import class_image_key
 
     if not config.prior.enabled:
         return []
-    key = class_image_key(load_components(config.model.name), config)
+    key = class_image_key(model_folder(detect_source(config.model.name)), config)
     return [Image.open(p) for p in cached_class_images(key, config.prior.cache or None)[:8]]
 
 

@@ -75,7 +75,9 @@ def fill_placeholders(prompt: str, info: dict | None) -> str:
     if info is None:
         raise ConfigError("prompt has placeholders but MODEL is not a run directory", [
             Problem(prompt, "write the identifier and class noun out, or pass a run directory as --model")])
-    return prompt.replace("{identifier}", info["identifier"]).replace("{class}", info["class_noun"])
+    from .identifier import fill_prompt
+
+    return fill_prompt(prompt, info["identifier"], info["class_noun"])
 
 
 def generate(model: str | Path, prompts: list[str], output: str | Path, *, num: int = 4, seed: int = 0,
@@ -121,10 +123,7 @@ def _slug(text: str, limit: int = 48) -> str:
 
 
 def read_prompts(prompts: list[str], prompt_file: str | Path | None) -> list[str]:
-    out = list(prompts)
-    if prompt_file:
-        path = Path(prompt_file)
-        if not path.is_file():
-            raise ConfigError("prompt file not found", [Problem(str(path), "expected a text file, one prompt per line")])
-        out += [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    return out
+    """--prompt values, then the file's prompts; placeholders stay for `fill_placeholders`."""
+    from .evaluation.prompts import read_prompt_lines
+
+    return list(prompts) + ([text for _, text in read_prompt_lines(prompt_file)] if prompt_file else [])

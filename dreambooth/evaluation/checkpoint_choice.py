@@ -16,6 +16,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from dreambooth.identifier import fill_prompt
 from dreambooth.evaluation.oracle_scoring import OracleScorer, load_toy_oracle, toy_prompts
 from dreambooth.evaluation.prompts import class_prompt, prompts_for
 from dreambooth.evaluation.run import load_real_images, sample_by_prompt
@@ -64,10 +65,6 @@ def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(training)
 
 
-def _fill(prompt: str, identifier: str, class_noun: str) -> str:
-    return prompt.replace("{identifier}", identifier).replace("{class}", class_noun)
-
-
 @torch.no_grad()
 def score_checkpoint(components, config, step: int, *, scorer: Scorer, prompts: Sequence[str],
                      num_per_prompt: int = 2, seed: int = 0, steps: int | None = None,
@@ -83,7 +80,7 @@ def score_checkpoint(components, config, step: int, *, scorer: Scorer, prompts: 
 
     began = time.perf_counter()
     data = config.data
-    filled = [_fill(p, data.identifier, data.class_noun) for p in prompts]
+    filled = [fill_prompt(p, data.identifier, data.class_noun) for p in prompts]
     plain = class_prompt(data.class_noun)
     common = dict(num_per_prompt=num_per_prompt, seed=seed, guidance=guidance,
                   steps=steps or config.output.sample_steps, resolution=data.resolution)

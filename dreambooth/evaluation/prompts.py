@@ -140,16 +140,22 @@ def _placeholder_problems(line: str, where: str) -> list[Problem]:
     return problems
 
 
+def read_prompt_lines(path: Path | str) -> list[tuple[int, str]]:
+    """(line number, prompt) of a prompt file: one per line, blank lines and `#` comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("Prompt file not found", [Problem(str(path), "no such file; expected a text file, "
+                                                             "one prompt per line")])
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    return [(i, ln) for i, ln in enumerate(lines, 1) if ln and not ln.startswith("#")]
+
+
 def read_prompt_file(path: Path | str, identifier: str, class_noun: str) -> list[str]:
     """A user's evaluation prompts, one per line, with `{identifier}` and `{class}` filled in.
 
     Blank lines and lines starting with `#` are skipped. Every bad line is reported at once.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("Prompt file not found", [Problem(str(path), "no such file")])
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    numbered = [(i, ln) for i, ln in enumerate(lines, 1) if ln and not ln.startswith("#")]
+    numbered = read_prompt_lines(path)
     problems = [p for i, ln in numbered for p in _placeholder_problems(ln, f"{path}:{i}")]
     if not numbered:
         problems.append(Problem(str(path), "no prompts found; write one prompt per line"))

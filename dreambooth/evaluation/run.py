@@ -22,6 +22,7 @@ from dreambooth.evaluation.report import make_grid, write_report
 from dreambooth.evaluation.scorers import Extractors, FeatureScorer, load_extractors
 from dreambooth.evaluation.scoring import EvaluationResult
 from dreambooth.generate import GenerationSettings
+from dreambooth.identifier import fill_prompt
 
 PromptSource = str | Path | Sequence[str] | None  # a prompt file, a list of prompts, or the default
 
@@ -55,7 +56,7 @@ def resolve_prompts(prompts: PromptSource, identifier: str, class_noun: str, *,
     elif isinstance(prompts, (str, Path)):
         chosen = read_prompt_file(prompts, identifier, class_noun)
     else:
-        chosen = [p.replace("{identifier}", identifier).replace("{class}", class_noun) for p in prompts]
+        chosen = [fill_prompt(p, identifier, class_noun) for p in prompts]
     return {p: context_of(p) if toy else None for p in chosen}
 
 

@@ -16,16 +16,19 @@ from ..rundir import RUN_INFO, RunDir
 
 def fill_prompt(template: str, config: RunConfig) -> str:
     """Replace {identifier} and {class} with the run's values."""
-    return template.replace("{identifier}", config.data.identifier).replace("{class}", config.data.class_noun)
+    from ..identifier import fill_prompt as fill
+
+    return fill(template, config.data.identifier, config.data.class_noun)
 
 
-def class_image_key(components, config: RunConfig):
+def class_image_key(model_folder: Path, config: RunConfig):
+    """The cache key of the run's class images; needs the model's files, not its loaded weights."""
     from ..models import model_identity
     from ..priors import ClassImageKey
 
     prior = config.prior
     return ClassImageKey(
-        model=model_identity(components.folder), prompt=fill_prompt(config.data.class_prompt, config),
+        model=model_identity(model_folder), prompt=fill_prompt(config.data.class_prompt, config),
         negative_prompt=prior.negative_prompt, sampler=prior.sampler, steps=prior.steps,
         guidance=prior.guidance, resolution=config.data.resolution, seed=prior.seed,
     )
@@ -38,7 +41,7 @@ def prepare_class_images(components, config: RunConfig, device):
 
     progress = []
     paths = ensure_class_images(
-        class_image_key(components, config), config.prior.num_images,
+        class_image_key(components.folder, config), config.prior.num_images,
         lambda: make_pipeline(components, config.prior.sampler, device=device),
         cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size,
         progress=lambda done, total: progress.append((done, total)),
