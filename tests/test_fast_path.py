@@ -76,3 +76,49 @@ def test_fast_step_falls_back_with_a_notice(tmp_path, photos):
     _, events = run(tmp_path, photos, "accum", "always", "tiny", ["train.grad_accum=2"])
     notices = [e.message for e in events if isinstance(e, ev.Notice)]
     assert any("grad_accum" in n for n in notices)
+
+
+def test_clipping_folded_into_fused_adamw_matches_clip_then_step():
+    """The GPU step divides gradients by `grad_scale` inside fused AdamW instead of clipping first."""
+    from dreambooth.training.fast import grad_scale_for_clipping
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(16, 8) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in models]
+    for step in range(3):
+        x = torch.randn(4, 16)
+        for m in models:
+            (m(x) * (10 + step)).square().sum().backward()  # norms far above max_norm: clipping acts
+        torch.nn.utils.clip_grad_norm_(models[0].parameters(), 0.5)
+        total = torch.nn.utils.get_total_norm([p.grad for p in models[1].parameters()])
+        assert total > 0.5
+        optimizers[1].grad_scale = grad_scale_for_clipping(total, 0.5)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_flat_buffers_train_like_separate_tensors(tmp_path, photos, monkeypatch):
+    """8-bit AdamW on a GPU trains one flat buffer per module; on the CPU the same buffers with
+    torch's AdamW must give the plain path's losses and weights."""
+    from dreambooth.models import load_components
+    from dreambooth.training import flat, loop
+
+    made = []
+    monkeypatch.setattr(loop, "wants_flat", lambda config, device: True)
+    monkeypatch.setattr(loop, "flatten_modules", lambda modules: made.append(flat.flatten_modules(modules)) or made[-1])
+    extra = ["train.train_text_encoder=true", "train.max_grad_norm=1000"]  # inactive: exact
+    plain_losses, _ = run(tmp_path, photos, "plain", "never", "tiny", extra)
+    flat_losses, _ = run(tmp_path, photos, "flat", "always", "tiny", extra)
+    assert len(made) == 1 and set(made[0]) == {"unet", "text_encoder"}
+    assert made[0]["unet"].grad.abs().sum() > 0  # autograd added into the flat buffer
+    assert flat_losses == plain_losses
+    a, b = weights(tmp_path / "plain", False), weights(tmp_path / "flat", False)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(b[key], a[key]), key
+    base = load_components("tiny-random").unet.state_dict()
+    assert any(not torch.equal(base[k], a[k]) for k in base)  # the runs trained

@@ -80,6 +80,21 @@ def lower_frozen_weights(modules: dict[str, torch.nn.Module], dtype: torch.dtype
                 param.data = param.data.to(dtype)
 
 
+def is_fused_adamw(optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
+
+
+def grad_scale_for_clipping(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """The divisor that makes fused AdamW's `grad_scale` do `clip_grad_norm_`'s scaling:
+    1 / min(1, max_norm / (norm + 1e-6))."""
+    return torch.clamp((total_norm + 1e-6) / max_norm, min=1.0)
+
+
+def wants_flat(config, device: torch.device) -> bool:
+    """8-bit AdamW on CUDA trains flat buffers (training/flat.py): one optimizer launch per module."""
+    return device.type == "cuda" and config.train.optimizer == "adamw8bit"
+
+
 class StepDraws(NamedTuple):
     """Everything random about one step, drawn on the host: rows (B,), latent noise and noise
     (B, C, h, w) fp32, timesteps (B,)."""
@@ -127,7 +142,8 @@ class FastStep:
     """Callable `step -> LossParts`, a drop-in for `loop.training_step` (grad_accum 1, cached latents)."""
 
     def __init__(self, config, components, modules: dict[str, torch.nn.Module], prompts, instances: LatentSource,
-                 classes: LatentSource | None, accelerator, optimizer, lr_schedule, mixed_precision: str):
+                 classes: LatentSource | None, accelerator, optimizer, lr_schedule, mixed_precision: str,
+                 flats: dict | None = None):
         self.config, self.components, self.modules = config, components, modules
         self.prompts, self.accelerator, self.optimizer, self.lr_schedule = prompts, accelerator, optimizer, lr_schedule
         self.device = accelerator.device
@@ -144,6 +160,8 @@ class FastStep:
         self.num_t = components.noise_scheduler.config.num_train_timesteps
         self.dtype = {"bf16": torch.bfloat16}.get(mixed_precision)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.flat_grads = [f.grad for f in flats.values()] if flats else None
+        self.fold_clip = is_fused_adamw(optimizer) and bool(config.train.max_grad_norm)
         self.unet = self._compiled(components.unet)
         self.graphed = self.device.type == "cuda" and config.train.cuda_graph and config.train.compile != "reduce-overhead"
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -169,7 +187,9 @@ class FastStep:
                          tuple(self.means.shape[1:]), self.num_t)
 
     def compute(self, draws: StepDraws) -> LossParts:
-        """Forward and backward of eq. 2 of Ruiz et al. on device tensors; no host sync."""
+        """Forward, backward and gradient clipping of eq. 2 of Ruiz et al. on device tensors; no host sync."""
+        if self.flat_grads is not None:  # gradients add into the flat buffers
+            torch._foreach_zero_(self.flat_grads)
         mean, std = self.means[draws.rows], self.stds[draws.rows]
         latents = (mean + std * draws.latent_noise.to(mean.dtype)) * self.scale  # (B, C, h, w)
         noise = draws.noise.to(latents.dtype)
@@ -180,7 +200,24 @@ class FastStep:
             pred = self.unet(noisy, draws.timesteps, context).sample
             parts = split_loss(pred, target, self.batch, self.config.prior.weight)
         parts.total.backward()
+        self._clip()
         return parts
+
+    def _clip(self) -> None:
+        """`clip_grad_norm_`'s arithmetic. With fused AdamW the scale goes into the optimizer kernel
+        (its `grad_scale` divides each gradient as it is read), which saves a pass over the gradients."""
+        max_norm = self.config.train.max_grad_norm
+        if not max_norm:
+            return
+        if self.flat_grads is None and not self.fold_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # what the plain step calls
+            return
+        grads = self.flat_grads or [p.grad for p in self.params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        if self.fold_clip:
+            self.optimizer.grad_scale = grad_scale_for_clipping(total, max_norm)
+        else:
+            torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
 
     def _context(self) -> torch.Tensor:
         if self.prompts.frozen is not None:
@@ -195,14 +232,15 @@ class FastStep:
             parts = self.compute(StepDraws(*(t.to(self.device) for t in host)))
         else:
             parts = self._replay(host)
-        train = self.config.train
-        if train.max_grad_norm:
-            self.accelerator.clip_grad_norm_(self.params, train.max_grad_norm)
         self.optimizer.step()
         self.lr_schedule.step()
         if not self.graphed:  # a graph overwrites its gradients on every replay
-            self.optimizer.zero_grad(set_to_none=True)
+            self._drop_grads()
         return parts
+
+    def _drop_grads(self) -> None:
+        if self.flat_grads is None:  # flat buffers stay (they are zeroed before each backward)
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _replay(self, host: StepDraws) -> LossParts:
         if self.graph is None:
@@ -211,7 +249,7 @@ class FastStep:
             except RuntimeError as e:  # an op that cannot be captured: same step, eager
                 warnings.warn(f"CUDA graph capture failed, running the fast step eagerly: {e}")
                 self.graphed, self.graph = False, None
-                self.optimizer.zero_grad(set_to_none=True)
+                self._drop_grads()
                 torch.cuda.synchronize()
                 return self.compute(StepDraws(*(t.to(self.device) for t in host)))
         for static, value in zip(self.static, host):
@@ -230,7 +268,7 @@ class FastStep:
         with torch.cuda.stream(side):
             for _ in range(3):
                 self.compute(self.static)
-                self.optimizer.zero_grad(set_to_none=True)
+                self._drop_grads()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
         self.graph = torch.cuda.CUDAGraph()

@@ -25,7 +25,8 @@ from ..rundir import RunDir
 from . import events as ev
 from .batches import LatentSource, build_batch, step_generator
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
-from .fast import FastStep, LossReadout, lower_frozen_weights, prepare_modules, use_fast_path
+from .fast import FastStep, LossReadout, lower_frozen_weights, prepare_modules, use_fast_path, wants_flat
+from .flat import flatten_modules
 from .losses import add_noise, dreambooth_loss, prediction_target, sample_timesteps
 from .outputs import fill_prompt, prepare_class_images, save_final, write_samples
 from .scoring import CheckpointScoring
@@ -70,7 +71,8 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
             class_paths = paths
 
     modules = mark_trainable(components, config.train)
-    optimizer = make_optimizer(modules, config.train, device)
+    flats = flatten_modules(modules) if fast and wants_flat(config, device) else None
+    optimizer = make_optimizer(modules, config.train, device, flats)
     lr_schedule = make_lr_schedule(optimizer, modules, config.train)
     start = 0
     if resume and (found := list_checkpoints(run.checkpoints)):
@@ -97,7 +99,7 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
                                          accelerator, optimizer, lr_schedule)
     if fast:
         step_fn = FastStep(config, components, modules, prompts, instances, classes, accelerator, optimizer,
-                           lr_schedule, accelerator.mixed_precision)
+                           lr_schedule, accelerator.mixed_precision, flats)
     lag = 1 if fast and device.type == "cuda" else 0
     yield from run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, components, stop, scoring,
                          lag=lag)
