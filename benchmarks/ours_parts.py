@@ -86,7 +86,8 @@ def train_part(model: Path, images: Path, out: Path, *, preset: str, dotted: lis
             "notices": notices, **gpu_memory()}
 
 
-def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int, num: int) -> dict:
+def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int, num: int,
+                 compile_unet: bool = False) -> dict:
     """Class images/s through the training run's own path (components as train_events holds them)."""
     from dreambooth.config import RunConfig
     from dreambooth.models import load_components
@@ -106,8 +107,9 @@ def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int
     prepare_modules(components, config, device)
     stamps = []
     began = time.perf_counter()
-    ensure_class_images(class_image_key(components, config), num,
-                        lambda: make_pipeline(components, sampler, device=device), cache_dir=out,
+    ensure_class_images(class_image_key(components.folder, config), num,
+                        lambda: make_pipeline(components, sampler, device=device, compile_unet=compile_unet),
+                        cache_dir=out,
                         batch_size=batch, progress=lambda done, total: stamps.append((time.perf_counter(), done)))
     total = time.perf_counter() - began
     steady = stamps[1:]  # stamps[0] is the count before any work; the first batch warms up

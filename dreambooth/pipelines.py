@@ -23,15 +23,19 @@ def make_scheduler(name: str, base_config: dict):
     return getattr(diffusers, cls_name).from_config(dict(base_config), **extra)
 
 
-def make_pipeline(components, sampler: str = "dpmpp", *, device: torch.device | str | None = None):
-    """A StableDiffusionPipeline over the given (possibly LoRA-wrapped) components; no copies made."""
+def make_pipeline(components, sampler: str = "dpmpp", *, device: torch.device | str | None = None,
+                  compile_unet: bool = False):
+    """A StableDiffusionPipeline over the given (possibly LoRA-wrapped) components; no copies made.
+
+    `compile_unet`: sample through `torch.compile(unet)` (the module itself stays as it is).
+    """
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
-        unet=components.unet,
+        unet=torch.compile(components.unet) if compile_unet else components.unet,
         scheduler=make_scheduler(sampler, components.noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,

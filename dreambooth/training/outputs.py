@@ -42,7 +42,8 @@ def prepare_class_images(components, config: RunConfig, device):
     progress = []
     paths = ensure_class_images(
         class_image_key(components.folder, config), config.prior.num_images,
-        lambda: make_pipeline(components, config.prior.sampler, device=device),
+        lambda: make_pipeline(components, config.prior.sampler, device=device,
+                              compile_unet=config.prior.compile and torch.device(device).type == "cuda"),
         cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size,
         progress=lambda done, total: progress.append((done, total)),
     )
