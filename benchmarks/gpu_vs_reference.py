@@ -62,9 +62,11 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "ours_e2e": {"kind": "e2e", "preset": FAST, "dotted": [] if not tiny else [
             "prior.num_images=8", "train.steps=8", "data.resolution=64", "prior.steps=3"], "budget": 200, "min": 120},
         "ours_full_compile": {"kind": "train", "preset": FAST, "dotted": ["train.compile=default"],
-                              "measure": n(150, 6), "budget": 200, "min": 150, "profile": 3},
+                              "measure": n(150, 6), "budget": 200, "min": 150, "profile": 3,
+                              "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
         "ours_lora_compile": {"kind": "train", "preset": FAST, "dotted": LORA + ["train.compile=default"],
-                              "measure": n(200, 6), "budget": 200, "min": 150, "profile": 3},
+                              "measure": n(200, 6), "budget": 200, "min": 150, "profile": 3,
+                              "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
         "lean_full_nockpt": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
                                                                        "train.gradient_checkpointing=false"],
                              "measure": n(100, 6), "budget": 70},
@@ -93,21 +95,36 @@ def run_worker(name: str, spec: dict, work: Path, tiny: bool, reference: Path, l
                              mixed_precision="no" if tiny else "bf16", log=log)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work),
            "--spec", json.dumps(spec)] + (["--tiny"] if tiny else [])
-    env = dict(os.environ)
+    env = dict(os.environ, **spec.get("env", {}))
     if spec["kind"] == "e2e":
         env["DREAMBOOTH_CACHE"] = str(work / f"cache_{name}")  # cold: no class images, no identity memo
     began = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=spec["budget"],
-                          text=True)
-    log.write(proc.stdout)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    result = json.loads(lines[-1][7:]) if lines else {"failed": True, "error_tail": proc.stdout[-1500:]}
+    # The worker's output goes to a file as it is written, so a part killed at its budget still shows
+    # how far it got (phase stamps, compiler logs).
+    part_log = Path(log.name).parent / f"part_{name}.log"
+    with open(part_log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
+        try:
+            proc.wait(timeout=spec["budget"])
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = part_log.read_text()
+    log.write(text)
+    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+    result = json.loads(lines[-1][7:]) if lines else {"failed": True, "error_tail": text[-3000:]}
+    if proc.returncode and lines:
+        result["killed_after_result"] = True
     result["process_s"] = time.perf_counter() - began
     return result
 
 
 def worker_main(name: str, spec: dict, work: Path, tiny: bool) -> None:
+    import faulthandler
+
     import ours_parts as ours
+
+    faulthandler.dump_traceback_later(45, repeat=True)  # where a slow part spends its time, in its log
 
     model, images = work / "model", work / "instance"
     dotted = list(spec.get("dotted", []))

@@ -4,6 +4,7 @@ cache), so what is timed is what a user runs.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -64,6 +65,9 @@ def train_part(model: Path, images: Path, out: Path, *, preset: str, dotted: lis
     stamps, losses, notices, began = [], [], [], time.perf_counter()
     started = None
     for event in train_events(config, out, overwrite=True):
+        stamp = time.perf_counter() - began
+        if not isinstance(event, ev.StepDone) or event.step % 20 == 0 or event.step <= 3:
+            print(f"[{stamp:7.1f} s] {type(event).__name__} {getattr(event, 'step', '')}", flush=True)
         if isinstance(event, ev.Notice):
             notices.append(event.message)
         if isinstance(event, ev.Started):
@@ -74,14 +78,20 @@ def train_part(model: Path, images: Path, out: Path, *, preset: str, dotted: lis
             if event.step <= measure:
                 stamps.append(time.perf_counter())
                 losses.append(event.loss)
-            if event.step == measure and profile:
-                profiler = start_profiler()
+            if event.step == measure:
+                print("RESULT " + json.dumps(_train_result(stamps, losses, notices, measure, began, started)), flush=True)
+                if profile:
+                    profiler = start_profiler()
             if event.step >= measure + profile:
                 break
+    kernels = stop_profiler(profiler, profile) if profile and stamps and len(stamps) >= measure else None
+    return {**_train_result(stamps, losses, notices, measure, began, started), "profile": kernels}
+
+
+def _train_result(stamps, losses, notices, measure, began, started) -> dict:
     skip = max(3, measure // 5)
     rate = (len(stamps) - 1 - skip) / (stamps[-1] - stamps[skip]) if len(stamps) > skip + 1 else None
-    kernels = stop_profiler(profiler, profile) if profile and stamps and len(stamps) >= measure else None
-    return {"steps_per_s": rate, "profile": kernels, "steps": len(stamps), "setup_s": started - began if started else None,
+    return {"steps_per_s": rate, "steps": len(stamps), "setup_s": started - began if started else None,
             "first_step_s": stamps[0] - started if stamps and started else None, "losses": losses,
             "notices": notices, **gpu_memory()}
 
