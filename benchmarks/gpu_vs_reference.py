@@ -120,11 +120,7 @@ def run_worker(name: str, spec: dict, work: Path, tiny: bool, reference: Path, l
 
 
 def worker_main(name: str, spec: dict, work: Path, tiny: bool) -> None:
-    import faulthandler
-
     import ours_parts as ours
-
-    faulthandler.dump_traceback_later(45, repeat=True)  # where a slow part spends its time, in its log
 
     model, images = work / "model", work / "instance"
     dotted = list(spec.get("dotted", []))
