@@ -35,7 +35,7 @@ def part_specs(tiny: bool) -> dict[str, dict]:
     n = (lambda big, small: small if tiny else big)
     return {
         "ref_full": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full", "stop": n(60, 6), "budget": 110},
-        "ours_full": {"kind": "train", "preset": FAST, "dotted": [], "measure": n(120, 6), "budget": 80, "profile": 3},
+        "ours_full": {"kind": "train", "preset": FAST, "dotted": [], "measure": n(120, 6), "budget": 110, "profile": 3},
         "ref_lora": {"kind": "ref", "script": "train_dreambooth_lora.py", "variant": "lora", "stop": n(60, 6), "budget": 80},
         "ours_lora": {"kind": "train", "preset": FAST, "dotted": LORA, "measure": n(150, 6), "budget": 60},
         "ours_cls_pndm50": {"kind": "classes", "sampler": "pndm", "steps": n(50, 3), "batch": n(16, 2),
@@ -62,14 +62,14 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "ours_e2e": {"kind": "e2e", "preset": FAST, "dotted": [] if not tiny else [
             "prior.num_images=8", "train.steps=8", "data.resolution=64", "prior.steps=3"], "budget": 200, "min": 120},
         "ours_full_compile": {"kind": "train", "preset": FAST, "dotted": ["train.compile=default"],
-                              "measure": n(150, 6), "budget": 200, "min": 150, "profile": 3,
+                              "measure": n(150, 6), "budget": 330, "min": 200, "profile": 3,
                               "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
         "ours_lora_compile": {"kind": "train", "preset": FAST, "dotted": LORA + ["train.compile=default"],
-                              "measure": n(200, 6), "budget": 200, "min": 150, "profile": 3,
+                              "measure": n(200, 6), "budget": 330, "min": 200, "profile": 3,
                               "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
         "lean_full_nockpt": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
                                                                        "train.gradient_checkpointing=false"],
-                             "measure": n(100, 6), "budget": 70},
+                             "measure": n(100, 6), "budget": 100},
         "ours_cls_pndm50_compile": {"kind": "classes", "sampler": "pndm", "steps": n(50, 3), "batch": n(16, 2),
                                     "num": n(64, 4), "budget": 150, "compile": True},
         "ref_full_te": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full_te", "stop": n(40, 6),
