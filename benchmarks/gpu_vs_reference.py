@@ -34,9 +34,9 @@ def part_specs(tiny: bool) -> dict[str, dict]:
     """name -> what to run and its time budget in seconds (priority order is `DEFAULT_ORDER`)."""
     n = (lambda big, small: small if tiny else big)
     return {
-        "ref_full": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full", "stop": n(60, 6), "budget": 110},
-        "ours_full": {"kind": "train", "preset": FAST, "dotted": [], "measure": n(120, 6), "budget": 110, "profile": 3},
-        "ref_lora": {"kind": "ref", "script": "train_dreambooth_lora.py", "variant": "lora", "stop": n(60, 6), "budget": 80},
+        "ref_full": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full", "stop": n(45, 6), "budget": 100},
+        "ours_full": {"kind": "train", "preset": FAST, "dotted": [], "measure": n(120, 6), "budget": 90, "profile": 3},
+        "ref_lora": {"kind": "ref", "script": "train_dreambooth_lora.py", "variant": "lora", "stop": n(45, 6), "budget": 80},
         "ours_lora": {"kind": "train", "preset": FAST, "dotted": LORA, "measure": n(150, 6), "budget": 60},
         "ours_cls_pndm50": {"kind": "classes", "sampler": "pndm", "steps": n(50, 3), "batch": n(16, 2),
                             "num": n(48, 4), "budget": 70},
@@ -65,8 +65,14 @@ def part_specs(tiny: bool) -> dict[str, dict]:
                               "measure": n(150, 6), "budget": 330, "min": 200, "profile": 3,
                               "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
         "ours_lora_compile": {"kind": "train", "preset": FAST, "dotted": LORA + ["train.compile=default"],
-                              "measure": n(200, 6), "budget": 330, "min": 200, "profile": 3,
+                              "measure": n(200, 6), "budget": 290, "min": 200, "profile": 3,
                               "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
+        "lean_lora_compile": {"kind": "train", "preset": LEAN, "dotted": LORA + [
+            "train.train_text_encoder=false", "train.optimizer=adamw", "train.compile=default"],
+            "measure": n(150, 6), "budget": 200, "min": 100},
+        "lean_full_expandable": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false"],
+                                 "measure": n(60, 6), "budget": 80,
+                                 "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
         "lean_full_nockpt": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
                                                                        "train.gradient_checkpointing=false"],
                              "measure": n(100, 6), "budget": 100},
