@@ -62,7 +62,7 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "ours_e2e": {"kind": "e2e", "preset": FAST, "dotted": [] if not tiny else [
             "prior.num_images=8", "train.steps=8", "data.resolution=64", "prior.steps=3"], "budget": 200, "min": 120},
         "ours_full_compile": {"kind": "train", "preset": FAST, "dotted": ["train.compile=default"],
-                              "measure": n(150, 6), "budget": 330, "min": 200, "profile": 3,
+                              "measure": n(150, 6), "budget": 300, "min": 200, "profile": 3,
                               "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
         "ours_lora_compile": {"kind": "train", "preset": FAST, "dotted": LORA + ["train.compile=default"],
                               "measure": n(200, 6), "budget": 290, "min": 200, "profile": 3,
