@@ -47,7 +47,7 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "lean_lora": {"kind": "train", "preset": LEAN, "dotted": LORA + ["train.train_text_encoder=false",
                                                                         "train.optimizer=adamw"],
                       "measure": n(100, 6), "budget": 60},
-        "lean_full_te16": {"kind": "train", "preset": LEAN, "dotted": [], "measure": n(40, 6), "budget": 70,
+        "lean_full_te16": {"kind": "train", "preset": LEAN, "dotted": [], "measure": n(40, 6), "budget": 80,
                            "cap_gb": 15.0},
         "plain_full": {"kind": "train", "preset": FAST, "dotted": ["train.fast=never"], "measure": n(40, 6),
                        "budget": 90, "profile": 3},
