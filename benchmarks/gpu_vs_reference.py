@@ -69,7 +69,7 @@ def part_specs(tiny: bool) -> dict[str, dict]:
                               "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
         "lean_lora_compile": {"kind": "train", "preset": LEAN, "dotted": LORA + [
             "train.train_text_encoder=false", "train.optimizer=adamw", "train.compile=default"],
-            "measure": n(150, 6), "budget": 200, "min": 100},
+            "measure": n(100, 6), "budget": 330, "min": 200},
         "lean_full_expandable": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false"],
                                  "measure": n(60, 6), "budget": 80,
                                  "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
