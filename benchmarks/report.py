@@ -29,13 +29,15 @@ def speed_rows(p: dict) -> list[list[str]]:
                                      ("full UNet, torch.compile, steps/s", "ref_full", "ours_full_compile", 10),
                                      ("full UNet, contiguous layout, steps/s", "ref_full", "ours_full_nocl", 10),
                                      ("full UNet, our plain path, steps/s", "ref_full", "plain_full", None),
-                                     ("LoRA r4, steps/s", "ref_lora", "ours_lora", 8)]:
+                                     ("LoRA r4, steps/s", "ref_lora", "ours_lora", 8),
+                                     ("LoRA r4, torch.compile, steps/s", "ref_lora", "ours_lora_compile", 8)]:
         r, o = get(ref, "steps_per_s"), get(ours, "steps_per_s")
         x = _ratio(o, r)
         rows.append([label, _fmt(r), _fmt(o), _fmt(x, "x", 1), f">= {target}x" if target else "-",
                      _verdict(None if x is None or not target else x >= target)])
     ref_cls = get("ref_full", "class_images_per_s")
     for label, ours, target in [("class images/s, PNDM 50 (same UNet evals)", "ours_cls_pndm50", 4),
+                                ("class images/s, PNDM 50, compiled UNet", "ours_cls_pndm50_compile", 4),
                                 ("class images/s, our default DPM++ 25", "ours_cls_dpmpp25", None)]:
         o = get(ours, "images_per_s")
         x = _ratio(o, ref_cls)
@@ -50,17 +52,23 @@ def memory_rows(p: dict) -> list[list[str]]:
     for label, part, limit in [("reference full UNet", "ref_full", None), ("ours fast full UNet", "ours_full", None),
                                ("reference full + TE + grad. ckpt", "ref_full_te", None),
                                ("reference LoRA", "ref_lora", None), ("ours fast LoRA", "ours_lora", None),
+                               ("ours fast full UNet, torch.compile", "ours_full_compile", None),
+                               ("ours fast LoRA, torch.compile", "ours_lora_compile", None),
                                ("ours lean full UNet", "lean_full", 10),
                                ("ours lean full UNet, contiguous layout", "lean_full_nocl", 10),
                                ("ours lean full UNet, fp32 AdamW states", "lean_full_adamw", 10),
+                               ("ours lean full UNet, no grad. checkpointing", "lean_full_nockpt", 10),
+                               ("ours lean full UNet, expandable segments", "lean_full_expandable", 10),
                                ("ours lean LoRA", "lean_lora", 4),
+                               ("ours lean LoRA, torch.compile", "lean_lora_compile", 4),
                                ("ours lean full + TE, 15 GB cap (16 GB card)", "lean_full_te16", 15)]:
         alloc, reserved = get(part, "peak_allocated_gb"), get(part, "peak_reserved_gb")
         ran = part in p and not p[part].get("failed") and get(part, "steps_per_s") is not None
         ok = None if limit is None or part not in p else bool(ran and reserved is not None and reserved <= limit)
         rows.append([label, _fmt(alloc, " GB"), _fmt(reserved, " GB"), _fmt(get(part, "steps_per_s")),
                      f"<= {limit} GB" if limit else "-", _verdict(ok)])
-    for lean, fast in [("lean_full", "ours_full"), ("lean_lora", "ours_lora")]:
+    for lean, fast in [("lean_full", "ours_full"), ("lean_full", "ours_full_compile"), ("lean_lora", "ours_lora"),
+                       ("lean_lora_compile", "ours_lora_compile")]:
         a, b = get(lean, "steps_per_s"), get(fast, "steps_per_s")
         slower = 1 - a / b if a and b else None
         rows.append([f"{lean} vs {fast}: slower by", "", "", _fmt(slower and 100 * slower, " %", 0), "<= 25 %",
