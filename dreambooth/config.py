@@ -117,7 +117,8 @@ class TrainConfig:
     seed: int = _f(0, "seed of noise, timesteps and data order; step k's randomness depends on (seed, k)")
     fast: str = _f("auto", "auto (with CUDA), always or never: the static-shape step of training/fast.py, same math")
     compile: str = _f("none", "torch.compile the UNet in the fast step: none, default, reduce-overhead, "
-                              "max-autotune-no-cudagraphs (compile time counts against short runs)")
+                              "max-autotune-no-cudagraphs (H100, default: +31 % full, +50 % LoRA steps/s after 3-4 min "
+                              "of compiling)")
     cuda_graph: bool = _f(True, "fast step on CUDA: replay forward+backward as one CUDA graph")
     channels_last: bool = _f(True, "CUDA only: UNet and VAE in channels-last memory layout (faster convolutions)")
 

@@ -122,3 +122,23 @@ def test_flat_buffers_train_like_separate_tensors(tmp_path, photos, monkeypatch)
         assert torch.equal(b[key], a[key]), key
     base = load_components("tiny-random").unet.state_dict()
     assert any(not torch.equal(base[k], a[k]) for k in base)  # the runs trained
+
+
+def test_cached_posteriors_match_encoding_one_image_at_a_time(photos):
+    """The latent cache encodes several images per VAE call; each posterior must equal the one
+    encoded alone (the random-crop path still encodes one image per call)."""
+    from dreambooth.data.images import load_rgb
+    from dreambooth.models import load_components
+    from dreambooth.training.batches import ENCODE_ROWS, LatentSource
+
+    vae = load_components("tiny-random").vae
+    images = [load_rgb(p) for p in sorted(photos.glob("*.png"))] * 2  # 6 images, 12 rows: two VAE calls
+    assert 2 * len(images) > ENCODE_ROWS
+    source = LatentSource(images, vae, 64, crop="center", cache=True, device=torch.device("cpu"),
+                          dtype=torch.float32)
+    for i in range(len(images)):
+        for flip in (False, True):
+            alone = source._encode(i, flip, None)
+            cached = source._cache[(i, flip)]
+            torch.testing.assert_close(cached.mean, alone.mean, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cached.std, alone.std, rtol=1e-5, atol=1e-5)
