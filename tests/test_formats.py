@@ -161,14 +161,23 @@ def test_kohya_lora_equals_peft_lora(lora_run, tmp_path):
     np.testing.assert_allclose(_image(pipes["kohya"]), _image(pipes["peft"]), atol=1e-5)
 
 
-def _unet_out(pipe):
+def _unet_out(pipe, dtype=torch.float32):
     gen = torch.Generator().manual_seed(1)
     latents, context = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 77, 32, generator=gen)
     with torch.no_grad():
-        return pipe.unet(latents, 10, context).sample
+        return pipe.unet(latents.to(dtype), 10, context.to(dtype)).sample
 
 
-def _text_hidden(pipe):
+def _in_float64(module, fn, pipe):
+    """fn(pipe) with `module` in float64 (then back to float32)."""
+    module.to(torch.float64)
+    try:
+        return fn(pipe, torch.float64)
+    finally:
+        module.to(torch.float32)
+
+
+def _text_hidden(pipe, dtype=None):  # token ids in; the encoder's dtype decides
     ids = pipe.tokenizer(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         return pipe.text_encoder(ids)[0]
@@ -193,12 +202,15 @@ def test_merged_lora_equals_runtime_lora(lora_run, tmp_path):
                 torch.testing.assert_close(merged_weights[f"{part}.{name}.weight"], expected, atol=1e-6, rtol=1e-6)
                 checked += 1
     assert checked == 80 + 8  # UNet: 10 attention layers x 8 (to_q/k/v/out of attn1, attn2); text: 2 x 4
-    # Outputs: equal up to fp32 rounding, which random weights with large deltas amplify to ~1e-4
-    # relative (the same comparison in float64 agrees to 1e-12).
+    # Outputs: equal up to fp32 rounding. Random weights with large deltas amplify rounding a lot
+    # (1e-4 to 1e-2 relative, depending on the trained adapters), so the bound is the runtime
+    # model's own fp32 rounding error, measured against the same model in float64.
     for name, fn in (("unet", _unet_out), ("text_encoder", _text_hidden)):
         ours, theirs, plain = fn(merged_pipe), fn(runtime), fn(base)
-        assert (ours - theirs).abs().max() <= 2e-3 * theirs.abs().max(), name
-        assert (ours - plain).abs().max() > 0.05 * theirs.abs().max(), name  # the LoRA matters
+        scale = theirs.abs().max()
+        rounding = (theirs.double() - _in_float64(getattr(runtime, name), fn, runtime)).abs().max() / scale
+        assert (ours - theirs).abs().max() / scale <= max(2e-3, 2 * rounding), (name, float(rounding))
+        assert (ours - plain).abs().max() > max(0.05, 10 * rounding) * scale, name  # the LoRA matters
     info = json.loads((merged / "dreambooth.json").read_text())
     assert info["merged_lora"] and info["metadata"]["modelspec.architecture"] == "stable-diffusion-v1"
     single = export(lora_run, "single-file", tmp_path / "merged.safetensors", dtype="fp32")
