@@ -31,11 +31,13 @@ def make_pipeline(components, sampler: str = "dpmpp", *, device: torch.device | 
     """
     from diffusers import StableDiffusionPipeline
 
+    from .compiling import compiled
+
     pipe = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
-        unet=torch.compile(components.unet) if compile_unet else components.unet,
+        unet=compiled(components.unet) if compile_unet else components.unet,
         scheduler=make_scheduler(sampler, components.noise_scheduler.config),
         safety_checker=None,
         feature_extractor=None,

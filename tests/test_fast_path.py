@@ -142,3 +142,20 @@ def test_cached_posteriors_match_encoding_one_image_at_a_time(photos):
             cached = source._cache[(i, flip)]
             torch.testing.assert_close(cached.mean, alone.mean, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(cached.std, alone.std, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_modules_cache_under_the_tool_cache(tmp_path, monkeypatch):
+    """Inductor's cache (what makes a second compile cheap) goes to cache_root()/inductor, unless
+    the user set TORCHINDUCTOR_CACHE_DIR."""
+    from dreambooth.compiling import compiled
+
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(compiled(layer)(x), layer(x))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "inductor")
+    assert any((tmp_path / "cache" / "inductor").rglob("*"))  # the compiled code was written there
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compiled(layer)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -172,7 +172,9 @@ class FastStep:
         mode = self.config.train.compile
         if mode == "none" or self.device.type != "cuda":
             return unet
-        return torch.compile(unet, mode=None if mode == "default" else mode, fullgraph=False)
+        from ..compiling import compiled
+
+        return compiled(unet, mode=None if mode == "default" else mode)
 
     def _autocast(self):
         if self.dtype is None:
