@@ -160,7 +160,7 @@ class FastStep:
         self.num_t = components.noise_scheduler.config.num_train_timesteps
         self.dtype = {"bf16": torch.bfloat16}.get(mixed_precision)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.flat_grads = [f.grad for f in flats.values()] if flats else None
+        self.keep_grads = bool(flats)  # flat buffers (training/flat.py): zeroed in place, never dropped
         self.fold_clip = is_fused_adamw(optimizer) and bool(config.train.max_grad_norm)
         self.unet = self._compiled(components.unet)
         self.graphed = self.device.type == "cuda" and config.train.cuda_graph and config.train.compile != "reduce-overhead"
@@ -190,8 +190,8 @@ class FastStep:
 
     def compute(self, draws: StepDraws) -> LossParts:
         """Forward, backward and gradient clipping of eq. 2 of Ruiz et al. on device tensors; no host sync."""
-        if self.flat_grads is not None:  # gradients add into the flat buffers
-            torch._foreach_zero_(self.flat_grads)
+        if self.keep_grads:  # autograd adds into the flat gradient buffers
+            torch._foreach_zero_([p.grad for p in self.params])
         mean, std = self.means[draws.rows], self.stds[draws.rows]
         latents = (mean + std * draws.latent_noise.to(mean.dtype)) * self.scale  # (B, C, h, w)
         noise = draws.noise.to(latents.dtype)
@@ -211,15 +211,11 @@ class FastStep:
         max_norm = self.config.train.max_grad_norm
         if not max_norm:
             return
-        if self.flat_grads is None and not self.fold_clip:
+        if not self.fold_clip:
             torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # what the plain step calls
             return
-        grads = self.flat_grads or [p.grad for p in self.params if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads)
-        if self.fold_clip:
-            self.optimizer.grad_scale = grad_scale_for_clipping(total, max_norm)
-        else:
-            torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        total = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        self.optimizer.grad_scale = grad_scale_for_clipping(total, max_norm)
 
     def _context(self) -> torch.Tensor:
         if self.prompts.frozen is not None:
@@ -241,7 +237,7 @@ class FastStep:
         return parts
 
     def _drop_grads(self) -> None:
-        if self.flat_grads is None:  # flat buffers stay (they are zeroed before each backward)
+        if not self.keep_grads:
             self.optimizer.zero_grad(set_to_none=True)
 
     def _replay(self, host: StepDraws) -> LossParts:

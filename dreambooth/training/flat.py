@@ -16,7 +16,7 @@ import torch
 
 
 class FlatModule:
-    """The trainable parameters of one module as one `Parameter` (`param`) whose `.grad` is `grad`."""
+    """The trainable parameters of one module as one `Parameter` (`param`, with its `.grad` buffer)."""
 
     def __init__(self, module: torch.nn.Module):
         params = [p for p in module.parameters() if p.requires_grad]
@@ -35,7 +35,6 @@ class FlatModule:
             offset += n
         self.param = torch.nn.Parameter(flat)
         self.param.grad = grad
-        self.grad = grad
 
 
 def flatten_modules(modules: dict[str, torch.nn.Module]) -> dict[str, FlatModule]:
