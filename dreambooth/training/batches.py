@@ -60,19 +60,20 @@ class LatentSource:
             for start in range(0, len(keys), ENCODE_ROWS):
                 self._cache.update(self._encode_many(keys[start : start + ENCODE_ROWS]))
 
-    @torch.no_grad()
     def _encode(self, index: int, flip: bool, crop_rng: random.Random | None) -> Posterior:
         pixels = prepare_image(self.images[index], self.resolution, crop=self.crop, flip=flip, rng=crop_rng)
-        dist = self.vae.encode(pixels[None].to(self.device, self.dtype)).latent_dist
-        return Posterior(dist.mean[0], dist.std[0])
+        return self._posteriors([pixels])[0]
 
-    @torch.no_grad()
     def _encode_many(self, keys: list[tuple[int, bool]]) -> dict[tuple[int, bool], Posterior]:
         """Centre-cropped images encoded in one VAE call: (index, flip) -> posterior."""
-        pixels = torch.stack([prepare_image(self.images[i], self.resolution, crop="center", flip=flip)
-                              for i, flip in keys])  # (n, 3, H, W)
-        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-        return {key: Posterior(dist.mean[j], dist.std[j]) for j, key in enumerate(keys)}
+        pixels = [prepare_image(self.images[i], self.resolution, crop="center", flip=flip) for i, flip in keys]
+        return dict(zip(keys, self._posteriors(pixels)))
+
+    @torch.no_grad()
+    def _posteriors(self, pixels: list[torch.Tensor]) -> list[Posterior]:
+        """One VAE call over (3, H, W) images."""
+        dist = self.vae.encode(torch.stack(pixels).to(self.device, self.dtype)).latent_dist
+        return [Posterior(dist.mean[j], dist.std[j]) for j in range(len(pixels))]
 
     def posteriors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached means and stds stacked (2 N, C, h, w), row 2 i + flip, for the fast step's gather."""
