@@ -24,6 +24,11 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def _failed(checks: list[tuple[bool, str, str]]) -> list[Problem]:
+    """Problems of the (ok, where, message) checks that failed, in order."""
+    return [Problem(where, message) for ok, where, message in checks if not ok]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _f("tiny-random", "MODEL: diffusers folder, hub id, single file, or toy/tiny-random")
@@ -31,10 +36,10 @@ class ModelConfig:
     prediction_type: str | None = _f(None, "override the scheduler's: epsilon or v_prediction")
 
     def problems(self) -> list[Problem]:
-        out = []
-        if self.prediction_type not in (None, "epsilon", "v_prediction"):
-            out.append(Problem("model.prediction_type", f"{self.prediction_type!r}: use epsilon or v_prediction"))
-        return out
+        return _failed([
+            (self.prediction_type in (None, "epsilon", "v_prediction"), "model.prediction_type",
+             f"{self.prediction_type!r}: use epsilon or v_prediction"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -50,20 +55,16 @@ class DataConfig:
     max_pixels: int = _f(64_000_000, "refuse images with more pixels (decompression bombs)")
 
     def problems(self) -> list[Problem]:
-        out = []
-        if not self.class_noun.strip():
-            out.append(Problem("data.class_noun", "is empty: say what the subject is, e.g. --class-noun dog"))
-        if not self.identifier.strip() or any(c.isspace() for c in self.identifier):
-            out.append(Problem("data.identifier", f"{self.identifier!r} must be one word, e.g. sks"))
-        if "{identifier}" not in self.instance_prompt:
-            out.append(Problem("data.instance_prompt", "must contain {identifier}"))
-        if self.resolution < 8 or self.resolution % 8:
-            out.append(Problem("data.resolution", f"{self.resolution}: use a positive multiple of 8"))
-        if self.crop not in ("center", "random"):
-            out.append(Problem("data.crop", f"{self.crop!r}: use center or random"))
-        if not 0.0 <= self.flip_prob <= 1.0:
-            out.append(Problem("data.flip_prob", f"{self.flip_prob}: must be between 0 and 1"))
-        return out
+        return _failed([
+            (bool(self.class_noun.strip()), "data.class_noun", "is empty: say what the subject is, e.g. --class-noun dog"),
+            (bool(self.identifier.strip()) and not any(c.isspace() for c in self.identifier), "data.identifier",
+             f"{self.identifier!r} must be one word, e.g. sks"),
+            ("{identifier}" in self.instance_prompt, "data.instance_prompt", "must contain {identifier}"),
+            (self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution",
+             f"{self.resolution}: use a positive multiple of 8"),
+            (self.crop in ("center", "random"), "data.crop", f"{self.crop!r}: use center or random"),
+            (0.0 <= self.flip_prob <= 1.0, "data.flip_prob", f"{self.flip_prob}: must be between 0 and 1"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,13 @@ class PriorConfig:
     cache: str = _f("", "class-image cache folder (default: ~/.cache/dreambooth/class-images)")
 
     def problems(self) -> list[Problem]:
-        out = []
-        if self.enabled and self.num_images < 1:
-            out.append(Problem("prior.num_images", f"{self.num_images}: need at least 1 with prior preservation"))
-        if self.weight < 0:
-            out.append(Problem("prior.weight", f"{self.weight}: must be >= 0"))
-        if self.sampler not in SAMPLERS:
-            out.append(Problem("prior.sampler", f"{self.sampler!r}: use one of {', '.join(SAMPLERS)}"))
-        if self.steps < 1 or self.batch_size < 1:
-            out.append(Problem("prior.steps/batch_size", "must be >= 1"))
-        return out
+        return _failed([
+            (not self.enabled or self.num_images >= 1, "prior.num_images",
+             f"{self.num_images}: need at least 1 with prior preservation"),
+            (not self.weight < 0, "prior.weight", f"{self.weight}: must be >= 0"),
+            (self.sampler in SAMPLERS, "prior.sampler", f"{self.sampler!r}: use one of {', '.join(SAMPLERS)}"),
+            (self.steps >= 1 and self.batch_size >= 1, "prior.steps/batch_size", "must be >= 1"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,7 @@ class TrainConfig:
     channels_last: bool = _f(True, "CUDA only: UNet and VAE in channels-last memory layout (faster convolutions)")
 
     def problems(self) -> list[Problem]:
-        checks = [
+        return _failed([
             (self.fast in ("auto", "always", "never"), "train.fast", f"{self.fast!r}: use auto, always or never"),
             (self.compile in COMPILE_MODES, "train.compile", f"{self.compile!r}: use {', '.join(COMPILE_MODES)}"),
             (self.mode in ("full", "lora"), "train.mode", f"{self.mode!r}: use full or lora"),
@@ -136,8 +134,7 @@ class TrainConfig:
              f"{self.mixed_precision!r}: use auto, no, fp16 or bf16"),
             (self.lora_rank >= 1, "train.lora_rank", f"{self.lora_rank}: must be >= 1"),
             (self.warmup_steps >= 0 and self.text_encoder_steps >= 0, "train.warmup_steps", "must be >= 0"),
-        ]
-        return [Problem(where, msg) for ok, where, msg in checks if not ok]
+        ])
 
 
 @dataclass(frozen=True)
@@ -152,12 +149,11 @@ class OutputConfig:
     log_every: int = _f(1, "write log.jsonl every N steps")
 
     def problems(self) -> list[Problem]:
-        out = []
-        if self.keep_checkpoints < 1:
-            out.append(Problem("output.keep_checkpoints", f"{self.keep_checkpoints}: must be >= 1"))
-        if min(self.checkpoint_every, self.sample_every) < 0 or self.log_every < 1:
-            out.append(Problem("output", "checkpoint_every/sample_every must be >= 0 and log_every >= 1"))
-        return out
+        return _failed([
+            (self.keep_checkpoints >= 1, "output.keep_checkpoints", f"{self.keep_checkpoints}: must be >= 1"),
+            (min(self.checkpoint_every, self.sample_every) >= 0 and self.log_every >= 1, "output",
+             "checkpoint_every/sample_every must be >= 0 and log_every >= 1"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -174,16 +170,15 @@ class EvalConfig:
     max_drift: float = _f(0.10, "best: language drift must be at most this")
 
     def problems(self) -> list[Problem]:
-        out = []
-        if self.every < 0 or self.num_prompts < 1 or self.num_per_prompt < 1:
-            out.append(Problem("eval", "every must be >= 0, num_prompts and num_per_prompt >= 1"))
-        if self.scorer not in ("oracle", "features", "standin"):
-            out.append(Problem("eval.scorer", f"{self.scorer!r}: use oracle, features or standin"))
-        if self.select not in ("last", "best"):
-            out.append(Problem("eval.select", f"{self.select!r}: use last or best"))
-        if self.select == "best" and not self.every:
-            out.append(Problem("eval.select", "best needs eval.every > 0 (e.g. --eval-every 100)"))
-        return out
+        return _failed([
+            (self.every >= 0 and self.num_prompts >= 1 and self.num_per_prompt >= 1, "eval",
+             "every must be >= 0, num_prompts and num_per_prompt >= 1"),
+            (self.scorer in ("oracle", "features", "standin"), "eval.scorer",
+             f"{self.scorer!r}: use oracle, features or standin"),
+            (self.select in ("last", "best"), "eval.select", f"{self.select!r}: use last or best"),
+            (self.select != "best" or bool(self.every), "eval.select",
+             "best needs eval.every > 0 (e.g. --eval-every 100)"),
+        ])
 
 
 SAMPLERS = ("dpmpp", "ddim", "pndm", "euler")
