@@ -43,7 +43,7 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "ours_cls_dpmpp25": {"kind": "classes", "sampler": "dpmpp", "steps": n(25, 3), "batch": n(25, 2),
                              "num": n(75, 4), "budget": 90},
         "lean_full": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false"],
-                      "measure": n(60, 6), "budget": 70, "cap_gb": None},
+                      "measure": n(60, 6), "budget": 120, "cap_gb": None, "profile": 3},
         "lean_lora": {"kind": "train", "preset": LEAN, "dotted": LORA + ["train.train_text_encoder=false",
                                                                         "train.optimizer=adamw"],
                       "measure": n(100, 6), "budget": 60},
@@ -78,6 +78,21 @@ def part_specs(tiny: bool) -> dict[str, dict]:
                              "measure": n(100, 6), "budget": 100},
         "ours_cls_pndm50_compile": {"kind": "classes", "sampler": "pndm", "steps": n(50, 3), "batch": n(16, 2),
                                     "num": n(64, 4), "budget": 150, "compile": True},
+        "ref_e2e": {"kind": "ref", "script": "train_dreambooth.py", "variant": "e2e", "stop": None,
+                    "steps": n(800, 8), "num_class": n(200, 4), "budget": 560, "min": 400},
+        "lean_full_cl": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
+                                                                   "train.channels_last=true"],
+                         "measure": n(60, 6), "budget": 90, "profile": 3},
+        "lean_full_cl_expandable": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
+                                                                              "train.channels_last=true"],
+                                    "measure": n(60, 6), "budget": 80,
+                                    "env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}},
+        "ours_lora_compile_again": {"kind": "train", "preset": FAST, "dotted": LORA + ["train.compile=default"],
+                                    "measure": n(200, 6), "budget": 290, "min": 60, "profile": 0,
+                                    "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
+        "ours_full_compile_again": {"kind": "train", "preset": FAST, "dotted": ["train.compile=default"],
+                                    "measure": n(150, 6), "budget": 300, "min": 60,
+                                    "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
         "ref_full_te": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full_te", "stop": n(40, 6),
                         "budget": 90},
     }
@@ -93,12 +108,15 @@ def run_worker(name: str, spec: dict, work: Path, tiny: bool, reference: Path, l
     if spec["kind"] == "ref":
         from reference_runner import reference_args, run_reference
 
-        classes = work / "class_ref"  # the first reference run fills it; later ones reuse it
+        # The first reference run fills class_ref and later ones reuse it; end to end starts with none.
+        to_end = spec["stop"] is None
+        classes = work / (f"class_{name}" if to_end else "class_ref")
         args = reference_args(spec["variant"], work / "model", work / "instance", classes, work / f"out_{name}",
-                              num_class=12 if not tiny else 4, max_steps=spec["stop"] + 1000,
+                              num_class=spec.get("num_class", 4 if tiny else 12),
+                              max_steps=spec["steps"] if to_end else spec["stop"] + 1000,
                               resolution=64 if tiny else 512)
-        return run_reference(reference / spec["script"], args, stop_after=spec["stop"], budget_s=spec["budget"],
-                             mixed_precision="no" if tiny else "bf16", log=log)
+        return run_reference(reference / spec["script"], args, stop_after=spec["stop"] or 10**9,
+                             budget_s=spec["budget"], mixed_precision="no" if tiny else "bf16", log=log)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work),
            "--spec", json.dumps(spec)] + (["--tiny"] if tiny else [])
     env = dict(os.environ, **spec.get("env", {}))

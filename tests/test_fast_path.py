@@ -124,6 +124,48 @@ def test_flat_buffers_train_like_separate_tensors(tmp_path, photos, monkeypatch)
     assert any(not torch.equal(base[k], a[k]) for k in base)  # the runs trained
 
 
+def test_flat_views_keep_each_weights_memory_layout():
+    """A channels-last weight stays channels-last inside the flat buffer, and its gradient view has
+    the same strides, so flat element k of weight and gradient is the same weight (what 8-bit AdamW
+    reads as raw memory)."""
+    from dreambooth.training.flat import FlatModule
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.Conv2d(8, 4, 1))
+    net.to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    strides = {k: v.stride() for k, v in net.named_parameters()}
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
+    net(x).square().sum().backward()
+    expected = {k: p.grad.clone() for k, p in net.named_parameters()}
+    flat = FlatModule(net)
+    assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for name, p in net.named_parameters():
+        assert p.stride() == strides[name] and p.grad.stride() == p.stride(), name
+        assert torch.equal(p, before[name]), name
+    flat.param.grad.zero_()
+    net(x).square().sum().backward()  # accumulates into the flat gradient buffer
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-6)
+    w = net[0].weight
+    offset = (w.data_ptr() - flat.param.data_ptr()) // w.element_size()
+    k = 5  # the 5th element of the weight's memory is the 5th of its gradient's memory
+    assert flat.param.detach()[offset + k] == w.detach().as_strided((w.numel(),), (1,))[k]
+    assert flat.param.grad[offset + k] == w.grad.as_strided((w.numel(),), (1,))[k]
+    with torch.no_grad():
+        flat.param.mul_(2)  # what the optimizer's one launch does reaches every module weight
+    assert torch.equal(net[2].bias, 2 * before["2.bias"])
+
+
+def test_flat_refuses_a_weight_with_gaps():
+    from dreambooth.training.flat import FlatModule
+
+    net = torch.nn.Linear(4, 4)
+    net.weight.data = torch.randn(4, 8)[:, ::2]  # every other column: not dense
+    with pytest.raises(ValueError, match="not dense"):
+        FlatModule(net)
+
+
 def test_cached_posteriors_match_encoding_one_image_at_a_time(photos):
     """The latent cache encodes several images per VAE call; each posterior must equal the one
     encoded alone (the random-crop path still encodes one image per call)."""

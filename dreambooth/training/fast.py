@@ -61,9 +61,9 @@ def prepare_modules(components, config, device: torch.device) -> None:
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution once
-    # bitsandbytes' 8-bit AdamW turned channels-last weights into NaN after one step on an H100
-    # (benchmarks/RESULTS.md, run 2026-11-25); with contiguous weights it trains.
-    if config.train.channels_last and config.train.optimizer != "adamw8bit":
+    # 8-bit AdamW on CUDA trains flat buffers whose gradient views share their weights' strides
+    # (training/flat.py), so channels-last is safe with it too.
+    if config.train.channels_last:
         components.unet.to(memory_format=torch.channels_last)
         components.vae.to(memory_format=torch.channels_last)
 

@@ -9,6 +9,12 @@ tensor; that is the only numerical difference, and it is within what 8-bit AdamW
 
 Gradients accumulate into the flat buffer (autograd adds into an existing `.grad` in place), so
 the buffer is zeroed before each backward instead of being set to None.
+
+Each view keeps its parameter's strides (a channels-last convolution weight stays channels-last),
+and its gradient view has the same strides, so element k of the flat parameter and element k of
+the flat gradient always belong to the same weight. bitsandbytes reads both as raw memory; with a
+channels-last parameter and a contiguous gradient, as per-tensor 8-bit AdamW sees them, they do not
+line up, which is how channels-last weights turned into NaN there (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -28,13 +34,26 @@ class FlatModule:
         grad = torch.zeros(total, dtype=dtype, device=device)
         offset = 0
         for p in params:
-            n = p.numel()
-            flat[offset : offset + n].copy_(p.detach().reshape(-1))
-            p.data = flat[offset : offset + n].view(p.shape)
-            p.grad = grad[offset : offset + n].view(p.shape)
-            offset += n
+            if not _dense(p):
+                raise ValueError(f"parameter of shape {tuple(p.shape)} is not dense in memory; cannot flatten it")
+            view = torch.as_strided(flat, p.shape, p.stride(), offset)
+            view.copy_(p.detach())
+            p.data = view
+            p.grad = torch.as_strided(grad, p.shape, p.stride(), offset)
+            offset += p.numel()
         self.param = torch.nn.Parameter(flat)
         self.param.grad = grad
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Its elements fill exactly `numel` consecutive slots (contiguous, channels-last, ...)."""
+    order = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1)
+    expected = 1
+    for stride, size in order:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def flatten_modules(modules: dict[str, torch.nn.Module]) -> dict[str, FlatModule]:
