@@ -14,7 +14,12 @@ import torch
 from .models import cache_root
 
 
+def use_tool_cache() -> None:
+    """Point inductor's on-disk cache at the tool's cache (for code that calls torch.compile itself)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
 def compiled(module: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
     """`torch.compile(module, mode=mode)`; the module itself is left as it is."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    use_tool_cache()
     return torch.compile(module, mode=mode)

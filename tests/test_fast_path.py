@@ -157,6 +157,44 @@ def test_flat_views_keep_each_weights_memory_layout():
     assert torch.equal(net[2].bias, 2 * before["2.bias"])
 
 
+def test_torchao_adamw8bit_keeps_8bit_states_on_padded_flat_buffers_and_tracks_adamw():
+    """`adamw8bit_torchao` over a flat buffer: the buffer is padded to whole 256-blocks, so torchao
+    keeps 8-bit states (it falls back to fp32 states otherwise), and a few steps land close to fp32
+    AdamW's (8-bit rounding of the moments, not different math)."""
+    from dreambooth.config import TrainConfig
+    from dreambooth.training.flat import BLOCK, FlatModule
+    from dreambooth.training.setup import make_lr_schedule, make_optimizer
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(70, 90), torch.nn.SiLU(), torch.nn.Linear(90, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    start = [p.detach().clone() for p in nets[0].parameters()]
+    flat = FlatModule(nets[1])
+    used = sum(p.numel() for p in nets[1].parameters())
+    assert flat.param.numel() % BLOCK == 0 and flat.param.numel() - used < BLOCK
+    train = TrainConfig(lr=1e-2, optimizer="adamw8bit_torchao", lr_schedule="cosine", steps=4)
+    optimizers = [make_optimizer({"unet": nets[0]}, TrainConfig(lr=1e-2, lr_schedule="cosine", steps=4), torch.device("cpu")),
+                  make_optimizer({"unet": nets[1]}, train, torch.device("cpu"), {"unet": flat})]
+    schedules = [make_lr_schedule(o, {"unet": n}, train) for o, n in zip(optimizers, nets)]
+    for step in range(4):
+        x = torch.randn(32, 70)
+        nets[0](x).square().mean().backward()
+        flat.param.grad.zero_()
+        nets[1](x).square().mean().backward()
+        for opt, schedule in zip(optimizers, schedules):
+            opt.step()
+            schedule.step()
+        optimizers[0].zero_grad(set_to_none=True)
+    state = optimizers[1].state[flat.param]
+    assert state["exp_avg"].codes.dtype == torch.uint8 and state["exp_avg_sq"].codes.dtype == torch.uint8
+    assert float(schedules[1].get_last_lr()[0]) == pytest.approx(schedules[0].get_last_lr()[0])
+    assert torch.all(flat.param.detach()[used:] == 0)  # padding stays zero
+    for a, b, s in zip(nets[0].parameters(), nets[1].parameters(), start):
+        moved = (a - s).abs().mean()
+        assert moved > 1e-3  # both trained
+        assert (a - b).abs().mean() < 0.05 * moved, "8-bit states drifted away from fp32 AdamW"
+
+
 def test_flat_refuses_a_weight_with_gaps():
     from dreambooth.training.flat import FlatModule
 

@@ -41,7 +41,10 @@ def stop_at(step):
 @pytest.mark.parametrize("preset,extra", [("tiny", ["train.train_text_encoder=true"]),
                                           ("tiny-lora", ["train.train_text_encoder=true"]),
                                           ("tiny", ["data.crop=random", "train.grad_accum=2",
-                                                    "train.lr_schedule=cosine", "train.warmup_steps=1"])])
+                                                    "train.lr_schedule=cosine", "train.warmup_steps=1"]),
+                                          # 8-bit states (torchao tensor subclasses) and tensor LRs
+                                          ("tiny", ["train.optimizer=adamw8bit_torchao", "train.fast=always",
+                                                    "train.train_text_encoder=true", "train.lr_schedule=cosine"])])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, subject_dir, preset, extra):
     config = config_for(subject_dir, preset, *extra)
     straight = train(config, tmp_path / "straight")

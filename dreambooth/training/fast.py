@@ -91,8 +91,10 @@ def grad_scale_for_clipping(total_norm: torch.Tensor, max_norm: float) -> torch.
 
 
 def wants_flat(config, device: torch.device) -> bool:
-    """8-bit AdamW on CUDA trains flat buffers (training/flat.py): one optimizer launch per module."""
-    return device.type == "cuda" and config.train.optimizer == "adamw8bit"
+    """8-bit AdamW trains flat buffers (training/flat.py): one optimizer launch per module, and for
+    torchao one compiled kernel per module instead of one per parameter shape (any device)."""
+    optimizer = config.train.optimizer
+    return optimizer == "adamw8bit_torchao" or (device.type == "cuda" and optimizer == "adamw8bit")
 
 
 class StepDraws(NamedTuple):
@@ -272,6 +274,7 @@ class FastStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.parts = self.compute(self.static)
+        torch.cuda.empty_cache()  # the eager warm-up's activations: the graph has its own pool now
 
 
 class LossReadout:

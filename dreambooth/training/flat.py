@@ -21,16 +21,20 @@ from __future__ import annotations
 import torch
 
 
+BLOCK = 256  # 8-bit AdamW quantizes its states in blocks of 256; torchao needs whole blocks
+
+
 class FlatModule:
     """The trainable parameters of one module as one `Parameter` (`param`, with its `.grad` buffer)."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, multiple: int = BLOCK):
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("module has no trainable parameters")
         dtype, device = params[0].dtype, params[0].device
-        total = sum(p.numel() for p in params)
-        flat = torch.empty(total, dtype=dtype, device=device)
+        used = sum(p.numel() for p in params)
+        total = -(-used // multiple) * multiple  # the tail past `used` is padding: zero, with zero gradient
+        flat = torch.zeros(total, dtype=dtype, device=device)
         grad = torch.zeros(total, dtype=dtype, device=device)
         offset = 0
         for p in params:

@@ -94,6 +94,8 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     prompts = PromptEmbeddings(components, config, device)
     scoring = CheckpointScoring(components, config, run) if config.eval.every else None
 
+    if device.type == "cuda":  # hand back the blocks class sampling and VAE encoding left cached
+        torch.cuda.empty_cache()
     yield ev.Started(start, config.train.steps, count_trainable(modules), str(device), accelerator.mixed_precision)
     step_fn = lambda step: training_step(step, config, components, wrapped, prompts, instances, classes,
                                          accelerator, optimizer, lr_schedule)
@@ -119,7 +121,7 @@ def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, comp
     for step in range(start, config.train.steps):
         parts = step_fn(step)
         done = step + 1
-        readout.push(done, parts, lr_schedule.get_last_lr()[0])
+        readout.push(done, parts, float(lr_schedule.get_last_lr()[0]))  # a tensor for torchao
         yield from _report_steps(readout.take(flush=_acts_after(done, config, scoring, stop)), config, run, clock)
         if out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
             yield ev.SampleWritten(done, write_samples(components, config, run, done))
