@@ -43,7 +43,7 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "ours_cls_dpmpp25": {"kind": "classes", "sampler": "dpmpp", "steps": n(25, 3), "batch": n(25, 2),
                              "num": n(75, 4), "budget": 90},
         "lean_full": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false"],
-                      "measure": n(60, 6), "budget": 120, "cap_gb": None, "profile": 3},
+                      "measure": n(80, 6), "budget": 130, "cap_gb": None, "profile": 3},
         "lean_lora": {"kind": "train", "preset": LEAN, "dotted": LORA + ["train.train_text_encoder=false",
                                                                         "train.optimizer=adamw"],
                       "measure": n(100, 6), "budget": 60},

@@ -114,7 +114,7 @@ def test_flat_buffers_train_like_separate_tensors(tmp_path, photos, monkeypatch)
     plain_losses, _ = run(tmp_path, photos, "plain", "never", "tiny", extra)
     flat_losses, _ = run(tmp_path, photos, "flat", "always", "tiny", extra)
     assert len(made) == 1 and set(made[0]) == {"unet", "text_encoder"}
-    assert made[0]["unet"].param.grad.abs().sum() > 0  # autograd added into the flat buffer
+    assert made[0]["unet"].grad.abs().sum() > 0  # autograd added into the flat buffer
     assert flat_losses == plain_losses
     a, b = weights(tmp_path / "plain", False), weights(tmp_path / "flat", False)
     assert a.keys() == b.keys()
@@ -138,22 +138,26 @@ def test_flat_views_keep_each_weights_memory_layout():
     x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
     net(x).square().sum().backward()
     expected = {k: p.grad.clone() for k, p in net.named_parameters()}
-    flat = FlatModule(net)
+    flat = FlatModule(net, chunk=256)  # several chunks: the optimizer's tensors are views of one buffer
+    size = flat.params[0].numel()
+    assert len(flat.params) > 1 and all(c.grad.data_ptr() == flat.grad.data_ptr() + 4 * size * i
+                                        for i, c in enumerate(flat.params))
     assert net[0].weight.is_contiguous(memory_format=torch.channels_last)
     for name, p in net.named_parameters():
         assert p.stride() == strides[name] and p.grad.stride() == p.stride(), name
         assert torch.equal(p, before[name]), name
-    flat.param.grad.zero_()
+    flat.grad.zero_()
     net(x).square().sum().backward()  # accumulates into the flat gradient buffer
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-6)
     w = net[0].weight
-    offset = (w.data_ptr() - flat.param.data_ptr()) // w.element_size()
+    offset = (w.data_ptr() - flat.data.data_ptr()) // w.element_size()
     k = 5  # the 5th element of the weight's memory is the 5th of its gradient's memory
-    assert flat.param.detach()[offset + k] == w.detach().as_strided((w.numel(),), (1,))[k]
-    assert flat.param.grad[offset + k] == w.grad.as_strided((w.numel(),), (1,))[k]
+    assert flat.data[offset + k] == w.detach().as_strided((w.numel(),), (1,))[k]
+    assert flat.grad[offset + k] == w.grad.as_strided((w.numel(),), (1,))[k]
     with torch.no_grad():
-        flat.param.mul_(2)  # what the optimizer's one launch does reaches every module weight
+        for piece in flat.params:
+            piece.mul_(2)  # what the optimizer does to its chunks reaches every module weight
     assert torch.equal(net[2].bias, 2 * before["2.bias"])
 
 
@@ -166,12 +170,12 @@ def test_torchao_adamw8bit_keeps_8bit_states_on_padded_flat_buffers_and_tracks_a
     from dreambooth.training.setup import make_lr_schedule, make_optimizer
 
     torch.manual_seed(0)
-    nets = [torch.nn.Sequential(torch.nn.Linear(70, 90), torch.nn.SiLU(), torch.nn.Linear(90, 3)) for _ in range(2)]
+    nets = [torch.nn.Sequential(torch.nn.Linear(70, 120), torch.nn.SiLU(), torch.nn.Linear(120, 3)) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     start = [p.detach().clone() for p in nets[0].parameters()]
-    flat = FlatModule(nets[1])
+    flat = FlatModule(nets[1], chunk=5000)  # 8883 elements: two equal chunks of 4608 (18 blocks)
     used = sum(p.numel() for p in nets[1].parameters())
-    assert flat.param.numel() % BLOCK == 0 and flat.param.numel() - used < BLOCK
+    assert [c.numel() for c in flat.params] == [4608, 4608] and flat.data.numel() - used < 2 * BLOCK
     train = TrainConfig(lr=1e-2, optimizer="adamw8bit_torchao", lr_schedule="cosine", steps=4)
     optimizers = [make_optimizer({"unet": nets[0]}, TrainConfig(lr=1e-2, lr_schedule="cosine", steps=4), torch.device("cpu")),
                   make_optimizer({"unet": nets[1]}, train, torch.device("cpu"), {"unet": flat})]
@@ -179,16 +183,17 @@ def test_torchao_adamw8bit_keeps_8bit_states_on_padded_flat_buffers_and_tracks_a
     for step in range(4):
         x = torch.randn(32, 70)
         nets[0](x).square().mean().backward()
-        flat.param.grad.zero_()
+        flat.grad.zero_()
         nets[1](x).square().mean().backward()
         for opt, schedule in zip(optimizers, schedules):
             opt.step()
             schedule.step()
         optimizers[0].zero_grad(set_to_none=True)
-    state = optimizers[1].state[flat.param]
-    assert state["exp_avg"].codes.dtype == torch.uint8 and state["exp_avg_sq"].codes.dtype == torch.uint8
+    for piece in flat.params:
+        state = optimizers[1].state[piece]
+        assert state["exp_avg"].codes.dtype == torch.uint8 and state["exp_avg_sq"].codes.dtype == torch.uint8
     assert float(schedules[1].get_last_lr()[0]) == pytest.approx(schedules[0].get_last_lr()[0])
-    assert torch.all(flat.param.detach()[used:] == 0)  # padding stays zero
+    assert torch.all(flat.data[used:] == 0)  # padding stays zero
     for a, b, s in zip(nets[0].parameters(), nets[1].parameters(), start):
         moved = (a - s).abs().mean()
         assert moved > 1e-3  # both trained

@@ -3,8 +3,8 @@
 bitsandbytes' 8-bit AdamW launches its kernel, and runs some Python, once per parameter tensor: 686
 times per step for the SD 1.5 UNet, which on an H100 costs more than the step's arithmetic. Here the
 module's parameters become views into one contiguous fp32 buffer, and their gradients views into a
-second one, so the optimizer sees a single tensor per module (one launch) while the module trains
-exactly as before. The 8-bit states are quantized in blocks of the flat buffer rather than of each
+second one, so the optimizer sees a few large tensors per module (one launch each) while the module
+trains exactly as before. The 8-bit states are quantized in blocks of the flat buffer rather than of each
 tensor; that is the only numerical difference, and it is within what 8-bit AdamW already rounds.
 
 Gradients accumulate into the flat buffer (autograd adds into an existing `.grad` in place), so
@@ -22,18 +22,27 @@ import torch
 
 
 BLOCK = 256  # 8-bit AdamW quantizes its states in blocks of 256; torchao needs whole blocks
+# torchao's compiled update holds two fp32 temporaries the size of the tensor it updates (3.4 GB each
+# for the whole SD 1.5 UNet: out of memory under a 15 GB cap on an H100), so the optimizer sees the
+# buffer in equal chunks of at most 32 M elements (2 x 128 MB of temporaries), one launch each.
+CHUNK = 2**25
 
 
 class FlatModule:
-    """The trainable parameters of one module as one `Parameter` (`param`, with its `.grad` buffer)."""
+    """The trainable parameters of one module as views of one buffer (`data`, gradients in `grad`),
+    handed to the optimizer as a few large `Parameter` chunks of it (`params`)."""
 
-    def __init__(self, module: torch.nn.Module, multiple: int = BLOCK):
+    def __init__(self, module: torch.nn.Module, multiple: int = BLOCK, chunk: int = CHUNK):
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("module has no trainable parameters")
         dtype, device = params[0].dtype, params[0].device
         used = sum(p.numel() for p in params)
-        total = -(-used // multiple) * multiple  # the tail past `used` is padding: zero, with zero gradient
+        # equal chunks (one compiled kernel shape for torchao), each whole blocks; the tail past
+        # `used` is padding: zero, with zero gradient
+        pieces = -(-used // chunk)
+        chunk = -(-used // (pieces * multiple)) * multiple
+        total = pieces * chunk
         flat = torch.zeros(total, dtype=dtype, device=device)
         grad = torch.zeros(total, dtype=dtype, device=device)
         offset = 0
@@ -45,8 +54,12 @@ class FlatModule:
             p.data = view
             p.grad = torch.as_strided(grad, p.shape, p.stride(), offset)
             offset += p.numel()
-        self.param = torch.nn.Parameter(flat)
-        self.param.grad = grad
+        self.data, self.grad = flat, grad
+        self.params = []  # what the optimizer gets: consecutive chunks of the buffer
+        for start in range(0, total, chunk):
+            piece = torch.nn.Parameter(flat[start : start + chunk])
+            piece.grad = grad[start : start + chunk]
+            self.params.append(piece)
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -64,11 +64,11 @@ def count_trainable(modules: dict[str, torch.nn.Module]) -> int:
 def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, device: torch.device, flats=None):
     """AdamW over one parameter group per module (the text encoder has its own learning rate).
 
-    `flats` ({name: flat.FlatModule}): the group holds the module's one flat parameter instead.
+    `flats` ({name: flat.FlatModule}): the group holds chunks of the module's flat buffer instead.
     """
     groups = []
     for name, module in modules.items():
-        params = [flats[name].param] if flats else [p for p in module.parameters() if p.requires_grad]
+        params = flats[name].params if flats else [p for p in module.parameters() if p.requires_grad]
         groups.append({"params": params, "lr": train.text_encoder_lr if name == "text_encoder" else train.lr})
     kwargs = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay)
     if train.optimizer == "adamw8bit":
