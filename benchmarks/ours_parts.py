@@ -16,8 +16,10 @@ from dreambooth.config import load_config
 def gpu_memory() -> dict:
     if not torch.cuda.is_available():
         return {}
+    segments = torch.cuda.memory._snapshot().get("segments", [])
     return {"peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
-            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9}
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+            "expandable_segments": any(s.get("is_expandable") for s in segments)}
 
 
 def limit_memory(cap_gb: float | None) -> None:

@@ -113,6 +113,8 @@ class TrainConfig:
     mixed_precision: str = _f("auto", "auto (bf16 on GPU, no on CPU), no, fp16 or bf16")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     cache_latents: bool = _f(True, "encode subject/class images once (VAE is frozen)")
+    offload_frozen: bool = _f(False, "keep the VAE (and a frozen text encoder) on the CPU while steps run; they come "
+                                     "back for samples and scoring (needs cached latents)")
     seed: int = _f(0, "seed of noise, timesteps and data order; step k's randomness depends on (seed, k)")
     fast: str = _f("auto", "auto (with CUDA), always or never: the static-shape step of training/fast.py, same math")
     compile: str = _f("none", "torch.compile the UNet in the fast step: none, default, reduce-overhead, "

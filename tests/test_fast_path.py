@@ -244,3 +244,53 @@ def test_compiled_modules_cache_under_the_tool_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     compiled(layer)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_offload_frozen_parks_the_vae_during_steps_and_brings_it_back_for_samples(tmp_path, photos, monkeypatch):
+    """`train.offload_frozen`: the VAE and the frozen text encoder leave the device before the first step
+    and come back around every sample grid; the losses do not change. On the CPU there is nowhere to
+    park, so the moves are recorded and the modules stay."""
+    import contextlib
+
+    from dreambooth.training import loop
+
+    moves, at_sampling = [], []
+
+    class Recorded(loop.FrozenParking):
+        def park(self):
+            moves.append(("park", len(self.modules)))
+
+        @contextlib.contextmanager
+        def back(self):
+            moves.append(("back", len(self.modules)))
+            yield
+            moves.append(("park", len(self.modules)))
+
+    monkeypatch.setattr(loop, "FrozenParking", Recorded)
+    real_write = loop.write_samples
+    monkeypatch.setattr(loop, "write_samples", lambda *a: (at_sampling.append(moves[-1][0]), real_write(*a))[1])
+    extra = ["train.offload_frozen=true", "output.sample_every=2"]
+    offloaded, _ = run(tmp_path, photos, "parked", "always", "tiny", extra)
+    assert moves[0] == ("park", 2)  # the VAE and the frozen text encoder, before step 1
+    assert at_sampling == ["back", "back", "back"]  # steps 2 and 4 and the final grid
+    assert moves[-1] == ("park", 2)
+    plain, _ = run(tmp_path, photos, "plain", "always", "tiny", ["output.sample_every=2"])
+    assert offloaded == plain
+    moves.clear()
+    run(tmp_path, photos, "te", "always", "tiny", extra + ["train.train_text_encoder=true"])
+    assert moves[0] == ("park", 1)  # the text encoder trains, so it stays
+    _, events = run(tmp_path, photos, "crop", "always", "tiny", extra + ["data.crop=random"])
+    assert any(isinstance(e, ev.Notice) and "offload_frozen has no effect" in e.message for e in events)
+
+
+def test_frozen_parking_moves_modules_and_back():
+    from dreambooth.config import load_config
+    from dreambooth.models import load_components
+    from dreambooth.training.loop import FrozenParking
+
+    components = load_components("tiny-random")
+    config = load_config("tiny", {"data": {"images": ".", "class_noun": "dog"}}, ["train.offload_frozen=true"])
+    parking = FrozenParking(components, config, torch.device("cpu"), park_to="meta")
+    parking.park()
+    assert components.vae.device.type == "meta" and components.text_encoder.device.type == "meta"
+    assert next(components.unet.parameters()).device.type == "cpu"

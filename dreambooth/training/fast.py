@@ -271,10 +271,11 @@ class FastStep:
                 self._drop_grads()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's activations sit in the side stream's blocks; the graph gets its own
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.parts = self.compute(self.static)
-        torch.cuda.empty_cache()  # the eager warm-up's activations: the graph has its own pool now
+        torch.cuda.empty_cache()
 
 
 class LossReadout:
