@@ -76,6 +76,8 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "lean_full_nograph": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
                                                                         "train.cuda_graph=false"],
                               "measure": n(60, 6), "budget": 80},
+        "lean_full_wscap": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false"],
+                            "measure": n(60, 6), "budget": 80, "env": {"CUDNN_CONV_WSCAP_DBG": "256"}},
         "lean_full_nockpt": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
                                                                        "train.gradient_checkpointing=false"],
                              "measure": n(100, 6), "budget": 100},

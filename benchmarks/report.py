@@ -61,6 +61,7 @@ def memory_rows(p: dict) -> list[list[str]]:
                                ("ours lean full UNet, expandable segments", "lean_full_expandable", 10),
                                ("ours lean full UNet, channels-last", "lean_full_cl", 10),
                                ("ours lean full UNet, no CUDA graph", "lean_full_nograph", 10),
+                               ("ours lean full UNet, cuDNN workspace <= 256 MB", "lean_full_wscap", 10),
                                ("ours lean full UNet, channels-last, expandable segments", "lean_full_cl_expandable", 10),
                                ("ours lean LoRA", "lean_lora", 4),
                                ("ours lean LoRA, torch.compile", "lean_lora_compile", 4),

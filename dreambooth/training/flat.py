@@ -24,8 +24,8 @@ import torch
 BLOCK = 256  # 8-bit AdamW quantizes its states in blocks of 256; torchao needs whole blocks
 # torchao's compiled update holds two fp32 temporaries the size of the tensor it updates (3.4 GB each
 # for the whole SD 1.5 UNet: out of memory under a 15 GB cap on an H100), so the optimizer sees the
-# buffer in equal chunks of at most 32 M elements (2 x 128 MB of temporaries), one launch each.
-CHUNK = 2**25
+# buffer in equal chunks of at most 16 M elements (2 x 64 MB of temporaries), one launch each.
+CHUNK = 2**24
 
 
 class FlatModule:
