@@ -294,3 +294,18 @@ def test_frozen_parking_moves_modules_and_back():
     parking.park()
     assert components.vae.device.type == "meta" and components.text_encoder.device.type == "meta"
     assert next(components.unet.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("optimizer,module,extra", [("adamw8bit", "bitsandbytes", "bnb"),
+                                                     ("adamw8bit_torchao", "torchao.optim", "lean")])
+def test_missing_8bit_optimizer_package_names_the_extra(monkeypatch, optimizer, module, extra):
+    import sys
+
+    from dreambooth.config import TrainConfig
+    from dreambooth.errors import ConfigError
+    from dreambooth.training.setup import make_optimizer
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(ConfigError) as caught:
+        make_optimizer({"unet": torch.nn.Linear(2, 2)}, TrainConfig(optimizer=optimizer), torch.device("cpu"))
+    assert f"dreambooth[{extra}]" in str(caught.value.problems[0])
