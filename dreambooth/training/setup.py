@@ -1,6 +1,7 @@
 """What trains and how: full vs LoRA (the only place that knows the difference), optimizer, LR schedule."""
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -94,11 +95,18 @@ def torchao_adamw8bit(groups: list[dict], kwargs: dict):
     learning rate as a tensor, which the LR scheduler then updates in place; a CPU scalar, like
     torchao's own step count, so reading it never waits for the GPU.
     """
+    # Its import reports every prebuilt CUDA kernel that does not load with this torch build
+    # (quantization kernels this optimizer does not use).
+    quiet = logging.getLogger("torchao")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         from torchao.optim import AdamW8bit
     except ImportError as e:
         raise ConfigError("train.optimizer=adamw8bit_torchao needs torchao",
                           [Problem("train.optimizer", "pip install 'dreambooth[lean]', or use adamw")]) from e
+    finally:
+        quiet.setLevel(level)
     from ..compiling import use_tool_cache
 
     use_tool_cache()  # its kernel compiles on the first step: 17 s cold, 5 s from the cache (H100)
