@@ -65,7 +65,6 @@ def main() -> None:
         end.record()
         torch.cuda.synchronize()
         host = (time.perf_counter() - host) / args.steps
-        copy_ms = 0.0
         s2, e2 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s2.record()
         for i in range(args.steps):

@@ -152,9 +152,9 @@ def test_flat_views_keep_each_weights_memory_layout():
         torch.testing.assert_close(p.grad, expected[name], rtol=1e-6, atol=1e-6)
     w = net[0].weight
     offset = (w.data_ptr() - flat.data.data_ptr()) // w.element_size()
-    k = 5  # the 5th element of the weight's memory is the 5th of its gradient's memory
-    assert flat.data[offset + k] == w.detach().as_strided((w.numel(),), (1,))[k]
-    assert flat.grad[offset + k] == w.grad.as_strided((w.numel(),), (1,))[k]
+    grad_offset = (w.grad.data_ptr() - flat.grad.data_ptr()) // w.element_size()
+    assert grad_offset == offset  # weight and gradient sit at the same place in their buffers
+    assert w.grad.stride() == w.stride()
     with torch.no_grad():
         for piece in flat.params:
             piece.mul_(2)  # what the optimizer does to its chunks reaches every module weight
@@ -173,7 +173,7 @@ def test_torchao_adamw8bit_keeps_8bit_states_on_padded_flat_buffers_and_tracks_a
     nets = [torch.nn.Sequential(torch.nn.Linear(70, 120), torch.nn.SiLU(), torch.nn.Linear(120, 3)) for _ in range(2)]
     nets[1].load_state_dict(nets[0].state_dict())
     start = [p.detach().clone() for p in nets[0].parameters()]
-    flat = FlatModule(nets[1], chunk=5000)  # 8883 elements: two equal chunks of 4608 (18 blocks)
+    flat = FlatModule(nets[1], chunk=4608)  # 8883 elements: two equal chunks of 4608 (18 blocks)
     used = sum(p.numel() for p in nets[1].parameters())
     assert [c.numel() for c in flat.params] == [4608, 4608] and flat.data.numel() - used < 2 * BLOCK
     train = TrainConfig(lr=1e-2, optimizer="adamw8bit_torchao", lr_schedule="cosine", steps=4)
@@ -207,6 +207,8 @@ def test_flat_refuses_a_weight_with_gaps():
     net.weight.data = torch.randn(4, 8)[:, ::2]  # every other column: not dense
     with pytest.raises(ValueError, match="not dense"):
         FlatModule(net)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        FlatModule(torch.nn.Linear(4, 4), chunk=1000)
 
 
 def test_cached_posteriors_match_encoding_one_image_at_a_time(photos):
@@ -247,35 +249,45 @@ def test_compiled_modules_cache_under_the_tool_cache(tmp_path, monkeypatch):
 
 
 def test_offload_frozen_parks_the_vae_during_steps_and_brings_it_back_for_samples(tmp_path, photos, monkeypatch):
-    """`train.offload_frozen`: the VAE and the frozen text encoder leave the device before the first step
-    and come back around every sample grid; the losses do not change. On the CPU there is nowhere to
-    park, so the moves are recorded and the modules stay."""
+    """`train.offload_frozen`: the VAE and the frozen text encoder leave the device before the first
+    step, no step calls them while parked, and they come back around every sample grid; the losses
+    do not change. On the CPU there is nowhere to park, so "parked" is a hook that fails any call."""
     import contextlib
 
     from dreambooth.training import loop
 
     moves, at_sampling = [], []
 
-    class Recorded(loop.FrozenParking):
+    def refuse(module, args):
+        raise AssertionError(f"{type(module).__name__} called while parked")
+
+    class Guarded(loop.FrozenParking):
+        hooks: list = []
+
         def park(self):
             moves.append(("park", len(self.modules)))
+            # on every submodule: `vae.encode` and `vae.decode` never call the VAE module itself
+            self.hooks = [sub.register_forward_pre_hook(refuse) for m in self.modules for sub in m.modules()]
 
         @contextlib.contextmanager
         def back(self):
             moves.append(("back", len(self.modules)))
+            for hook in self.hooks:
+                hook.remove()
             yield
-            moves.append(("park", len(self.modules)))
+            self.park()
 
-    monkeypatch.setattr(loop, "FrozenParking", Recorded)
+    monkeypatch.setattr(loop, "FrozenParking", Guarded)
     real_write = loop.write_samples
     monkeypatch.setattr(loop, "write_samples", lambda *a: (at_sampling.append(moves[-1][0]), real_write(*a))[1])
     extra = ["train.offload_frozen=true", "output.sample_every=2"]
-    offloaded, _ = run(tmp_path, photos, "parked", "always", "tiny", extra)
-    assert moves[0] == ("park", 2)  # the VAE and the frozen text encoder, before step 1
-    assert at_sampling == ["back", "back", "back"]  # steps 2 and 4 and the final grid
-    assert moves[-1] == ("park", 2)
-    plain, _ = run(tmp_path, photos, "plain", "always", "tiny", ["output.sample_every=2"])
-    assert offloaded == plain
+    for fast in ("always", "never"):
+        moves.clear(), at_sampling.clear()
+        offloaded, _ = run(tmp_path, photos, f"parked-{fast}", fast, "tiny", extra)
+        assert moves[0] == ("park", 2)  # the VAE and the frozen text encoder, before step 1
+        assert at_sampling == ["back", "back", "back"]  # steps 2 and 4 and the final grid
+        plain, _ = run(tmp_path, photos, f"plain-{fast}", fast, "tiny", ["output.sample_every=2"])
+        assert offloaded == plain
     moves.clear()
     run(tmp_path, photos, "te", "always", "tiny", extra + ["train.train_text_encoder=true"])
     assert moves[0] == ("park", 1)  # the text encoder trains, so it stays
@@ -283,7 +295,7 @@ def test_offload_frozen_parks_the_vae_during_steps_and_brings_it_back_for_sample
     assert any(isinstance(e, ev.Notice) and "offload_frozen has no effect" in e.message for e in events)
 
 
-def test_frozen_parking_moves_modules_and_back():
+def test_frozen_parking_moves_the_frozen_modules_and_brings_them_back(monkeypatch):
     from dreambooth.config import load_config
     from dreambooth.models import load_components
     from dreambooth.training.loop import FrozenParking
@@ -294,6 +306,13 @@ def test_frozen_parking_moves_modules_and_back():
     parking.park()
     assert components.vae.device.type == "meta" and components.text_encoder.device.type == "meta"
     assert next(components.unet.parameters()).device.type == "cpu"
+    targets = []
+    for module in parking.modules:  # meta tensors hold no data, so record the way back instead
+        monkeypatch.setattr(module, "to", lambda device, m=module: targets.append((m, str(device))) or m)
+    with parking.back():
+        assert targets == [(components.vae, "cpu"), (components.text_encoder, "cpu")]
+    assert targets[2:] == [(components.vae, "meta"), (components.text_encoder, "meta")]
+
 
 
 @pytest.mark.parametrize("optimizer,module,extra", [("adamw8bit", "bitsandbytes", "bnb"),

@@ -12,9 +12,10 @@ the buffer is zeroed before each backward instead of being set to None.
 
 Each view keeps its parameter's strides (a channels-last convolution weight stays channels-last),
 and its gradient view has the same strides, so element k of the flat parameter and element k of
-the flat gradient always belong to the same weight. bitsandbytes reads both as raw memory; with a
-channels-last parameter and a contiguous gradient, as per-tensor 8-bit AdamW sees them, they do not
-line up, which is how channels-last weights turned into NaN there (benchmarks/RESULTS.md).
+the flat gradient always belong to the same weight, which is what an optimizer reading raw memory
+needs. Per-tensor bitsandbytes AdamW8bit turned channels-last weights into NaN (cause not
+established; it rewrites `p.data` and `p.grad` as contiguous copies); over these flat buffers
+channels-last trains normally (benchmarks/RESULTS.md, session 3).
 """
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ class FlatModule:
     handed to the optimizer as a few large `Parameter` chunks of it (`params`)."""
 
     def __init__(self, module: torch.nn.Module, multiple: int = BLOCK, chunk: int = CHUNK):
+        if chunk < multiple or chunk % multiple:
+            raise ValueError(f"chunk {chunk} must be a positive multiple of {multiple}")
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("module has no trainable parameters")

@@ -64,6 +64,10 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     fast, why_not = use_fast_path(config, device, accelerator.num_processes, accelerator.mixed_precision)
     if why_not:
         yield ev.Notice(why_not)
+    if not fast and config.train.optimizer == "adamw8bit_torchao":
+        yield ev.Notice("adamw8bit_torchao on the plain step updates tensor by tensor: the first step compiles "
+                        "one kernel per parameter shape (minutes), and each step launches one per tensor; "
+                        "the fast step (train.fast) gives it flat buffers")
     if fast:
         prepare_modules(components, config, device)
 
@@ -100,7 +104,7 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     parking = FrozenParking(components, config, device)
     if config.train.offload_frozen and not parking.modules:
         yield ev.Notice("train.offload_frozen has no effect: the latents are not cached (random crop or "
-                        "cache_latents off), so the VAE stays on the device")
+                        "cache_latents off), so the VAE and text encoder stay on the device")
     parking.park()
     if device.type == "cuda":  # hand back the blocks class sampling and VAE encoding left cached
         torch.cuda.empty_cache()
@@ -118,16 +122,17 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
 def prefer_expandable_segments() -> None:
     """Let PyTorch's CUDA allocator grow its segments in place rather than cache fixed-size blocks: on
     an H100 the lean preset reserved 0.25-0.9 GB less at the same speed (benchmarks/RESULTS.md). It
-    can only be chosen before CUDA starts, and a PYTORCH_CUDA_ALLOC_CONF set by the user wins."""
-    if not torch.cuda.is_initialized():
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    can only be chosen before CUDA starts, and the user's PYTORCH_(CUDA_)ALLOC_CONF wins."""
+    chosen = any(name in os.environ for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    if not chosen and not torch.cuda.is_initialized():
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 class FrozenParking:
     """`train.offload_frozen`: the frozen VAE (and text encoder) wait on the CPU while steps run.
 
     The steps never call them once latents and prompt embeddings are cached; samples, scoring and
-    the end of training bring them back (`back()`). Nothing moves unless asked, or when latents are
+    the end of training bring them back (`back()`). Nothing moves unless asked, nor when latents are
     not cached (the random-crop step encodes every batch).
     """
 

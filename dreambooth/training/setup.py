@@ -91,9 +91,10 @@ def torchao_adamw8bit(groups: list[dict], kwargs: dict):
     one compiled kernel per parameter tensor, without bitsandbytes' device sync after each tensor.
 
     It keeps 8-bit states only for tensors of at least 4096 elements whose size is a multiple of 256
-    (flat buffers are padded to that, training/flat.py); others keep fp32 states. It wants the
-    learning rate as a tensor, which the LR scheduler then updates in place; a CPU scalar, like
-    torchao's own step count, so reading it never waits for the GPU.
+    (flat buffers are padded to whole 256-blocks, training/flat.py); others keep fp32 states. It
+    wants the learning rate as a tensor, which the LR scheduler updates in place. On the fast path
+    it is a CPU scalar, like torchao's own step count, so reading it never waits for the GPU (the
+    plain path's `accelerator.prepare` moves it to the device; that path waits every step anyway).
     """
     # Its import reports every prebuilt CUDA kernel that does not load with this torch build
     # (quantization kernels this optimizer does not use).
