@@ -66,6 +66,25 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, subject_dir, pr
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
 
 
+def test_resume_across_optimizer_layouts_is_a_clear_error(tmp_path, subject_dir, monkeypatch):
+    """8-bit AdamW on the fast step keeps flat-buffer chunks; a plain-step resume has one state per
+    tensor (same config, `train.fast=auto`: a GPU run resumed on a CPU). The mismatch must name the
+    checkpoint and what to do, not surface torch's ValueError."""
+    from dreambooth.errors import RunDirError
+    from dreambooth.training import loop
+
+    config = config_for(subject_dir, "tiny", "train.optimizer=adamw8bit_torchao", "train.fast=auto")
+    real = loop.use_fast_path
+    monkeypatch.setattr(loop, "use_fast_path", lambda *a: (True, ""))  # as on a GPU
+    flag, on_event = stop_at(2)
+    stopped = train(config, tmp_path / "run", stop=flag, on_event=on_event)
+    assert isinstance(stopped, ev.Stopped)
+    monkeypatch.setattr(loop, "use_fast_path", real)  # auto on this CPU: the plain step
+    with pytest.raises(RunDirError, match="different parameter layout") as caught:
+        train(config, tmp_path / "run", resume=True)
+    assert "train.fast" in str(caught.value.problems[0])
+
+
 def test_resume_is_refused_when_the_config_changed(tmp_path, subject_dir):
     flag, on_event = stop_at(1)
     train(config_for(subject_dir), tmp_path / "run", stop=flag, on_event=on_event)
