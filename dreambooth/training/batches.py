@@ -35,6 +35,11 @@ def pick(n: int, count: int, seed: int, step: int, salt: int) -> list[int]:
     return out
 
 
+def latents_cached(config) -> bool:
+    """Whether a run's subject latents are encoded once (the random-crop step encodes every batch)."""
+    return config.train.cache_latents and config.data.crop == "center"
+
+
 ENCODE_ROWS = 8  # images per VAE call when caching (estimate: ~2 GB of bf16 activations at 512 px)
 
 

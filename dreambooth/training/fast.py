@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .batches import LatentSource, pick, step_generator
+from .batches import LatentSource, latents_cached, pick, step_generator
 from .losses import LossParts, add_noise, prediction_target, sample_timesteps
 
 
@@ -38,7 +38,7 @@ def fast_path_problems(config, device: torch.device, num_processes: int, mixed_p
     train = config.train
     checks = [
         (train.grad_accum == 1, "train.grad_accum > 1"),
-        (train.cache_latents and config.data.crop == "center", "latents are not cached (random crop or cache_latents off)"),
+        (latents_cached(config), "latents are not cached (random crop or cache_latents off)"),
         (num_processes == 1, "more than one process"),
         (mixed_precision in ("no", "bf16"), f"mixed precision {mixed_precision} (fp16 needs a loss scaler)"),
     ]

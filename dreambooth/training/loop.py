@@ -24,7 +24,7 @@ from ..data.images import check_images, load_rgb
 from ..errors import ConfigError, Problem, TrainingDiverged
 from ..rundir import RunDir
 from . import events as ev
-from .batches import LatentSource, build_batch, step_generator
+from .batches import LatentSource, build_batch, latents_cached, step_generator
 from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .fast import FastStep, LossReadout, lower_frozen_weights, prepare_modules, use_fast_path, wants_flat
 from .flat import flatten_modules
@@ -137,9 +137,8 @@ class FrozenParking:
     """
 
     def __init__(self, components, config: RunConfig, device: torch.device, park_to: str = "cpu"):
-        cached = config.train.cache_latents and config.data.crop == "center"
         frozen = [components.vae] + ([] if config.train.train_text_encoder else [components.text_encoder])
-        self.modules = frozen if config.train.offload_frozen and cached else []
+        self.modules = frozen if config.train.offload_frozen and latents_cached(config) else []
         self.device, self.park_to = device, park_to
 
     def park(self) -> None:

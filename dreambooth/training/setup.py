@@ -92,9 +92,9 @@ def torchao_adamw8bit(groups: list[dict], kwargs: dict):
 
     It keeps 8-bit states only for tensors of at least 4096 elements whose size is a multiple of 256
     (flat buffers are padded to whole 256-blocks, training/flat.py); others keep fp32 states. It
-    wants the learning rate as a tensor, which the LR scheduler updates in place. On the fast path
-    it is a CPU scalar, like torchao's own step count, so reading it never waits for the GPU (the
-    plain path's `accelerator.prepare` moves it to the device; that path waits every step anyway).
+    turns each group's learning rate into a CPU scalar tensor, which the LR scheduler updates in
+    place, so on the fast path reading it never waits for the GPU (the plain path's
+    `accelerator.prepare` moves it to the device; that path waits every step anyway).
     """
     # Its import reports every prebuilt CUDA kernel that does not load with this torch build
     # (quantization kernels this optimizer does not use).
@@ -111,8 +111,6 @@ def torchao_adamw8bit(groups: list[dict], kwargs: dict):
     from ..compiling import use_tool_cache
 
     use_tool_cache()  # its kernel compiles on the first step: 17 s cold, 5 s from the cache (H100)
-    for group in groups:
-        group["lr"] = torch.tensor(float(group["lr"]))
     return AdamW8bit(groups, **kwargs)
 
 
