@@ -98,6 +98,20 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "ours_full_compile_again": {"kind": "train", "preset": FAST, "dotted": ["train.compile=default"],
                                     "measure": n(150, 6), "budget": 300, "min": 60,
                                     "env": {"TORCH_LOGS": "recompiles,graph_breaks"}},
+        "lean_full_fp8": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
+                                                                    "train.optimizer=adamwfp8_torchao"],
+                          "measure": n(80, 6), "budget": 130, "profile": 3},
+        "lean_full_te16_fp8": {"kind": "train", "preset": LEAN, "dotted": ["train.optimizer=adamwfp8_torchao"],
+                               "measure": n(40, 6), "budget": 90, "cap_gb": 15.0},
+        "lean_lora_l1": {"kind": "train", "preset": LEAN, "dotted": LORA + [
+            "train.train_text_encoder=false", "train.optimizer=adamw", "train.checkpoint_levels=1"],
+            "measure": n(100, 6), "budget": 60},
+        "lean_lora_l2": {"kind": "train", "preset": LEAN, "dotted": LORA + [
+            "train.train_text_encoder=false", "train.optimizer=adamw", "train.checkpoint_levels=2"],
+            "measure": n(100, 6), "budget": 60},
+        "ours_cls_pndm50_compile_profile": {"kind": "classes", "sampler": "pndm", "steps": n(50, 3),
+                                            "batch": n(16, 2), "num": n(48, 4), "budget": 150, "compile": True,
+                                            "profile": True},
         "ref_full_te": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full_te", "stop": n(40, 6),
                         "budget": 90},
     }
@@ -162,7 +176,8 @@ def worker_main(name: str, spec: dict, work: Path, tiny: bool) -> None:
                                  measure=spec["measure"], cap_gb=spec.get("cap_gb"), profile=spec.get("profile", 0))
     elif spec["kind"] == "classes":
         result = ours.classes_part(model, work / f"classes_{name}", sampler=spec["sampler"], steps=spec["steps"],
-                                   batch=spec["batch"], num=spec["num"], compile_unet=spec.get("compile", False))
+                                   batch=spec["batch"], num=spec["num"], compile_unet=spec.get("compile", False),
+                                   profile=spec.get("profile", False))
     else:
         result = ours.e2e_part(model, images, work / f"run_{name}", preset=spec["preset"], dotted=dotted)
     print("RESULT " + json.dumps(result), flush=True)

@@ -102,8 +102,10 @@ def _train_result(stamps, losses, notices, measure, began, started) -> dict:
 
 
 def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int, num: int,
-                 compile_unet: bool = False) -> dict:
-    """Class images/s through the training run's own path (components as train_events holds them)."""
+                 compile_unet: bool = False, profile: bool = False) -> dict:
+    """Class images/s through the training run's own path (components as train_events holds them).
+    `profile`: the batches after the first run under torch.profiler (kernel time by op, per image;
+    the rate is then that of profiled batches)."""
     from dreambooth.config import RunConfig
     from dreambooth.models import load_components
     from dreambooth.pipelines import make_pipeline
@@ -120,18 +122,24 @@ def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int
     components.text_encoder.to(device, dtype)
     components.unet.to(device)
     prepare_modules(components, config, device)
-    stamps = []
+    stamps, profiler = [], []
+
+    def progress(done, total):
+        stamps.append((time.perf_counter(), done))
+        if profile and len(stamps) == 2:  # the first batch (compile, cuDNN tuning) is done
+            profiler.append(start_profiler())
+
     began = time.perf_counter()
     ensure_class_images(class_image_key(components.folder, config), num,
                         lambda: make_pipeline(components, sampler, device=device, compile_unet=compile_unet),
-                        cache_dir=out,
-                        batch_size=batch, progress=lambda done, total: stamps.append((time.perf_counter(), done)))
+                        cache_dir=out, batch_size=batch, progress=progress)
     total = time.perf_counter() - began
+    kernels = stop_profiler(profiler[0], num - stamps[1][1]) if profiler else None
     steady = stamps[1:]  # stamps[0] is the count before any work; the first batch warms up
     later = steady[1:] if len(steady) > 1 else steady
     rate = (later[-1][1] - steady[0][1]) / (later[-1][0] - steady[0][0]) if len(steady) > 1 else num / total
     return {"images_per_s": rate, "images": num, "batch": batch, "total_s": total, **gpu_memory(),
-            "unet_evals_per_image": _evals_per_image(components, sampler, steps)}
+            "unet_evals_per_image": _evals_per_image(components, sampler, steps), "profile": kernels}
 
 
 def _evals_per_image(components, sampler: str, steps: int) -> int:

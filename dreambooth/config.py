@@ -100,8 +100,9 @@ class TrainConfig:
     lr: float = _f(5e-6, "UNet learning rate (paper: 5e-6 full; LoRA wants ~1e-4)")
     lr_schedule: str = _f("constant", "constant, constant_with_warmup, linear or cosine")
     warmup_steps: int = _f(0, "learning-rate warm-up steps")
-    optimizer: str = _f("adamw", "adamw, adamw8bit (bitsandbytes, bnb extra) or adamw8bit_torchao (torchao, lean extra: "
-                                 "same 8-bit states, compiled kernel, 1.5x faster than bitsandbytes on an H100)")
+    optimizer: str = _f("adamw", "adamw, adamw8bit (bitsandbytes, bnb extra), adamw8bit_torchao (torchao, lean extra: "
+                                 "same 8-bit states, compiled kernel, 1.5x faster than bitsandbytes on an H100) or "
+                                 "adamwfp8_torchao (torchao: FP8 states, same memory, cheaper update)")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     train_text_encoder: bool = _f(False, "also fine-tune the text encoder")
@@ -112,6 +113,8 @@ class TrainConfig:
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
     mixed_precision: str = _f("auto", "auto (bf16 on GPU, no on CPU), no, fp16 or bf16")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    checkpoint_levels: int = _f(0, "with gradient_checkpointing: recompute only the N highest-resolution UNet levels "
+                                   "(their down and up blocks, where activations are largest); 0: every block")
     cache_latents: bool = _f(True, "encode subject/class images once (VAE is frozen)")
     offload_frozen: bool = _f(False, "keep the VAE (and a frozen text encoder) on the CPU while steps run; they come "
                                      "back for samples and scoring (needs cached latents)")
@@ -137,6 +140,7 @@ class TrainConfig:
              f"{self.mixed_precision!r}: use auto, no, fp16 or bf16"),
             (self.lora_rank >= 1, "train.lora_rank", f"{self.lora_rank}: must be >= 1"),
             (self.warmup_steps >= 0 and self.text_encoder_steps >= 0, "train.warmup_steps", "must be >= 0"),
+            (self.checkpoint_levels >= 0, "train.checkpoint_levels", f"{self.checkpoint_levels}: must be >= 0"),
         ])
 
 
@@ -185,7 +189,7 @@ class EvalConfig:
 
 
 SAMPLERS = ("dpmpp", "ddim", "pndm", "euler")
-OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit_torchao")
+OPTIMIZERS = ("adamw", "adamw8bit", "adamw8bit_torchao", "adamwfp8_torchao")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 GROUPS = {"model": ModelConfig, "data": DataConfig, "prior": PriorConfig, "train": TrainConfig,

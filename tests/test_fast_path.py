@@ -161,10 +161,11 @@ def test_flat_views_keep_each_weights_memory_layout():
     assert torch.equal(net[2].bias, 2 * before["2.bias"])
 
 
-def test_torchao_adamw8bit_keeps_8bit_states_on_padded_flat_buffers_and_tracks_adamw():
-    """`adamw8bit_torchao` over a flat buffer: the buffer is padded to whole 256-blocks, so torchao
-    keeps 8-bit states (it falls back to fp32 states otherwise), and a few steps land close to fp32
-    AdamW's (8-bit rounding of the moments, not different math)."""
+@pytest.mark.parametrize("optimizer,codes", [("adamw8bit_torchao", torch.uint8), ("adamwfp8_torchao", torch.float8_e4m3fn)])
+def test_torchao_low_bit_adamw_keeps_quantized_states_on_padded_flat_buffers_and_tracks_adamw(optimizer, codes):
+    """torchao's 8-bit and FP8 AdamW over a flat buffer: the buffer is padded to whole 256-blocks, so
+    torchao keeps quantized states (it falls back to fp32 states otherwise), and a few steps land
+    close to fp32 AdamW's (rounding of the moments, not different math)."""
     from dreambooth.config import TrainConfig
     from dreambooth.training.flat import BLOCK, FlatModule
     from dreambooth.training.setup import make_lr_schedule, make_optimizer
@@ -176,7 +177,7 @@ def test_torchao_adamw8bit_keeps_8bit_states_on_padded_flat_buffers_and_tracks_a
     flat = FlatModule(nets[1], chunk=4608)  # 8883 elements: two equal chunks of 4608 (18 blocks)
     used = sum(p.numel() for p in nets[1].parameters())
     assert [c.numel() for c in flat.params] == [4608, 4608] and flat.data.numel() - used < 2 * BLOCK
-    train = TrainConfig(lr=1e-2, optimizer="adamw8bit_torchao", lr_schedule="cosine", steps=4)
+    train = TrainConfig(lr=1e-2, optimizer=optimizer, lr_schedule="cosine", steps=4)
     optimizers = [make_optimizer({"unet": nets[0]}, TrainConfig(lr=1e-2, lr_schedule="cosine", steps=4), torch.device("cpu")),
                   make_optimizer({"unet": nets[1]}, train, torch.device("cpu"), {"unet": flat})]
     schedules = [make_lr_schedule(o, {"unet": n}, train) for o, n in zip(optimizers, nets)]
@@ -191,13 +192,13 @@ def test_torchao_adamw8bit_keeps_8bit_states_on_padded_flat_buffers_and_tracks_a
         optimizers[0].zero_grad(set_to_none=True)
     for piece in flat.params:
         state = optimizers[1].state[piece]
-        assert state["exp_avg"].codes.dtype == torch.uint8 and state["exp_avg_sq"].codes.dtype == torch.uint8
+        assert state["exp_avg"].codes.dtype == codes and state["exp_avg_sq"].codes.dtype == codes
     assert float(schedules[1].get_last_lr()[0]) == pytest.approx(schedules[0].get_last_lr()[0])
     assert torch.all(flat.data[used:] == 0)  # padding stays zero
     for a, b, s in zip(nets[0].parameters(), nets[1].parameters(), start):
         moved = (a - s).abs().mean()
         assert moved > 1e-3  # both trained
-        assert (a - b).abs().mean() < 0.05 * moved, "8-bit states drifted away from fp32 AdamW"
+        assert (a - b).abs().mean() < 0.05 * moved, "quantized states drifted away from fp32 AdamW"
 
 
 def test_flat_refuses_a_weight_with_gaps():
@@ -316,7 +317,8 @@ def test_frozen_parking_moves_the_frozen_modules_and_brings_them_back(monkeypatc
 
 
 @pytest.mark.parametrize("optimizer,module,extra", [("adamw8bit", "bitsandbytes", "bnb"),
-                                                     ("adamw8bit_torchao", "torchao.optim", "lean")])
+                                                     ("adamw8bit_torchao", "torchao.optim", "lean"),
+                                                     ("adamwfp8_torchao", "torchao.optim", "lean")])
 def test_missing_8bit_optimizer_package_names_the_extra(monkeypatch, optimizer, module, extra):
     import sys
 

@@ -91,11 +91,11 @@ def grad_scale_for_clipping(total_norm: torch.Tensor, max_norm: float) -> torch.
 
 
 def wants_flat(config, device: torch.device) -> bool:
-    """8-bit AdamW on the fast step trains flat buffers (training/flat.py): a few launches per module,
+    """Low-bit AdamW on the fast step trains flat buffers (training/flat.py): a few launches per module,
     and for torchao one compiled kernel shape per module instead of one per parameter shape (on any
     device). The plain step updates tensor by tensor (train_events says so for torchao)."""
     optimizer = config.train.optimizer
-    return optimizer == "adamw8bit_torchao" or (device.type == "cuda" and optimizer == "adamw8bit")
+    return optimizer.endswith("_torchao") or (device.type == "cuda" and optimizer == "adamw8bit")
 
 
 class StepDraws(NamedTuple):

@@ -64,8 +64,8 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     fast, why_not = use_fast_path(config, device, accelerator.num_processes, accelerator.mixed_precision)
     if why_not:
         yield ev.Notice(why_not)
-    if not fast and config.train.optimizer == "adamw8bit_torchao":
-        yield ev.Notice("adamw8bit_torchao on the plain step updates tensor by tensor: the first step compiles "
+    if not fast and config.train.optimizer.endswith("_torchao"):
+        yield ev.Notice(f"{config.train.optimizer} on the plain step updates tensor by tensor: the first step compiles "
                         "one kernel per parameter shape (minutes), and each step launches one per tensor; "
                         "the fast step (train.fast) gives it flat buffers")
     if fast:

@@ -37,16 +37,27 @@ def mark_trainable(components, train: TrainConfig) -> dict[str, torch.nn.Module]
             if train.train_text_encoder:
                 components.text_encoder.add_adapter(lora(TEXT_ENCODER_LORA_TARGETS))
     if train.gradient_checkpointing:
-        enable_checkpointing(components.unet, components.text_encoder if train.train_text_encoder else None)
+        enable_checkpointing(components.unet, components.text_encoder if train.train_text_encoder else None,
+                             train.checkpoint_levels)
     return modules
 
 
-def enable_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | None) -> None:
+def enable_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, levels: int = 0) -> None:
     """Activation checkpointing; without dropout the recomputation draws no random numbers, so the
-    RNG state need not be saved and restored (which a CUDA graph capture cannot do)."""
+    RNG state need not be saved and restored (which a CUDA graph capture cannot do).
+
+    `levels` > 0: only the UNet's `levels` highest-resolution down blocks and the matching up blocks
+    recompute (at 512 px the 64x64 level holds most of the activations and a smaller share of
+    the arithmetic); the inner levels and the mid block keep their activations.
+    """
     keep_rng = _has_dropout(unet) or (text_encoder is not None and _has_dropout(text_encoder))
     kwargs = {"use_reentrant": False, "preserve_rng_state": keep_rng}
     unet.enable_gradient_checkpointing(lambda module, *args: torch.utils.checkpoint.checkpoint(module, *args, **kwargs))
+    if levels:
+        inner = [*unet.down_blocks[levels:], unet.mid_block, *unet.up_blocks[:max(0, len(unet.up_blocks) - levels)]]
+        for module in (m for block in inner if block is not None for m in block.modules()):
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False
     if text_encoder is not None:
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
@@ -79,39 +90,47 @@ def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, devi
             raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes",
                               [Problem("train.optimizer", "pip install 'dreambooth[bnb]' (CUDA only), or use adamw")]) from e
         return bnb.optim.AdamW8bit(groups, **kwargs)
-    if train.optimizer == "adamw8bit_torchao":
-        return torchao_adamw8bit(groups, kwargs)
+    if train.optimizer in TORCHAO_OPTIMIZERS:
+        return torchao_adamw(train.optimizer, groups, kwargs)
     if device.type == "cuda":
         kwargs["fused"] = True  # one kernel for all parameters instead of one per tensor
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def torchao_adamw8bit(groups: list[dict], kwargs: dict):
-    """torchao's 8-bit AdamW: bitsandbytes' block-wise dynamic-map states (blocks of 256), updated by
-    one compiled kernel per parameter tensor, without bitsandbytes' device sync after each tensor.
+TORCHAO_OPTIMIZERS = {"adamw8bit_torchao": "AdamW8bit", "adamwfp8_torchao": "AdamWFp8"}
 
-    It keeps 8-bit states only for tensors of at least 4096 elements whose size is a multiple of 256
-    (flat buffers are padded to whole 256-blocks, training/flat.py); others keep fp32 states. It
-    turns each group's learning rate into a CPU scalar tensor, which the LR scheduler updates in
-    place, so on the fast path reading it never waits for the GPU (the plain path's
-    `accelerator.prepare` moves it to the device; that path waits every step anyway).
+
+def torchao_adamw(name: str, groups: list[dict], kwargs: dict):
+    """torchao's low-bit AdamW, states quantized in blocks of 256 and updated by one compiled kernel
+    per parameter tensor, without bitsandbytes' device sync after each tensor.
+
+    adamw8bit_torchao: bitsandbytes' dynamic-map 8-bit states; quantizing looks each value up in a
+    256-entry map. adamwfp8_torchao: FP8 (e4m3) states with a scale per block, a plain cast, so the
+    update moves about as many bytes and does far less arithmetic; the same memory; its rounding
+    of small second moments is coarser (e4m3 spans ~2e5 below each block's largest value).
+
+    Either keeps quantized states only for tensors of at least 4096 elements whose size is a
+    multiple of 256 (flat buffers are padded to whole 256-blocks, training/flat.py); others keep
+    fp32 states. It turns each group's learning rate into a CPU scalar tensor, which the LR
+    scheduler updates in place, so on the fast path reading it never waits for the GPU (the plain
+    path's `accelerator.prepare` moves it to the device; that path waits every step anyway).
     """
     # Its import reports every prebuilt CUDA kernel that does not load with this torch build
-    # (quantization kernels this optimizer does not use).
+    # (quantization kernels these optimizers do not use).
     quiet = logging.getLogger("torchao")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        from torchao.optim import AdamW8bit
+        import torchao.optim
     except ImportError as e:
-        raise ConfigError("train.optimizer=adamw8bit_torchao needs torchao",
+        raise ConfigError(f"train.optimizer={name} needs torchao",
                           [Problem("train.optimizer", "pip install 'dreambooth[lean]', or use adamw")]) from e
     finally:
         quiet.setLevel(level)
     from ..compiling import use_tool_cache
 
-    use_tool_cache()  # its kernel compiles on the first step: 17 s cold, 5 s from the cache (H100)
-    return AdamW8bit(groups, **kwargs)
+    use_tool_cache()  # its kernel compiles on the first step: 17 s cold, 5 s from the cache (H100, 8-bit)
+    return getattr(torchao.optim, TORCHAO_OPTIMIZERS[name])(groups, **kwargs)
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:
