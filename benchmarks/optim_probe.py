@@ -1,5 +1,6 @@
 """One optimizer step over a flat fp32 buffer the size of the SD 1.5 UNet (859.5 M parameters):
-torch's fused AdamW, bitsandbytes' AdamW8bit and torchao's AdamW8bit, timed with CUDA events.
+torch's fused AdamW, bitsandbytes' AdamW8bit, torchao's AdamW8bit and AdamWFp8, and our AdamWFp8,
+timed with CUDA events.
 
     python benchmarks/optim_probe.py [--numel 859520964] [--steps 20]
 
@@ -23,9 +24,17 @@ def make(name: str, param: torch.nn.Parameter):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit([param], lr=5e-6)
-    from torchao.optim import AdamW8bit
+    if name in ("adamwfp8", "adamwfp8_grad_scale"):  # ours: one fused Triton kernel (training/adamw_fp8.py)
+        from dreambooth.training.adamw_fp8 import AdamWFp8
 
-    return AdamW8bit([param], lr=torch.tensor(5e-6, device=param.device))
+        optimizer = AdamWFp8([param], lr=5e-6)
+        if name == "adamwfp8_grad_scale":  # clipping folded in, as on the fast step
+            optimizer.grad_scale = torch.tensor(1.5, device=param.device)
+        return optimizer
+    from torchao.optim import AdamW8bit, AdamWFp8
+
+    kind = AdamWFp8 if name == "torchao_adamwfp8" else AdamW8bit
+    return kind([param], lr=torch.tensor(5e-6, device=param.device))
 
 
 def state_bytes(optimizer) -> int:

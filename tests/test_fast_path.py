@@ -78,16 +78,22 @@ def test_fast_step_falls_back_with_a_notice(tmp_path, photos):
     assert any("grad_accum" in n for n in notices)
 
 
-def test_clipping_folded_into_fused_adamw_matches_clip_then_step():
-    """The GPU step divides gradients by `grad_scale` inside fused AdamW instead of clipping first."""
-    from dreambooth.training.fast import grad_scale_for_clipping
+@pytest.mark.parametrize("optimizer", ["fused_adamw", "adamwfp8"])
+def test_clipping_folded_into_the_optimizer_matches_clip_then_step(optimizer):
+    """The fast step divides gradients by `grad_scale` inside fused AdamW or AdamWFp8 instead of
+    clipping first (one pass over the gradients fewer)."""
+    from dreambooth.training.adamw_fp8 import AdamWFp8
+    from dreambooth.training.fast import grad_scale_for_clipping, takes_grad_scale
 
     torch.manual_seed(0)
-    models = [torch.nn.Linear(16, 8) for _ in range(2)]
+    models = [torch.nn.Linear(256, 64) for _ in range(2)]  # 16384 weights: AdamWFp8 quantizes them
     models[1].load_state_dict(models[0].state_dict())
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in models]
+    make = {"fused_adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+            "adamwfp8": lambda ps: AdamWFp8(ps, lr=1e-2)}[optimizer]
+    optimizers = [make(m.parameters()) for m in models]
+    assert takes_grad_scale(optimizers[1])
     for step in range(3):
-        x = torch.randn(4, 16)
+        x = torch.randn(4, 256)
         for m in models:
             (m(x) * (10 + step)).square().sum().backward()  # norms far above max_norm: clipping acts
         torch.nn.utils.clip_grad_norm_(models[0].parameters(), 0.5)

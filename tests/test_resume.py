@@ -44,6 +44,9 @@ def stop_at(step):
                                                     "train.lr_schedule=cosine", "train.warmup_steps=1"]),
                                           # 8-bit states (torchao tensor subclasses) and tensor LRs
                                           ("tiny", ["train.optimizer=adamw8bit_torchao", "train.fast=always",
+                                                    "train.train_text_encoder=true", "train.lr_schedule=cosine"]),
+                                          # FP8 codes stored as uint8, which torch's loader would cast
+                                          ("tiny", ["train.optimizer=adamwfp8", "train.fast=always",
                                                     "train.train_text_encoder=true", "train.lr_schedule=cosine"])])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, subject_dir, preset, extra):
     config = config_for(subject_dir, preset, *extra)

@@ -80,8 +80,12 @@ def lower_frozen_weights(modules: dict[str, torch.nn.Module], dtype: torch.dtype
                 param.data = param.data.to(dtype)
 
 
-def is_fused_adamw(optimizer) -> bool:
-    return isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
+def takes_grad_scale(optimizer) -> bool:
+    """Fused AdamW and our AdamWFp8 divide each gradient by `optimizer.grad_scale` as they read it."""
+    from .adamw_fp8 import AdamWFp8
+
+    fused = isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
+    return fused or isinstance(optimizer, AdamWFp8)
 
 
 def grad_scale_for_clipping(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -95,7 +99,7 @@ def wants_flat(config, device: torch.device) -> bool:
     and for torchao one compiled kernel shape per module instead of one per parameter shape (on any
     device). The plain step updates tensor by tensor (train_events says so for torchao)."""
     optimizer = config.train.optimizer
-    return optimizer.endswith("_torchao") or (device.type == "cuda" and optimizer == "adamw8bit")
+    return optimizer.endswith("_torchao") or optimizer == "adamwfp8" or (device.type == "cuda" and optimizer == "adamw8bit")
 
 
 class StepDraws(NamedTuple):
@@ -164,7 +168,7 @@ class FastStep:
         self.dtype = {"bf16": torch.bfloat16}.get(mixed_precision)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         self.keep_grads = bool(flats)  # flat buffers (training/flat.py): zeroed in place, never dropped
-        self.fold_clip = is_fused_adamw(optimizer) and bool(config.train.max_grad_norm)
+        self.fold_clip = takes_grad_scale(optimizer) and bool(config.train.max_grad_norm)
         self.unet = self._compiled(components.unet)
         self.graphed = self.device.type == "cuda" and config.train.cuda_graph and config.train.compile != "reduce-overhead"
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -209,7 +213,7 @@ class FastStep:
         return parts
 
     def _clip(self) -> None:
-        """`clip_grad_norm_`'s arithmetic. With fused AdamW the scale goes into the optimizer kernel
+        """`clip_grad_norm_`'s arithmetic. With fused AdamW or AdamWFp8 the scale goes into the optimizer kernel
         (its `grad_scale` divides each gradient as it is read), which saves a pass over the gradients."""
         max_norm = self.config.train.max_grad_norm
         if not max_norm:

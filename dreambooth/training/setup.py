@@ -90,6 +90,10 @@ def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, devi
             raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes",
                               [Problem("train.optimizer", "pip install 'dreambooth[bnb]' (CUDA only), or use adamw")]) from e
         return bnb.optim.AdamW8bit(groups, **kwargs)
+    if train.optimizer == "adamwfp8":
+        from .adamw_fp8 import AdamWFp8
+
+        return AdamWFp8(groups, **kwargs)
     if train.optimizer in TORCHAO_OPTIMIZERS:
         return torchao_adamw(train.optimizer, groups, kwargs)
     if device.type == "cuda":

@@ -1,0 +1,189 @@
+"""AdamW with FP8 moments, updated by one fused kernel per tensor on CUDA (train.optimizer=adamwfp8).
+
+The state format is torchao's AdamWFp8's: each moment is stored as float8 e4m3 codes in blocks of
+256 values with one fp32 scale per block (block max / 448, e4m3's largest value), 1 byte per value
+plus 4 per block, the memory of 8-bit AdamW. Quantizing is a cast, not bitsandbytes' search in a
+256-entry map, so the update moves about as many bytes as fp32 AdamW reads, minus the states' 6
+bytes per value.
+
+Why not torchao's optimizer itself: its compiled update takes two kernels per tensor (the block
+maxima, then the update again to write the codes), reading gradients and states twice, and it has
+no `grad_scale`, so gradient clipping costs one more pass over all gradients. Here one Triton program
+updates whole blocks in registers: it reads the weight, gradient and codes once, divides the
+gradient by `grad_scale` as it reads it (FastStep folds clipping into it, as for fused AdamW), and
+writes weight, codes and scales once. Off CUDA (and in tests) the same arithmetic runs as torch ops.
+
+Tensors of fewer than 4096 values, of a size that is not a multiple of 256, or not contiguous
+(on the plain path) keep fp32 moments, as torchao and bitsandbytes do for small tensors; the flat
+buffers of the fast step (training/flat.py) are whole 256-blocks.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+BLOCK = 256
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+MIN_QUANTIZED = 4096
+
+
+def quantizes(p: torch.Tensor) -> bool:
+    return p.numel() >= MIN_QUANTIZED and p.numel() % BLOCK == 0 and p.is_contiguous()
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) fp32 -> codes (n,) uint8 (e4m3 bits), scales (n / 256,) fp32."""
+    blocks = x.view(-1, BLOCK)
+    scale = blocks.abs().amax(-1).clamp_min(1e-12) / FP8_MAX
+    return (blocks / scale[:, None]).to(FP8).view(torch.uint8).view(-1), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (codes.view(FP8).float().view(-1, BLOCK) * scale[:, None]).view(-1)
+
+
+def adamw_math(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt):
+    """One AdamW update in fp32 on tensors of one shape; returns the new (p, m, v). The order of
+    operations is torchao's (decoupled decay first, then the moments' lerp)."""
+    p = p - lr * weight_decay * p
+    m = m.lerp(g, 1 - beta1)
+    v = v.lerp(g * g, 1 - beta2)
+    return p - lr * (m / bc1) / (v.sqrt() / bc2_sqrt + eps), m, v
+
+
+class AdamWFp8(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) with FP8 block-quantized moments; see the module docstring.
+
+    `grad_scale` (attribute, a one-element tensor or None): each gradient is divided by it as it is
+    read, the convention of torch's fused AdamW.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.grad_scale: torch.Tensor | None = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader casts every state tensor of a floating-point parameter to its dtype, which
+        would turn the uint8 codes into fp32 numbers (4x their memory): they go around it."""
+        codes = {pid: {k: v for k, v in s.items() if isinstance(v, torch.Tensor) and v.dtype == torch.uint8}
+                 for pid, s in state_dict["state"].items()}
+        rest = {pid: {k: v for k, v in s.items() if k not in codes[pid]} for pid, s in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": rest})
+        saved = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(saved, params):
+            for key, value in codes.get(pid, {}).items():
+                self.state[p][key] = value.to(p.device)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        state["step"] = torch.tensor(0.0)
+        if quantizes(p):
+            blocks = p.numel() // BLOCK
+            for name in ("exp_avg", "exp_avg_sq"):
+                state[name] = torch.zeros(p.numel(), dtype=torch.uint8, device=p.device)  # e4m3 zero is 0x00
+                state[name + "_scale"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+        else:
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p] or self._init_state(p)
+                state["step"] += 1
+                step = float(state["step"])  # a CPU tensor: reading it never waits for the GPU
+                hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                             weight_decay=group["weight_decay"], bc1=1 - beta1**step,
+                             bc2_sqrt=math.sqrt(1 - beta2**step))
+                if "exp_avg_scale" not in state:
+                    self._update_fp32(p, state, hyper)
+                elif p.is_cuda and p.grad.is_contiguous() and _triton_kernel() is not None:
+                    self._update_fused(p, state, hyper)
+                else:
+                    self._update_torch(p, state, hyper)
+        return loss
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor:
+        g = p.grad.float()
+        return g if self.grad_scale is None else g / self.grad_scale.to(g.device)
+
+    def _update_fp32(self, p, state, hyper) -> None:
+        new_p, m, v = adamw_math(p.float(), self._grad(p), state["exp_avg"], state["exp_avg_sq"], **hyper)
+        p.copy_(new_p)
+        state["exp_avg"].copy_(m)
+        state["exp_avg_sq"].copy_(v)
+
+    def _update_torch(self, p, state, hyper) -> None:
+        m = dequantize(state["exp_avg"], state["exp_avg_scale"])
+        v = dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"])
+        new_p, m, v = adamw_math(p.view(-1).float(), self._grad(p).reshape(-1), m, v, **hyper)
+        p.view(-1).copy_(new_p)
+        for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
+            codes, scale = quantize(value)
+            state[name].copy_(codes)
+            state[name + "_scale"].copy_(scale)
+
+    def _update_fused(self, p, state, hyper) -> None:
+        kernel, rows = _triton_kernel(), 4
+        blocks = p.numel() // BLOCK
+        scale = self.grad_scale
+        kernel[(triton_cdiv(blocks, rows),)](
+            p, p.grad, state["exp_avg"].view(FP8), state["exp_avg_scale"], state["exp_avg_sq"].view(FP8),
+            state["exp_avg_sq_scale"], scale if scale is not None else p, blocks,
+            hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"], hyper["bc1"],
+            hyper["bc2_sqrt"], HAS_SCALE=scale is not None, ROWS=rows, BLOCK=BLOCK, num_warps=4)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.cache
+def _triton_kernel():
+    """The fused update as a Triton kernel, or None where Triton is not installed (CPU builds)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def adamw_fp8_kernel(p_ptr, g_ptr, m_ptr, m_scale_ptr, v_ptr, v_scale_ptr, gscale_ptr, n_blocks,
+                         lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt,
+                         HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
+        live = rows < n_blocks
+        offs = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # (ROWS, BLOCK)
+        mask = live[:, None]
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g / tl.load(gscale_ptr)
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(m_scale_ptr + rows, mask=live)[:, None]
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(v_scale_ptr + rows, mask=live)[:, None]
+        p = p - lr * weight_decay * p
+        m = m + (1 - beta1) * (g - m)
+        v = v + (1 - beta2) * (g * g - v)
+        p = p - lr * (m / bc1) / (tl.sqrt_rn(v) / bc2_sqrt + eps)
+        tl.store(p_ptr + offs, p, mask=mask)
+        m_scale = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12) / 448.0
+        v_scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12) / 448.0
+        tl.store(m_ptr + offs, (m / m_scale[:, None]).to(tl.float8e4nv), mask=mask)
+        tl.store(v_ptr + offs, (v / v_scale[:, None]).to(tl.float8e4nv), mask=mask)
+        tl.store(m_scale_ptr + rows, m_scale, mask=live)
+        tl.store(v_scale_ptr + rows, v_scale, mask=live)
+
+    return adamw_fp8_kernel
