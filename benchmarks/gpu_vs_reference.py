@@ -26,7 +26,7 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 
 from report import make_table  # noqa: E402
 
-FAST, LEAN = "sd15-fast", "sd15-lean"
+FAST, LEAN, LORA_LEAN = "sd15-fast", "sd15-lean", "sd15-lora-lean"
 LORA = ["train.mode=lora", "train.lr=1e-4", "train.lora_rank=4", "train.lora_alpha=4.0"]
 
 
@@ -105,6 +105,7 @@ def part_specs(tiny: bool) -> dict[str, dict]:
                                                                        "train.optimizer=adamwfp8_torchao",
                                                                        "train.checkpoint_levels=3"],
                              "measure": n(80, 6), "budget": 130, "profile": 3},
+        "lean_lora_preset": {"kind": "train", "preset": LORA_LEAN, "dotted": [], "measure": n(100, 6), "budget": 60},
         "lean_full_ours_fp8": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
                                                                          "train.optimizer=adamwfp8"],
                                "measure": n(80, 6), "budget": 110, "profile": 3},

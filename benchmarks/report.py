@@ -68,6 +68,7 @@ def memory_rows(p: dict) -> list[list[str]]:
                                ("ours lean full UNet, our fused FP8 AdamW", "lean_full_ours_fp8", 10),
                                ("ours lean LoRA", "lean_lora", 4),
                                ("ours lean LoRA, checkpoint_levels=1", "lean_lora_l1", 4),
+                               ("ours sd15-lora-lean preset", "lean_lora_preset", 4),
                                ("ours lean LoRA, checkpoint_levels=2", "lean_lora_l2", 4),
                                ("ours lean LoRA, torch.compile", "lean_lora_compile", 4),
                                ("ours lean full + TE, 15 GB cap (16 GB card)", "lean_full_te16", 15),
@@ -80,7 +81,7 @@ def memory_rows(p: dict) -> list[list[str]]:
                      f"<= {limit} GB" if limit else "-", _verdict(ok)])
     for lean, fast in [("lean_full", "ours_full"), ("lean_full_cl", "ours_full"),
                        ("lean_full_cl_expandable", "ours_full"), ("lean_full", "ours_full_compile"), ("lean_lora", "ours_lora"),
-                       ("lean_full_fp8", "ours_full"), ("lean_full_fp8_l3", "ours_full"), ("lean_full_ours_fp8", "ours_full"), ("lean_lora_l1", "ours_lora"), ("lean_lora_l2", "ours_lora"),
+                       ("lean_full_fp8", "ours_full"), ("lean_full_fp8_l3", "ours_full"), ("lean_full_ours_fp8", "ours_full"), ("lean_lora_l1", "ours_lora"), ("lean_lora_preset", "ours_lora"), ("lean_lora_l2", "ours_lora"),
                        ("lean_lora_compile", "ours_lora_compile")]:
         a, b = get(lean, "steps_per_s"), get(fast, "steps_per_s")
         slower = 1 - a / b if a and b else None

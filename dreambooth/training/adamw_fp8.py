@@ -143,8 +143,9 @@ class AdamWFp8(torch.optim.Optimizer):
         kernel[(triton_cdiv(blocks, rows),)](
             p, p.grad, state["exp_avg"].view(FP8), state["exp_avg_scale"], state["exp_avg_sq"].view(FP8),
             state["exp_avg_sq_scale"], scale if scale is not None else p, blocks,
-            hyper["lr"], hyper["beta1"], hyper["beta2"], hyper["eps"], hyper["weight_decay"], hyper["bc1"],
-            hyper["bc2_sqrt"], HAS_SCALE=scale is not None, ROWS=rows, BLOCK=BLOCK, num_warps=4)
+            # products of Python floats rounded once, as torch's ops receive them
+            hyper["lr"], 1 - hyper["beta1"], 1 - hyper["beta2"], hyper["eps"], hyper["lr"] * hyper["weight_decay"],
+            hyper["bc1"], hyper["bc2_sqrt"], HAS_SCALE=scale is not None, ROWS=rows, BLOCK=BLOCK, num_warps=4)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -162,7 +163,7 @@ def _triton_kernel():
 
     @triton.jit
     def adamw_fp8_kernel(p_ptr, g_ptr, m_ptr, m_scale_ptr, v_ptr, v_scale_ptr, gscale_ptr, n_blocks,
-                         lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt,
+                         lr, w1, w2, eps, decay, bc1, bc2_sqrt,
                          HAS_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # (ROWS,) block indices
         live = rows < n_blocks
@@ -171,18 +172,20 @@ def _triton_kernel():
         p = tl.load(p_ptr + offs, mask=mask, other=0.0)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_SCALE:
-            g = g / tl.load(gscale_ptr)
+            g = tl.div_rn(g, tl.load(gscale_ptr))
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(m_scale_ptr + rows, mask=live)[:, None]
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(v_scale_ptr + rows, mask=live)[:, None]
-        p = p - lr * weight_decay * p
-        m = m + (1 - beta1) * (g - m)
-        v = v + (1 - beta2) * (g * g - v)
-        p = p - lr * (m / bc1) / (tl.sqrt_rn(v) / bc2_sqrt + eps)
+        p = p - decay * p
+        m = m + w1 * (g - m)  # torch's lerp for weights below 0.5
+        v = v + w2 * (g * g - v)
+        # IEEE-rounded division and square root, as torch computes them (Triton's `/` and `sqrt`
+        # are approximate): the codes then land where the torch ops put them.
+        p = p - tl.div_rn(lr * tl.div_rn(m, bc1), tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
         tl.store(p_ptr + offs, p, mask=mask)
-        m_scale = tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12) / 448.0
-        v_scale = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12) / 448.0
-        tl.store(m_ptr + offs, (m / m_scale[:, None]).to(tl.float8e4nv), mask=mask)
-        tl.store(v_ptr + offs, (v / v_scale[:, None]).to(tl.float8e4nv), mask=mask)
+        m_scale = tl.div_rn(tl.maximum(tl.max(tl.abs(m), axis=1), 1e-12), 448.0)
+        v_scale = tl.div_rn(tl.maximum(tl.max(tl.abs(v), axis=1), 1e-12), 448.0)
+        tl.store(m_ptr + offs, tl.div_rn(m, m_scale[:, None]).to(tl.float8e4nv), mask=mask)
+        tl.store(v_ptr + offs, tl.div_rn(v, v_scale[:, None]).to(tl.float8e4nv), mask=mask)
         tl.store(m_scale_ptr + rows, m_scale, mask=live)
         tl.store(v_scale_ptr + rows, v_scale, mask=live)
 
