@@ -105,7 +105,13 @@ def part_specs(tiny: bool) -> dict[str, dict]:
                                                                        "train.optimizer=adamwfp8_torchao",
                                                                        "train.checkpoint_levels=3"],
                              "measure": n(80, 6), "budget": 130, "profile": 3},
-        "lean_lora_preset": {"kind": "train", "preset": LORA_LEAN, "dotted": [], "measure": n(100, 6), "budget": 60},
+        # prior.* as sd15-fast so the class images of earlier parts are reused (the preset's own
+        # sampler settings would generate 200 new ones first)
+        "lean_lora_preset": {"kind": "train", "preset": LORA_LEAN, "dotted": [
+            "prior.steps=25", "prior.sampler=dpmpp", "prior.batch_size=25"], "measure": n(100, 6), "budget": 90},
+        "ours_full_compile_fp8": {"kind": "train", "preset": FAST, "dotted": ["train.compile=default",
+                                                                             "train.optimizer=adamwfp8"],
+                                  "measure": n(150, 6), "budget": 300, "min": 200, "profile": 3},
         "lean_full_ours_fp8": {"kind": "train", "preset": LEAN, "dotted": ["train.train_text_encoder=false",
                                                                          "train.optimizer=adamwfp8"],
                                "measure": n(80, 6), "budget": 110, "profile": 3},

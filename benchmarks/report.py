@@ -54,6 +54,7 @@ def memory_rows(p: dict) -> list[list[str]]:
                                ("reference LoRA", "ref_lora", None), ("ours fast LoRA", "ours_lora", None),
                                ("ours fast full UNet, torch.compile", "ours_full_compile", None),
                                ("ours fast LoRA, torch.compile", "ours_lora_compile", None),
+                               ("ours fast full UNet, torch.compile, FP8 AdamW", "ours_full_compile_fp8", None),
                                ("ours lean full UNet", "lean_full", 10),
                                ("ours lean full UNet, contiguous layout", "lean_full_nocl", 10),
                                ("ours lean full UNet, fp32 AdamW states", "lean_full_adamw", 10),
