@@ -114,7 +114,8 @@ class TrainConfig:
     mixed_precision: str = _f("auto", "auto (bf16 on GPU, no on CPU), no, fp16 or bf16")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     checkpoint_levels: int = _f(0, "with gradient_checkpointing: recompute only the N highest-resolution UNet levels "
-                                   "(their down and up blocks, where activations are largest); 0: every block")
+                                   "(their down and up blocks, where activations are largest); 0, or the UNet's "
+                                   "number of levels or more: every block")
     cache_latents: bool = _f(True, "encode subject/class images once (VAE is frozen)")
     offload_frozen: bool = _f(False, "keep the VAE (and a frozen text encoder) on the CPU while steps run; they come "
                                      "back for samples and scoring (needs cached latents)")
@@ -141,6 +142,8 @@ class TrainConfig:
             (self.lora_rank >= 1, "train.lora_rank", f"{self.lora_rank}: must be >= 1"),
             (self.warmup_steps >= 0 and self.text_encoder_steps >= 0, "train.warmup_steps", "must be >= 0"),
             (self.checkpoint_levels >= 0, "train.checkpoint_levels", f"{self.checkpoint_levels}: must be >= 0"),
+            (not self.checkpoint_levels or self.gradient_checkpointing, "train.checkpoint_levels",
+             f"{self.checkpoint_levels} has no effect without train.gradient_checkpointing=true"),
         ])
 
 

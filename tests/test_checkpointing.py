@@ -44,12 +44,15 @@ def recomputed_blocks(unet, monkeypatch) -> set[str]:
     (2, {"down_blocks.0", "down_blocks.1", "up_blocks.2", "up_blocks.3"}),
     (0, {"down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
          "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3"}),
-    (9, {"down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3",
+    (3, {"down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.1", "up_blocks.2", "up_blocks.3"}),
+    (4, {"down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
+         "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3"}),
+    (9, {"down_blocks.0", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block",
          "up_blocks.0", "up_blocks.1", "up_blocks.2", "up_blocks.3"}),
 ])
 def test_checkpoint_levels_recompute_only_the_outer_levels(monkeypatch, levels, expected):
-    """Level 1 is the highest resolution: the first down block and the last up block. More levels
-    than the UNet has checkpoint every down and up block but leave the mid block alone."""
+    """Level 1 is the highest resolution: the first down block and the last up block. As many
+    levels as the UNet has (4), or more, recompute everything, as 0 does."""
     unet = tiny_unet()
     enable_checkpointing(unet, None, levels)
     assert recomputed_blocks(unet, monkeypatch) == expected
@@ -66,8 +69,12 @@ def test_checkpointing_leaves_gradients_unchanged(levels):
         assert torch.equal(plain[name], recomputed[name]), name
 
 
-def test_negative_checkpoint_levels_is_refused():
+def test_checkpoint_levels_without_checkpointing_or_negative_is_refused():
     from dreambooth.config import TrainConfig
 
-    problems = TrainConfig(checkpoint_levels=-1).problems()
+    assert TrainConfig(gradient_checkpointing=True, checkpoint_levels=1).problems() == []
+    problems = TrainConfig(gradient_checkpointing=True, checkpoint_levels=-1).problems()
     assert [p.where for p in problems] == ["train.checkpoint_levels"]
+    problems = TrainConfig(checkpoint_levels=1).problems()
+    assert [p.where for p in problems] == ["train.checkpoint_levels"]
+    assert "gradient_checkpointing" in problems[0].message

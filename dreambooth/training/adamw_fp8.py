@@ -3,19 +3,23 @@
 The state format is torchao's AdamWFp8's: each moment is stored as float8 e4m3 codes in blocks of
 256 values with one fp32 scale per block (block max / 448, e4m3's largest value), 1 byte per value
 plus 4 per block, the memory of 8-bit AdamW. Quantizing is a cast, not bitsandbytes' search in a
-256-entry map, so the update moves about as many bytes as fp32 AdamW reads, minus the states' 6
-bytes per value.
+256-entry map, so the update is bound by memory traffic: 16 bytes per value (weight read and
+written, gradient read, two 1-byte codes read and written) against fused fp32 AdamW's 28.
 
 Why not torchao's optimizer itself: its compiled update takes two kernels per tensor (the block
 maxima, then the update again to write the codes), reading gradients and states twice, and it has
 no `grad_scale`, so gradient clipping costs one more pass over all gradients. Here one Triton program
 updates whole blocks in registers: it reads the weight, gradient and codes once, divides the
 gradient by `grad_scale` as it reads it (FastStep folds clipping into it, as for fused AdamW), and
-writes weight, codes and scales once. Off CUDA (and in tests) the same arithmetic runs as torch ops.
+writes weight, codes and scales once. The kernel needs Triton's e4m3 type, i.e. an NVIDIA GPU of
+compute capability 8.9 or newer (Ada, Hopper, Blackwell); elsewhere (older GPUs, ROCm, CPU, tests)
+the same arithmetic runs as torch ops.
 
-Tensors of fewer than 4096 values, of a size that is not a multiple of 256, or not contiguous
-(on the plain path) keep fp32 moments, as torchao and bitsandbytes do for small tensors; the flat
-buffers of the fast step (training/flat.py) are whole 256-blocks.
+Blocks follow memory order, so a channels-last weight is quantized as it lies in memory (AdamW is
+elementwise; the order only decides which values share a scale). Tensors of fewer than 4096 values,
+of a size that is not a multiple of 256, or with gaps in memory keep fp32 moments, as torchao and
+bitsandbytes do for small tensors; the flat buffers of the fast step (training/flat.py) are whole
+256-blocks.
 """
 from __future__ import annotations
 
@@ -31,7 +35,17 @@ MIN_QUANTIZED = 4096
 
 
 def quantizes(p: torch.Tensor) -> bool:
-    return p.numel() >= MIN_QUANTIZED and p.numel() % BLOCK == 0 and p.is_contiguous()
+    from .flat import _dense
+
+    return p.numel() >= MIN_QUANTIZED and p.numel() % BLOCK == 0 and _dense(p)
+
+
+def in_memory_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(n,) view of `t`'s values in the memory order of the dense tensor `like` (a copy in `like`'s
+    layout first when their strides differ)."""
+    if t.stride() != like.stride():
+        t = torch.empty_like(like, dtype=t.dtype).copy_(t)
+    return t.as_strided((t.numel(),), (1,))
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +91,8 @@ class AdamWFp8(torch.optim.Optimizer):
         for pid, p in zip(saved, params):
             for key, value in codes.get(pid, {}).items():
                 self.state[p][key] = value.to(p.device)
+            if "step" in self.state[p]:  # on the host, wherever it was saved or moved (accelerate moves
+                self.state[p]["step"] = self.state[p]["step"].cpu()  # state to the GPU): no sync to read it
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -99,19 +115,19 @@ class AdamWFp8(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            lr = float(group["lr"])  # once per group: a tensor LR on the GPU would sync per tensor
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p] or self._init_state(p)
                 state["step"] += 1
                 step = float(state["step"])  # a CPU tensor: reading it never waits for the GPU
-                hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                             weight_decay=group["weight_decay"], bc1=1 - beta1**step,
-                             bc2_sqrt=math.sqrt(1 - beta2**step))
+                hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                             bc1=1 - beta1**step, bc2_sqrt=math.sqrt(1 - beta2**step))
                 if "exp_avg_scale" not in state:
                     self._update_fp32(p, state, hyper)
-                elif p.is_cuda and p.grad.is_contiguous() and _triton_kernel() is not None:
-                    self._update_fused(p, state, hyper)
+                elif p.grad.stride() == p.stride() and p.numel() < 2**31 and fused_kernel_runs_on(p.device):
+                    self._update_fused(p, state, hyper)  # (int32 offsets in the kernel)
                 else:
                     self._update_torch(p, state, hyper)
         return loss
@@ -129,8 +145,9 @@ class AdamWFp8(torch.optim.Optimizer):
     def _update_torch(self, p, state, hyper) -> None:
         m = dequantize(state["exp_avg"], state["exp_avg_scale"])
         v = dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"])
-        new_p, m, v = adamw_math(p.view(-1).float(), self._grad(p).reshape(-1), m, v, **hyper)
-        p.view(-1).copy_(new_p)
+        flat = in_memory_order(p, p)
+        new_p, m, v = adamw_math(flat.float(), in_memory_order(self._grad(p), p), m, v, **hyper)
+        flat.copy_(new_p)
         for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
             codes, scale = quantize(value)
             state[name].copy_(codes)
@@ -139,9 +156,9 @@ class AdamWFp8(torch.optim.Optimizer):
     def _update_fused(self, p, state, hyper) -> None:
         kernel, rows = _triton_kernel(), 4
         blocks = p.numel() // BLOCK
-        scale = self.grad_scale
+        scale = None if self.grad_scale is None else self.grad_scale.to(p.device, torch.float32)
         kernel[(triton_cdiv(blocks, rows),)](
-            p, p.grad, state["exp_avg"].view(FP8), state["exp_avg_scale"], state["exp_avg_sq"].view(FP8),
+            in_memory_order(p, p), in_memory_order(p.grad, p), state["exp_avg"].view(FP8), state["exp_avg_scale"], state["exp_avg_sq"].view(FP8),
             state["exp_avg_sq_scale"], scale if scale is not None else p, blocks,
             # products of Python floats rounded once, as torch's ops receive them
             hyper["lr"], 1 - hyper["beta1"], 1 - hyper["beta2"], hyper["eps"], hyper["lr"] * hyper["weight_decay"],
@@ -150,6 +167,14 @@ class AdamWFp8(torch.optim.Optimizer):
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@functools.cache
+def fused_kernel_runs_on(device: torch.device) -> bool:
+    """Triton's e4m3 type exists from compute capability 8.9 on NVIDIA GPUs; not on ROCm."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9) and _triton_kernel() is not None
 
 
 @functools.cache
@@ -176,7 +201,7 @@ def _triton_kernel():
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(m_scale_ptr + rows, mask=live)[:, None]
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(v_scale_ptr + rows, mask=live)[:, None]
         p = p - decay * p
-        m = m + w1 * (g - m)  # torch's lerp for weights below 0.5
+        m = m + w1 * (g - m)  # torch's lerp rounds this way for weights below 0.5 (betas above 0.5)
         v = v + w2 * (g * g - v)
         # IEEE-rounded division and square root, as torch computes them (Triton's `/` and `sqrt`
         # are approximate): the codes then land where the torch ops put them.

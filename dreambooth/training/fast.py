@@ -16,8 +16,11 @@ kernels for one SD 1.5 forward and backward. Here
 - losses are read back one step late (`LossReadout`), so the host never waits for the step it just
   queued.
 
-On a CPU in fp32 only the numerically neutral parts apply (gathering, slicing, same draws): the result
-equals the plain path bit for bit (tests/test_fast_path.py).
+On a CPU in fp32 only the numerically neutral parts apply (gathering, slicing, same draws): with
+AdamW the result equals the plain path bit for bit (tests/test_fast_path.py). Quantized optimizers
+(8-bit, FP8) train flat buffers here, so their blocks, and their rounding, differ from the plain
+path's per-tensor blocks, and AdamWFp8 divides by the clipping divisor where the plain step
+multiplies by its inverse.
 """
 from __future__ import annotations
 

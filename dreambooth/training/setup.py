@@ -47,13 +47,14 @@ def enable_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | 
     RNG state need not be saved and restored (which a CUDA graph capture cannot do).
 
     `levels` > 0: only the UNet's `levels` highest-resolution down blocks and the matching up blocks
-    recompute (at 512 px the 64x64 level holds most of the activations and a smaller share of
-    the arithmetic); the inner levels and the mid block keep their activations.
+    recompute (SD 1.5 at 512 px: the 64x64 level holds 56 % of the activations and 29 % of the
+    forward's arithmetic); the inner levels and the mid block keep their activations. As many
+    levels as the UNet has, or more, recompute everything, mid block included (= 0).
     """
     keep_rng = _has_dropout(unet) or (text_encoder is not None and _has_dropout(text_encoder))
     kwargs = {"use_reentrant": False, "preserve_rng_state": keep_rng}
     unet.enable_gradient_checkpointing(lambda module, *args: torch.utils.checkpoint.checkpoint(module, *args, **kwargs))
-    if levels:
+    if 0 < levels < len(unet.down_blocks):
         inner = [*unet.down_blocks[levels:], unet.mid_block, *unet.up_blocks[:max(0, len(unet.up_blocks) - levels)]]
         for module in (m for block in inner if block is not None for m in block.modules()):
             if hasattr(module, "gradient_checkpointing"):
