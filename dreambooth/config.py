@@ -101,8 +101,9 @@ class TrainConfig:
     lr_schedule: str = _f("constant", "constant, constant_with_warmup, linear or cosine")
     warmup_steps: int = _f(0, "learning-rate warm-up steps")
     optimizer: str = _f("adamw", "adamw; adamwfp8 (FP8 moments in blocks of 256, 1/4 of AdamW's state memory, one "
-                                 "fused Triton kernel on CUDA); adamw8bit (bitsandbytes, bnb extra); adamw8bit_torchao "
-                                 "or adamwfp8_torchao (torchao, lean extra: compiled kernels)")
+                                 "fused Triton kernel on NVIDIA GPUs of compute capability 8.9+, torch ops elsewhere); "
+                                 "adamw8bit (bitsandbytes, bnb extra); adamw8bit_torchao or adamwfp8_torchao (torchao, "
+                                 "lean extra: compiled kernels; its FP8 one needs compute capability 8.9+)")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     train_text_encoder: bool = _f(False, "also fine-tune the text encoder")
