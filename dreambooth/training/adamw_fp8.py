@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from .flat import is_dense
+
 BLOCK = 256
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -35,9 +37,7 @@ MIN_QUANTIZED = 4096
 
 
 def quantizes(p: torch.Tensor) -> bool:
-    from .flat import _dense
-
-    return p.numel() >= MIN_QUANTIZED and p.numel() % BLOCK == 0 and _dense(p)
+    return p.numel() >= MIN_QUANTIZED and p.numel() % BLOCK == 0 and is_dense(p)
 
 
 def in_memory_order(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -158,8 +158,8 @@ class AdamWFp8(torch.optim.Optimizer):
         blocks = p.numel() // BLOCK
         scale = None if self.grad_scale is None else self.grad_scale.to(p.device, torch.float32)
         kernel[(triton_cdiv(blocks, rows),)](
-            in_memory_order(p, p), in_memory_order(p.grad, p), state["exp_avg"].view(FP8), state["exp_avg_scale"], state["exp_avg_sq"].view(FP8),
-            state["exp_avg_sq_scale"], scale if scale is not None else p, blocks,
+            in_memory_order(p, p), in_memory_order(p.grad, p), state["exp_avg"].view(FP8), state["exp_avg_scale"],
+            state["exp_avg_sq"].view(FP8), state["exp_avg_sq_scale"], scale if scale is not None else p, blocks,
             # products of Python floats rounded once, as torch's ops receive them
             hyper["lr"], 1 - hyper["beta1"], 1 - hyper["beta2"], hyper["eps"], hyper["lr"] * hyper["weight_decay"],
             hyper["bc1"], hyper["bc2_sqrt"], HAS_SCALE=scale is not None, ROWS=rows, BLOCK=BLOCK, num_warps=4)

@@ -91,7 +91,7 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
     except ValueError as e:  # a different tensor layout: flat buffers (fast step) vs per-tensor (plain)
         raise RunDirError(f"checkpoint {path} holds optimizer state for a different parameter layout", [
             Problem(str(path), f"{e}; resume on the same kind of device with the same train.fast and "
-                    "train.optimizer as the run that wrote it (8-bit AdamW on the fast step keeps flat "
+                    "train.optimizer as the run that wrote it (8-bit and FP8 AdamW on the fast step keep flat "
                     "buffers), or start a new run")]) from e
     lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     return json.loads((path / "state.json").read_text())["step"]

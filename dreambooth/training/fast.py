@@ -102,7 +102,8 @@ def wants_flat(config, device: torch.device) -> bool:
     and for torchao one compiled kernel shape per module instead of one per parameter shape (on any
     device). The plain step updates tensor by tensor (train_events says so for torchao)."""
     optimizer = config.train.optimizer
-    return optimizer.endswith("_torchao") or optimizer == "adamwfp8" or (device.type == "cuda" and optimizer == "adamw8bit")
+    low_bit = optimizer.endswith("_torchao") or optimizer == "adamwfp8"
+    return low_bit or (device.type == "cuda" and optimizer == "adamw8bit")
 
 
 class StepDraws(NamedTuple):

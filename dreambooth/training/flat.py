@@ -50,7 +50,7 @@ class FlatModule:
         grad = torch.zeros(total, dtype=dtype, device=device)
         offset = 0
         for p in params:
-            if not _dense(p):
+            if not is_dense(p):
                 raise ValueError(f"parameter of shape {tuple(p.shape)} is not dense in memory; cannot flatten it")
             view = torch.as_strided(flat, p.shape, p.stride(), offset)
             view.copy_(p.detach())
@@ -65,7 +65,7 @@ class FlatModule:
             self.params.append(piece)
 
 
-def _dense(t: torch.Tensor) -> bool:
+def is_dense(t: torch.Tensor) -> bool:
     """Its elements fill exactly `numel` consecutive slots (contiguous, channels-last, ...)."""
     order = sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1)
     expected = 1

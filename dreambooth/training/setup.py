@@ -55,7 +55,7 @@ def enable_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | 
     kwargs = {"use_reentrant": False, "preserve_rng_state": keep_rng}
     unet.enable_gradient_checkpointing(lambda module, *args: torch.utils.checkpoint.checkpoint(module, *args, **kwargs))
     if 0 < levels < len(unet.down_blocks):
-        inner = [*unet.down_blocks[levels:], unet.mid_block, *unet.up_blocks[:max(0, len(unet.up_blocks) - levels)]]
+        inner = [*unet.down_blocks[levels:], unet.mid_block, *unet.up_blocks[:len(unet.up_blocks) - levels]]
         for module in (m for block in inner if block is not None for m in block.modules()):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = False
