@@ -1,22 +1,22 @@
-"""Export a finished run in the formats other tools read, in one step (DESIGN.md pain point 4).
+"""Export a finished run in the formats other tools read, in one step.
 
-    diffusers     complete pipeline folder (safetensors), `StableDiffusionPipeline.from_pretrained`
-    single-file   one .safetensors in the original SD key layout (A1111, ComfyUI, `from_single_file`)
-    lora-peft     LoRA weights as diffusers saves them (`load_lora_weights`), alpha in the metadata
-    lora-kohya    LoRA weights in the kohya sd-scripts layout (A1111, ComfyUI, `load_lora_weights`)
+    diffusers     complete pipeline folder (safetensors), `StableDiffusionPipeline.from_pretrained`;
+                  fp32 weights plus an `fp16` (or `bf16`) variant, as diffusers' own repos ship them
+    single-file   one .safetensors in the original SD key layout (A1111, ComfyUI, `from_single_file`);
+                  an SD 2 v-prediction model gets the `<stem>.yaml` config A1111 and Forge look for
+    lora-kohya    LoRA weights in the kohya sd-scripts layout (A1111, Forge, ComfyUI, diffusers);
+                  the default LoRA format (`lora` names it)
+    lora-peft     LoRA weights as diffusers saves them (`load_lora_weights`), alpha in the metadata;
+                  only diffusers reads this layout
 
 A LoRA run exported as diffusers or single-file has its LoRA merged into the base weights. Every
-export describes itself (export_meta.py), is written to a temporary name and renamed when complete,
-and never replaces an existing path. All exporters share one signature:
-`(source: ExportSource, output: Path, dtype: torch.dtype) -> Path`.
+export describes itself (export_meta.py), is written under a temporary name and moved into place
+when complete (export_io.py), and never replaces an existing path. All exporters share one
+signature: `(source: ExportSource, output: Path, dtype: torch.dtype) -> Path`.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,11 +25,15 @@ import torch
 import yaml
 
 from .errors import ConfigError, Problem, raise_if_errors
-from .export_meta import STABILITY_IMPL, export_metadata
+from .export_io import ExportError  # noqa: F401  (re-exported: callers of export() catch it here)
+from .export_io import named_write_errors, prune_stale_temporaries, write_file_atomically, write_folder_atomically
+from .export_meta import STABILITY_IMPL, export_metadata, kohya_metadata, ldm_inference_config
 from .rundir import RUN_INFO, RunDir
 
-FORMATS = ("diffusers", "single-file", "lora-peft", "lora-kohya")
+FORMATS = ("diffusers", "single-file", "lora-kohya", "lora-peft")
+ALIASES = {"lora": "lora-kohya"}  # the LoRA layout every reader loads
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+VARIANTS = {torch.float16: "fp16", torch.bfloat16: "bf16"}  # diffusers variant names of the folder export
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what training writes in final/ for LoRA runs
 
 
@@ -63,6 +67,11 @@ class ExportSource:
         return export_metadata(self.info, self.config, self.text_encoder_config(), lora=lora,
                                implementation=implementation)
 
+    def lora_metadata(self, output: Path, implementation: str) -> dict[str, str]:
+        """The common block plus the kohya `ss_*` keys that A1111 and Forge list LoRAs by."""
+        return {**self.metadata(lora=True, implementation=implementation),
+                **kohya_metadata(self.info, self.config, self.text_encoder_config(), output.stem)}
+
 
 def open_run(run_dir: str | Path) -> ExportSource:
     run = RunDir(Path(run_dir))
@@ -72,18 +81,22 @@ def open_run(run_dir: str | Path) -> ExportSource:
 
 
 def export(run_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "fp16") -> Path:
-    """Write RUN_DIR's model as `fmt` to `output`; returns the written path."""
+    """Write RUN_DIR's model as `fmt` to `output`; returns the written path. Write failures (disk
+    full, read-only folder, Ctrl-C, SIGTERM) raise ExportError and leave nothing behind."""
     source = open_run(run_dir)
-    output = Path(output)
+    output, fmt = Path(output), ALIASES.get(fmt, fmt)
     raise_if_errors(f"cannot export {run_dir} as {fmt}", _check_request(source, fmt, output, dtype), ConfigError)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return EXPORTERS[fmt](source, output, DTYPES[dtype])
+    with named_write_errors(output):
+        output.parent.mkdir(parents=True, exist_ok=True)
+        prune_stale_temporaries(output.parent)
+        return EXPORTERS[fmt](source, output, DTYPES[dtype])
 
 
 def export_after_training(run_dir: str | Path, formats: list[str], dtype: str = "fp16") -> list[Path]:
     """`train --export a,b`: write each format into RUN_DIR/export/ under a descriptive name.
     Every request is checked before the first is written, so a bad one fails fast."""
     source = open_run(run_dir)
+    formats = [ALIASES.get(fmt, fmt) for fmt in formats]
     outputs = {fmt: default_output(source, fmt) for fmt in formats}
     problems = [p for fmt in formats for p in _check_request(source, fmt, outputs.get(fmt), dtype)]
     raise_if_errors(f"cannot export {run_dir}", problems, ConfigError)
@@ -99,10 +112,11 @@ def default_output(source: ExportSource, fmt: str) -> Path:
 
 def check_formats(formats: list[str], mode: str | None = None) -> None:
     """Before training: the requested formats exist and fit the training mode (LoRA formats need LoRA)."""
-    problems = [Problem(f, f"unknown format; use one of {', '.join(FORMATS)}") for f in formats if f not in FORMATS]
+    problems = [Problem(f, f"unknown format; use one of {', '.join(FORMATS)} (or lora = lora-kohya)")
+                for f in formats if ALIASES.get(f, f) not in FORMATS]
     if mode == "full":
         problems += [Problem(f, "needs train.mode=lora; a full fine-tune exports as diffusers or single-file")
-                     for f in formats if f.startswith("lora-")]
+                     for f in formats if ALIASES.get(f, f).startswith("lora-")]
     raise_if_errors("cannot export in the requested formats", problems, ConfigError)
 
 
@@ -115,9 +129,9 @@ def _check_request(source: ExportSource, fmt: str, output: Path | None, dtype: s
     if fmt.startswith("lora-") and not source.is_lora:
         problems.append(Problem(str(source.run.root), f"{fmt} needs a LoRA run (train.mode=lora); this run is a "
                                 "full fine-tune: export it as diffusers or single-file"))
-    if output is not None and output.exists():
-        problems.append(Problem(str(output), "already exists; exports never overwrite: choose another "
-                                "--output or remove it first"))
+    targets = [output, v_config_path(output)] if output and fmt == "single-file" and _is_v(source) else [output]
+    problems += [Problem(str(path), "already exists; exports never overwrite: choose another --output or "
+                         "remove it first") for path in targets if path is not None and path.exists()]
     return problems
 
 
@@ -145,33 +159,77 @@ def _rank(state: dict[str, torch.Tensor], part: str) -> float:
 
 
 def export_diffusers(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
-    """A complete pipeline folder; its dreambooth.json carries the run facts and modelspec block."""
+    """A complete pipeline folder; its dreambooth.json carries the run facts and modelspec block.
+
+    The main weights are fp32 so that a plain `from_pretrained(folder)` gets one dtype everywhere
+    (mixed dtypes fail at the first matrix product); fp16/bf16 is written as a diffusers variant
+    (`*.fp16.safetensors`, loaded with `variant="fp16"`, and preferred by ComfyUI's loader)."""
     from .training.outputs import save_pipeline_folder
 
-    components = merged_components(source).to("cpu", dtype)
-    info = dict(source.info, mode="full", merged_lora=source.is_lora, dtype=str(dtype).removeprefix("torch."),
+    components = merged_components(source).to("cpu", torch.float32)
+    variant = VARIANTS.get(dtype)
+    info = dict(source.info, mode="full", merged_lora=source.is_lora, dtype="float32", variant=variant,
                 metadata=source.metadata(lora=False))
 
     def write(tmp: Path) -> None:
         save_pipeline_folder(components, tmp)
+        write_text_encoder(components.text_encoder, tmp / "text_encoder")
+        if variant:  # last: converting to the variant's dtype changes the networks in place
+            for part in ("unet", "vae"):
+                getattr(components, part).to(dtype).save_pretrained(tmp / part, variant=variant,
+                                                                   safe_serialization=True)
+            write_text_encoder(components.text_encoder, tmp / "text_encoder", dtype=dtype, variant=variant)
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
 
     return write_folder_atomically(output, write)
 
 
+def write_text_encoder(text_encoder, folder: Path, *, dtype: torch.dtype | None = None,
+                       variant: str | None = None) -> Path:
+    """The text encoder's weights under `text_model.`, the layout transformers 4 saves and reads and
+    ComfyUI's diffusers loader detects (transformers 5 reads it too, though it saves without it)."""
+    from safetensors.torch import save_file
+
+    name = f"model.{variant}.safetensors" if variant else "model.safetensors"
+    for old in folder.glob(name.replace(".safetensors", "*.safetensors*")):  # also a sharded index
+        old.unlink()
+    state = {("" if k.startswith("text_model.") else "text_model.") + k: v.to(dtype or v.dtype).contiguous()
+             for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    save_file(state, str(folder / name), metadata={"format": "pt"})
+    return folder / name
+
+
+def _is_v(source: ExportSource) -> bool:
+    return source.info.get("prediction_type") == "v_prediction"
+
+
+def v_config_path(output: Path) -> Path:
+    """Where A1111 and Forge look for a checkpoint's own config: the same name with `.yaml`."""
+    return output.with_suffix(".yaml")
+
+
 def export_single_file(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
     """One .safetensors in the original layout, with the component configs in its metadata so this
-    tool (and anyone reading the metadata) can reload it without guessing the architecture."""
+    tool (and anyone reading the metadata) can reload it without guessing the architecture. A
+    v-prediction model also gets its LDM config beside it, the one signal of `v` A1111 reads."""
     from .export_layout import pipeline_to_original
     from .models.single_file import CONFIGS_METADATA_KEY
 
     c = merged_components(source)
-    state = pipeline_to_original(c.unet.state_dict(), c.vae.state_dict(), c.text_encoder.state_dict(),
-                                 {"unet": dict(c.unet.config), "vae": dict(c.vae.config),
-                                  "text_encoder": c.text_encoder.config.to_dict()})
+    configs = {"unet": dict(c.unet.config), "vae": dict(c.vae.config), "text_encoder": c.text_encoder.config.to_dict()}
+    state = pipeline_to_original(c.unet.state_dict(), c.vae.state_dict(), c.text_encoder.state_dict(), configs)
     metadata = source.metadata(lora=False, implementation=STABILITY_IMPL)
     metadata[CONFIGS_METADATA_KEY] = json.dumps(component_configs(c), default=str)
-    return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
+    if not _is_v(source):
+        return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
+    text = yaml.safe_dump(ldm_inference_config(configs, source.info), sort_keys=False)
+    save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
+    try:
+        write_file_atomically(v_config_path(output), lambda tmp: tmp.write_text(text))
+    except BaseException:
+        output.unlink(missing_ok=True)  # a v model without its config would load as epsilon
+        raise
+    return output
 
 
 def component_configs(components) -> dict:
@@ -190,7 +248,7 @@ def export_lora_peft(source: ExportSource, output: Path, dtype: torch.dtype) -> 
     from .lora_files import adapter_metadata, read_lora_file, to_peft_layout
 
     state = to_peft_layout(read_lora_file(source.lora_file)[0])
-    metadata = dict(source.metadata(lora=True), format="pt", **adapter_metadata(state, source.alphas()))
+    metadata = dict(source.lora_metadata(output, "diffusers"), format="pt", **adapter_metadata(state, source.alphas()))
     return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
 
 
@@ -199,7 +257,7 @@ def export_lora_kohya(source: ExportSource, output: Path, dtype: torch.dtype) ->
 
     state = peft_to_kohya(read_lora_file(source.lora_file)[0], source.alphas())
     rank = next(v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight"))
-    metadata = dict(source.metadata(lora=True, implementation=STABILITY_IMPL), ss_network_module="networks.lora",
+    metadata = dict(source.lora_metadata(output, STABILITY_IMPL), ss_network_module="networks.lora",
                     ss_network_dim=str(rank), ss_network_alpha=str(source.alphas()["unet"]))
     return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
 
@@ -210,37 +268,9 @@ def save_safetensors(output: Path, state: dict[str, torch.Tensor], metadata: dic
     return write_file_atomically(output, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
-def write_file_atomically(output: Path, write: Callable[[Path], None]) -> Path:
-    """Write to a hidden temporary file beside `output`, then link it into place: a crash leaves no
-    half-written file, and `os.link` fails instead of replacing a file that appeared meanwhile."""
-    tmp = output.parent / f".{output.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        write(tmp)
-        os.link(tmp, output)
-    except FileExistsError as e:
-        raise ConfigError("export target exists", [Problem(str(output), "already exists; not overwritten")]) from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return output
-
-
-def write_folder_atomically(output: Path, write: Callable[[Path], None]) -> Path:
-    """Folder version: build in a temporary folder beside `output`, then rename it into place."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
-        write(tmp)
-        if output.exists():
-            raise ConfigError("export target exists", [Problem(str(output), "already exists; not overwritten")])
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output
-
-
 EXPORTERS: dict[str, Callable[[ExportSource, Path, torch.dtype], Path]] = {
     "diffusers": export_diffusers,
     "single-file": export_single_file,
-    "lora-peft": export_lora_peft,
     "lora-kohya": export_lora_kohya,
+    "lora-peft": export_lora_peft,
 }

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import ConfigError, ModelSourceError, UnsafeCheckpointError
-from dreambooth.export import export, export_after_training
+from dreambooth.export import ExportError, export, export_after_training
 
 PROMPT = "a photo of sks dog"
 
@@ -313,7 +313,7 @@ def test_exports_refuse_to_overwrite_and_leave_nothing_half_written(full_run, tm
         raise OSError("disk full")
 
     monkeypatch.setattr("safetensors.torch.save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="disk full"):
         export(full_run, "single-file", tmp_path / "new.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]
 

@@ -1,0 +1,128 @@
+"""Writing exports so that nothing half-written is ever left at, or next to, the target.
+
+Every export is built under a hidden temporary name beside its target, `.<name>.tmp-<pid>-<random>`,
+and moved into place only when complete. An error, Ctrl-C or SIGTERM removes the temporary; a
+process killed outright (SIGKILL, power loss) leaves one behind, so each export first prunes
+temporaries whose process no longer runs. Write errors become an `ExportError` that names the
+cause (disk full, read-only folder), which the CLI reports with exit code 2.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import shutil
+import signal
+import threading
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import DreamboothError, Problem
+
+_TMP = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
+_CAUSES = {errno.ENOSPC: "the disk is full: free space or choose another --output",
+           errno.EDQUOT: "the disk quota is exceeded: free space or choose another --output",
+           errno.EACCES: "no permission to write here: choose a writable --output folder",
+           errno.EPERM: "no permission to write here: choose a writable --output folder",
+           errno.EROFS: "the file system is read-only: choose a writable --output folder"}
+
+
+class ExportError(DreamboothError):
+    """An export could not be written (disk full, read-only folder, interrupted); nothing was left."""
+
+
+class ExportInterrupted(BaseException):
+    """Raised inside an export by SIGTERM, so the same cleanup as for Ctrl-C runs."""
+
+
+def temporary_name(output: Path) -> Path:
+    return output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def prune_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove export temporaries in `folder` left by processes that no longer run; returns them."""
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = _TMP.match(path.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # this process's own temporaries are in use by a running export
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """During the block SIGTERM raises ExportInterrupted (as Ctrl-C raises KeyboardInterrupt), so
+    `finally` cleanups run. Only the main thread can own signal handlers; elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise ExportInterrupted()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def named_write_errors(output: Path) -> Iterator[None]:
+    """Turn OS errors and interruptions while writing `output` into an ExportError naming the cause."""
+    try:
+        with sigterm_raises():
+            yield
+    except (KeyboardInterrupt, ExportInterrupted) as e:
+        raise ExportError(f"export to {output} interrupted", [Problem(
+            str(output), "stopped by Ctrl-C or SIGTERM; the partial export was removed")]) from e
+    except OSError as e:
+        cause = _CAUSES.get(e.errno, f"{e.strerror or e}; nothing was written")
+        raise ExportError(f"cannot write {output}", [Problem(str(e.filename or output), cause)]) from e
+
+
+def write_file_atomically(output: Path, write: Callable[[Path], None]) -> Path:
+    """Write to a hidden temporary file beside `output`, then link it into place: `os.link` fails
+    instead of replacing a file that appeared meanwhile."""
+    tmp = temporary_name(output)
+    try:
+        write(tmp)
+        os.link(tmp, output)
+    except FileExistsError as e:
+        raise ExportError("export target exists", [Problem(str(output), "already exists; not overwritten")]) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output
+
+
+def write_folder_atomically(output: Path, write: Callable[[Path], None]) -> Path:
+    """Folder version: build in a hidden temporary folder beside `output`, then rename it into place."""
+    tmp = temporary_name(output)
+    try:
+        tmp.mkdir()
+        write(tmp)
+        if output.exists():
+            raise ExportError("export target exists", [Problem(str(output), "already exists; not overwritten")])
+        tmp.rename(output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
+    return output
