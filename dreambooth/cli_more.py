@@ -5,10 +5,13 @@ from __future__ import annotations
 def register(sub) -> None:
     e = sub.add_parser("export", help="write the trained model in another format")
     e.add_argument("run_dir")
-    e.add_argument("--format", required=True, choices=["diffusers", "single-file", "lora-peft", "lora-kohya"])
+    e.add_argument("--format", required=True, choices=["diffusers", "single-file", "lora", "lora-kohya", "lora-peft"],
+                   help="lora = lora-kohya, which A1111, Forge, ComfyUI and diffusers all load; lora-peft is "
+                   "read by diffusers only (its alpha needs diffusers >= 0.34)")
     e.add_argument("--output", required=True)
     e.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"],
-                   help="weight precision of the written files (default fp16, as A1111/ComfyUI share them)")
+                   help="weight precision (default fp16, as A1111/ComfyUI share them); a diffusers folder "
+                   "keeps fp32 weights and adds this as a variant (variant=\"fp16\")")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("evaluate", help="score a run with the DreamBooth benchmark metrics")

@@ -47,6 +47,13 @@ def test_export_refuses_an_existing_output(full_run, tmp_path, capsys, kind):
     assert target.is_dir() if kind == "folder" else target.read_text() == "keep me"
 
 
+def test_export_below_a_file(full_run, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("keep me")
+    assert _export(full_run, "single-file", tmp_path / "file.txt" / "m.safetensors") == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+
+
 def test_export_into_a_read_only_folder(full_run, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "ro"
     folder.mkdir()
@@ -116,11 +123,7 @@ def test_export_prunes_temporaries_of_killed_exports(full_run, tmp_path):
     (stale_folder / "unet").mkdir()
     in_use.write_bytes(b"")
     (tmp_path / ".keep").write_text("not ours")
+    handler = signal.getsignal(signal.SIGTERM)
     assert _export(full_run, "single-file", tmp_path / "new.safetensors") == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".keep", in_use.name, "new.safetensors"])
-
-
-def test_export_sigterm_handler_is_restored(full_run, tmp_path):
-    before = signal.getsignal(signal.SIGTERM)
-    assert _export(full_run, "single-file", tmp_path / "m.safetensors") == 0
-    assert signal.getsignal(signal.SIGTERM) is before
+    assert signal.getsignal(signal.SIGTERM) is handler  # the export's SIGTERM handler is gone again
