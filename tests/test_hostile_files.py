@@ -1,0 +1,97 @@
+"""Hostile input files: each must be named in a report quickly, never hang or exhaust memory."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dreambooth.data.images import check_images, load_rgb, prepare_image
+from dreambooth.errors import ImageCheckError
+from tests.test_images import RES, png_header_only, save_set
+
+
+def errors_of(folder: Path, **kwargs) -> dict[str, str]:
+    with pytest.raises(ImageCheckError) as caught:
+        check_images(folder, RES, **kwargs)
+    return {Path(p.where).name: p.message for p in caught.value.problems if p.severity == "error"}
+
+
+def test_image_thin_strip_is_refused_from_its_header(tmp_path):
+    save_set(tmp_path, 3)
+    png_header_only(tmp_path / "strip.png", 40000, 2)  # ~300 bytes; resized to cover: 20 M pixels at 32
+    errors = errors_of(tmp_path)
+    assert set(errors) == {"strip.png"} and "40000x2" in errors["strip.png"] and "8:1" in errors["strip.png"]
+
+
+def test_image_resize_of_a_strip_refuses_instead_of_allocating():
+    with pytest.raises(ValueError, match="40000x2"):
+        prepare_image(Image.new("RGB", (40000, 2)), 512)
+
+
+def test_image_cover_size_over_the_pixel_limit_is_an_error(tmp_path):
+    save_set(tmp_path, 3, size=(64, 64))
+    Image.new("RGB", (100, 20), (200, 10, 10)).save(tmp_path / "wide.png")  # 5:1, under the ratio limit
+    # 64x64 photos cover 32x32 in 4,096 pixels; the 5:1 one needs 5,120, over a limit of 5,000
+    errors = errors_of(tmp_path, max_pixels=5_000)
+    assert set(errors) == {"wide.png"} and "5,120 pixels" in errors["wide.png"]
+
+
+def _check_in_thread(folder: Path, fifos: list[Path], seconds: float = 20.0) -> dict:
+    """check_images in a daemon thread, so that a hang fails the test instead of stalling the run."""
+    result = {}
+
+    def run():
+        try:
+            result["report"] = check_images(folder, RES)
+        except ImageCheckError as err:
+            result["error"] = err
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    hung = worker.is_alive()
+    for fifo in fifos if hung else ():  # a writer releases the blocked open(); the reader then sees EOF
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # no reader on this one
+            pass
+    assert not hung, "check_images blocked on a FIFO"
+    return result
+
+
+def test_image_fifo_named_jpg_is_an_error_not_a_hang(tmp_path):
+    save_set(tmp_path, 3)
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    result = _check_in_thread(tmp_path, [fifo])
+    problems = {Path(p.where).name: p for p in result["error"].problems}
+    assert problems["photo.jpg"].severity == "error" and "FIFO" in problems["photo.jpg"].message
+
+
+def test_image_special_files_are_named_and_links_to_photos_work(tmp_path):
+    paths = save_set(tmp_path / "set", 3)
+    folder = tmp_path / "set"
+    (folder / "link.png").symlink_to(paths[0].with_name("elsewhere.png"))  # dangling
+    (folder / "good-link.png").symlink_to(paths[1])
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "s.png"))
+    os.mkfifo(folder / "notes.txt")
+    try:
+        result = _check_in_thread(folder, [folder / "notes.txt"])
+    finally:
+        sock.close()
+    problems = {Path(p.where).name: p for p in result["error"].problems}
+    assert "broken link" in problems["link.png"].message and problems["link.png"].severity == "error"
+    assert "socket" in problems["s.png"].message and problems["s.png"].severity == "error"
+    assert problems["notes.txt"].severity == "note"  # not named like an image: skipped
+    assert "good-link.png" not in problems or problems["good-link.png"].severity != "error"
+
+
+def test_image_load_rgb_refuses_a_fifo(tmp_path):
+    os.mkfifo(tmp_path / "a.png")
+    with pytest.raises(ImageCheckError, match="FIFO"):
+        load_rgb(tmp_path / "a.png")
