@@ -95,3 +95,119 @@ def test_image_load_rgb_refuses_a_fifo(tmp_path):
     os.mkfifo(tmp_path / "a.png")
     with pytest.raises(ImageCheckError, match="FIFO"):
         load_rgb(tmp_path / "a.png")
+
+
+# --- misleading messages and corrupt model files -------------------------------------------------
+
+def _tiny_model_copy(dest: Path) -> Path:
+    import shutil
+
+    from dreambooth.models import detect_source, model_folder
+
+    shutil.copytree(model_folder(detect_source("tiny-random")), dest)
+    return dest
+
+
+def _truncate(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_message_run_without_final_says_so(tmp_path, subject_dir):
+    from dreambooth.config import load_config, save_config
+    from dreambooth.errors import ModelSourceError
+    from dreambooth.generate import load_for_generation
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00003").mkdir(parents=True)
+    (run / "checkpoints" / "step-00003" / "state.json").write_text("{}")
+    save_config(load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}}), run / "config.yaml")
+    with pytest.raises(ModelSourceError) as caught:  # generate and evaluate both load through here
+        load_for_generation(run, device="cpu")
+    report = caught.value.report()
+    assert "no final model yet" in report and "--resume" in report and "step-00003" in report
+    assert "not a diffusers model" not in report
+
+
+def test_message_random_bytes_ckpt_is_corrupt_not_unsafe(tmp_path):
+    from dreambooth.errors import ModelSourceError, UnsafeCheckpointError
+    from dreambooth.models.single_file import load_pickle_state_dict
+
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(bytes(range(7, 256)) * 20)
+    with pytest.raises(ModelSourceError) as caught:
+        load_pickle_state_dict(path)
+    assert not isinstance(caught.value, UnsafeCheckpointError)
+    assert "not a checkpoint file" in caught.value.report() and "arbitrary code" not in caught.value.report()
+
+
+def test_message_unsafe_pickle_is_still_called_unsafe(tmp_path):
+    import pickle
+
+    from dreambooth.errors import UnsafeCheckpointError
+    from dreambooth.models.single_file import load_pickle_state_dict
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"w": Payload()}, protocol=2))
+    with pytest.raises(UnsafeCheckpointError):
+        load_pickle_state_dict(path)
+
+
+def test_message_truncated_run_config_is_named_corrupt(tmp_path, subject_dir):
+    from dreambooth.config import load_config, save_config
+    from dreambooth.errors import ConfigError
+    from dreambooth.training import train_events
+
+    config = load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}})
+    for keep in (0.5, 0.93):  # mid-file (parses as a shorter mapping) and near the end (mid-value)
+        run = tmp_path / f"run{keep}"
+        run.mkdir()
+        save_config(config, run / "config.yaml")
+        _truncate(run / "config.yaml", keep)
+        with pytest.raises(ConfigError) as caught:
+            next(train_events(config, run, resume=True))
+        report = caught.value.report()
+        assert "corrupt" in report and str(run / "config.yaml") in report and "changed configuration" not in report
+
+
+@pytest.mark.parametrize("content", ["random", "unsafe", "lora"])
+def test_message_model_check_refuses_what_the_loader_refuses(tmp_path, content):
+    """The web app checks MODEL with models.detect_source; it must not pass a file the job refuses."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    from dreambooth.errors import DreamboothError
+    from dreambooth.models import detect_source
+    from dreambooth.ui.settings import model_problems
+
+    path = tmp_path / ("model.safetensors" if content == "lora" else "model.ckpt")
+    if content == "random":
+        path.write_bytes(bytes(range(256)) * 10)
+    elif content == "unsafe":
+        path.write_bytes(pickle.dumps({"w": Image.new("RGB", (1, 1))}, protocol=2))
+    else:
+        import torch
+
+        save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(DreamboothError):
+        detect_source(str(path))
+    assert model_problems(str(path))
+
+
+def test_message_corrupt_weight_file_in_a_diffusers_folder_is_named(tmp_path):
+    from dreambooth.errors import ModelSourceError
+    from dreambooth.models import load_components
+
+    folder = _tiny_model_copy(tmp_path / "model")
+    bad = [folder / "unet" / "diffusion_pytorch_model.safetensors", folder / "vae" / "diffusion_pytorch_model.safetensors"]
+    for path in bad:
+        _truncate(path)
+    with pytest.raises(ModelSourceError) as caught:
+        load_components(str(folder))
+    assert sorted(p.where for p in caught.value.problems) == sorted(map(str, bad))
+    assert "truncated or corrupt" in caught.value.report()
