@@ -218,7 +218,8 @@ def render_training(events):
         elif isinstance(last, ev.Selected):
             bars["steps"].write(f"kept step {last.step}: {last.reason}")
         elif isinstance(last, ev.Stopped):
-            bars["steps"].write(f"stopped at step {last.step}; resume with --resume (checkpoint {last.checkpoint})")
+            bar = bars.get("steps") or bars.get("class")  # stopped during class images: no steps bar yet
+            bar.write(f"stopped at step {last.step}; resume with --resume (checkpoint {last.checkpoint})")
         elif isinstance(last, ev.Finished):
             bars.pop("steps").close()
             print(f"done in {last.seconds:.1f} s: {last.final}")

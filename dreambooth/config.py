@@ -326,7 +326,27 @@ def save_config(config: RunConfig, path: Path) -> None:
 
 
 def read_run_config(path: Path) -> RunConfig:
-    return build_config(yaml.safe_load(Path(path).read_text()) or {})
+    """The config a run saved; a file that is not what `save_config` wrote is named as corrupt.
+
+    A truncated file can still parse (as a shorter mapping, or with a cut value), and missing
+    groups would then take their defaults and look like a changed configuration. `save_config`
+    writes every group and ends the file with a newline, so both are required.
+    """
+    try:
+        text = Path(path).read_text()
+        saved = yaml.safe_load(text)
+        bad = [g for g in GROUPS if not isinstance(saved, dict) or not isinstance(saved.get(g), dict)]
+        bad += [] if text.endswith("\n") else ["the file ends mid-line"]
+        config = None if bad else build_config(saved)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        bad = [f"YAML error: {str(e).splitlines()[0]}"]
+    except ConfigError as e:
+        bad = [f"{p.where}: {p.message}" for p in e.problems]
+    if bad:
+        raise ConfigError(f"the run's saved configuration {path} is unreadable or corrupt", [
+            Problem(str(path), f"not a complete run config ({'; '.join(bad)}), e.g. truncated by a full "
+                    "disk; restore it from a backup, or start a new run in another folder")])
+    return config
 
 
 def describe_config() -> str:

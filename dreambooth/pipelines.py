@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -75,11 +76,19 @@ def sampling_precision(pipe):
 
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
-                  resolution: int, negative_prompt: str = "", batch_size: int = 8) -> list:
-    """Render prompts[i] with seeds[i]; batches are cut for memory, not for randomness."""
+                  resolution: int, negative_prompt: str = "", batch_size: int = 8,
+                  stop: threading.Event | None = None) -> list:
+    """Render prompts[i] with seeds[i]; batches are cut for memory, not for randomness.
+
+    A set `stop` ends sampling after the current denoising step; the interrupted batch is
+    dropped (its images are half denoised), so fewer images than prompts come back.
+    """
     device = pipe._execution_device
+    extra = {"callback_on_step_end": _interrupt_when(stop)} if stop is not None else {}
     images = []
     for start in range(0, len(prompts), batch_size):
+        if stop is not None and stop.is_set():
+            break
         chunk = slice(start, start + batch_size)
         with sampling_precision(pipe):
             out = pipe(
@@ -90,6 +99,20 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
                 height=resolution,
                 width=resolution,
                 generator=seeded_generators(seeds[chunk], device),
+                **extra,
             )
+        if stop is not None and stop.is_set():
+            break
         images.extend(out.images)
     return images
+
+
+def _interrupt_when(stop: threading.Event):
+    """A diffusers step callback: the pipeline skips its remaining steps once `stop` is set."""
+
+    def callback(pipe, step, timestep, tensors):
+        if stop.is_set():
+            pipe._interrupt = True  # diffusers' own flag, reset at the start of every call
+        return tensors
+
+    return callback

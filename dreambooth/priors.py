@@ -5,15 +5,20 @@ model or prompt are silently reused. Here the folder name is a hash of everythin
 images (model weights, prompt, negative prompt, sampler, steps, guidance, resolution, seed), a
 manifest lists the finished ones, and image i is rendered from its own seed (seed, i): a killed
 generation resumes where it stopped and produces exactly the images it would have.
+
+Generation reports each finished image and stops, when asked, within one denoising step: a
+stop flag (set by Ctrl-C, SIGTERM or the web app's Cancel) is checked between batches and by the
+pipeline's step callback, and the images already finished stay in the cache.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .models.builtin import cache_root
 
@@ -55,6 +60,15 @@ def cached_class_images(key: ClassImageKey, cache_dir: str | Path | None = None)
     return [folder / name for name in manifest["images"] if (folder / name).exists()]
 
 
+class GenerationStopped(Exception):
+    """The stop flag ended class-image generation early; the finished images are cached."""
+
+    def __init__(self, done: int, total: int):
+        self.done, self.total = done, total
+        super().__init__(f"class-image generation stopped after {done} of {total} images; "
+                         "they are kept and the next run makes only the rest")
+
+
 def ensure_class_images(
     key: ClassImageKey,
     num: int,
@@ -63,10 +77,36 @@ def ensure_class_images(
     cache_dir: str | Path | None = None,
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Path]:
     """Return `num` class images for `key`, generating only the missing ones.
 
     `make_pipe` builds the sampling pipeline; it is called only when something is missing.
+    `progress(done, total)` is called after every finished image. When `stop` is set, raises
+    `GenerationStopped` once the current denoising step ends.
+    """
+    for done, total, paths in class_image_progress(key, num, make_pipe, cache_dir=cache_dir,
+                                                    batch_size=batch_size, stop=stop):
+        if progress:
+            progress(done, total)
+    if done < total:
+        raise GenerationStopped(done, total)
+    return paths
+
+
+def class_image_progress(
+    key: ClassImageKey,
+    num: int,
+    make_pipe: Callable[[], object],
+    *,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 4,
+    stop: threading.Event | None = None,
+) -> Iterator[tuple[int, int, list[Path]]]:
+    """Yield (done, total, paths) first for the cached images, then after each new image.
+
+    `paths` lists all `num` images only in the last tuple, when done == total; a set `stop`
+    ends the iteration early (done < total), keeping every image finished so far.
     """
     from .pipelines import sample_images
 
@@ -74,23 +114,25 @@ def ensure_class_images(
     folder.mkdir(parents=True, exist_ok=True)
     done = {p.name for p in cached_class_images(key, cache_dir)}
     todo = [i for i in range(num) if _name(i) not in done]
-    if progress:
-        progress(num - len(todo), num)
+    everything = [folder / _name(i) for i in range(num)]
+    yield num - len(todo), num, everything if not todo else []
     pipe = make_pipe() if todo else None
+    finished = num - len(todo)
     for start in range(0, len(todo), batch_size):
+        if stop is not None and stop.is_set():
+            return
         batch = todo[start : start + batch_size]
         images = sample_images(
             pipe, [key.prompt] * len(batch), [key.image_seed(i) for i in batch],
             steps=key.steps, guidance=key.guidance, resolution=key.resolution,
-            negative_prompt=key.negative_prompt, batch_size=batch_size,
+            negative_prompt=key.negative_prompt, batch_size=batch_size, stop=stop,
         )
-        for index, image in zip(batch, images):
+        for index, image in zip(batch, images):  # fewer images than asked when stopped
             _save_png_atomically(image, folder / _name(index))
             done.add(_name(index))
-        _write_manifest(folder, key, sorted(done))
-        if progress:
-            progress(num - len(todo) + start + len(batch), num)
-    return [folder / _name(i) for i in range(num)]
+            _write_manifest(folder, key, sorted(done))
+            finished += 1
+            yield finished, num, everything if finished == num else []
 
 
 def _name(index: int) -> str:

@@ -337,3 +337,54 @@ def test_flip_mirrors_horizontally() -> None:
     flipped = prepare_image(image, 48, flip=True)
     assert torch.equal(flipped, torch.flip(plain, dims=[2]))
     assert not torch.equal(flipped, plain)
+
+
+def cartoon_figure(tilt: float, arm: float, shift_x: int, shift_y: int) -> Image.Image:
+    """A red cartoon figure on white in one pose, like google/dreambooth's red_cartoon photos.
+
+    Most of the frame is the same white background, so coarse hashes of distinct poses are close.
+    """
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (192, 192), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    cx, cy, t = 96 + shift_x, 104 + shift_y, np.radians(tilt)
+    hx, hy = cx + 40 * np.sin(t), cy - 40 * np.cos(t)
+    draw.ellipse((cx - 22, cy - 30, cx + 22, cy + 30), fill=(200, 30, 40))
+    draw.ellipse((hx - 18, hy - 18, hx + 18, hy + 18), fill=(220, 40, 50))
+    for side in (-1, 1):
+        a = np.radians(arm * side)
+        draw.line((cx + side * 18, cy - 10, cx + side * (18 + 30 * np.cos(a)), cy - 10 - 30 * np.sin(a)),
+                  fill=(180, 20, 30), width=8)
+    draw.line((cx - 10, cy + 28, cx - 14 + shift_x // 3, cy + 56), fill=(120, 10, 20), width=8)
+    draw.line((cx + 10, cy + 28, cx + 14, cy + 56), fill=(120, 10, 20), width=8)
+    return image
+
+
+def test_distinct_poses_on_a_plain_background_are_not_near_duplicates(tmp_path: Path) -> None:
+    # 64-bit dHash within 6 bits and colour thumbnails within 12 flagged 4 of these 6 pairs
+    poses = [(0, 20, 0, 0), (5, 80, 4, 8), (-8, 70, -6, 8), (8, -20, 8, 0)]
+    for i, pose in enumerate(poses):
+        cartoon_figure(*pose).save(tmp_path / f"pose-{i}.png")
+    report = check_images(tmp_path, RES)
+    assert not [p for p in report.problems if "near duplicate" in p.message]
+
+
+def test_near_duplicate_copies_of_a_figure_are_caught(tmp_path: Path) -> None:
+    from PIL import ImageEnhance
+
+    original = cartoon_figure(5, 80, 4, 8)
+    original.save(tmp_path / "a.png")
+    cartoon_figure(-8, 70, -6, 8).save(tmp_path / "b.png")  # a distinct pose: must stay quiet
+    crop = round(192 * 0.03)
+    copies = {"half.jpg": original.resize((96, 96), Image.Resampling.LANCZOS),
+              "cropped.jpg": original.crop((crop, crop, 192 - crop, 192 - crop)),
+              "brighter.jpg": ImageEnhance.Brightness(original).enhance(1.1)}
+    for name, copy in copies.items():
+        copy.save(tmp_path / name, quality=70)
+    report = check_images(tmp_path, RES)
+    pairs = [(Path(p.where).name, p.message) for p in report.problems if "near duplicate" in p.message]
+    for name in copies:
+        assert any({name, "a.png"} <= {where, *[w for w in (name, "a.png") if w in message]}
+                   for where, message in pairs), name
+    assert not any("b.png" in where or "b.png" in message for where, message in pairs)

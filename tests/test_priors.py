@@ -1,12 +1,19 @@
 """Class-image cache: keyed by everything that made the images, resumable, never half-written."""
 import json
+import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
-from dreambooth.priors import ClassImageKey, cached_class_images, class_image_folder, ensure_class_images
+from dreambooth.priors import (
+    ClassImageKey,
+    GenerationStopped,
+    cached_class_images,
+    class_image_folder,
+    ensure_class_images,
+)
 
 KEY = ClassImageKey(model="abc", prompt="a photo of a dog", negative_prompt="", sampler="dpmpp", steps=2,
                     guidance=7.5, resolution=8, seed=0)
@@ -74,3 +81,78 @@ def test_killed_generation_resumes_to_the_same_images(tmp_path):
 def test_image_seed_depends_on_index_and_seed():
     assert KEY.image_seed(0) != KEY.image_seed(1)
     assert ClassImageKey(**{**KEY.__dict__, "seed": 1}).image_seed(0) != KEY.image_seed(0)
+
+
+class SteppingPipe(FakePipe):
+    """Runs `num_inference_steps` steps and honours diffusers' interrupt flag and step callback."""
+
+    def __init__(self, on_step=None):
+        super().__init__()
+        self.on_step, self.steps_run, self._interrupt = on_step, 0, False
+
+    def __call__(self, prompt, generator, num_inference_steps, callback_on_step_end=None, **kwargs):
+        self._interrupt = False  # as diffusers resets it at the start of every call
+        for i in range(num_inference_steps):
+            if self._interrupt:
+                continue  # diffusers skips the remaining steps, then still decodes
+            self.steps_run += 1
+            if self.on_step:
+                self.on_step(self.steps_run)
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, i, i, {})
+        return super().__call__(prompt, generator)
+
+
+def test_priors_progress_is_reported_per_image(tmp_path):
+    seen = []
+    ensure_class_images(KEY, 3, lambda: FakePipe(), cache_dir=tmp_path, batch_size=2,
+                        progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+
+
+def test_priors_stop_between_batches_keeps_the_finished_images(tmp_path):
+    stop = threading.Event()
+    pipe = FakePipe()
+    with pytest.raises(GenerationStopped) as caught:
+        ensure_class_images(KEY, 6, lambda: pipe, cache_dir=tmp_path, batch_size=2, stop=stop,
+                            progress=lambda done, total: stop.set() if done == 2 else None)
+    assert (caught.value.done, caught.value.total) == (2, 6) and sum(pipe.calls) == 2
+    assert [p.name for p in cached_class_images(KEY, tmp_path)] == ["00000.png", "00001.png"]
+    rest = FakePipe()
+    assert len(ensure_class_images(KEY, 6, lambda: rest, cache_dir=tmp_path, batch_size=2)) == 6
+    assert sum(rest.calls) == 4  # the resumed generation makes only the missing ones
+
+
+def test_priors_stop_within_a_batch_ends_the_denoising_loop(tmp_path):
+    stop = threading.Event()
+    pipe = SteppingPipe(on_step=lambda n: stop.set() if n == 3 else None)  # Cancel during step 3
+    key = ClassImageKey(**{**KEY.__dict__, "steps": 50})
+    with pytest.raises(GenerationStopped):
+        ensure_class_images(key, 4, lambda: pipe, cache_dir=tmp_path, batch_size=4, stop=stop)
+    assert pipe.steps_run == 3  # not 50: the step callback interrupted the pipeline
+    assert cached_class_images(key, tmp_path) == []  # half-denoised images are not cached
+
+
+def test_priors_training_stops_during_class_images(tmp_path, subject_dir):
+    """The stop flag (Ctrl-C, SIGTERM, the web app's Cancel) ends a run in its class-image phase."""
+    from dreambooth.config import load_config
+    from dreambooth.training import events as ev
+    from dreambooth.training import train_events
+
+    config = load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"},
+                                  "prior": {"num_images": 6, "batch_size": 1, "cache": str(tmp_path / "cache")}},
+                         ["train.steps=2"])
+    stop = threading.Event()
+    events = []
+    for event in train_events(config, tmp_path / "run", stop=stop):
+        events.append(event)
+        if isinstance(event, ev.ClassImagesProgress) and event.done == 2:
+            stop.set()
+    assert [type(e) for e in events if not isinstance(e, ev.Notice)][-1] is ev.Stopped
+    assert not any(isinstance(e, ev.Started) for e in events)
+    progress = [(e.done, e.total) for e in events if isinstance(e, ev.ClassImagesProgress)]
+    assert progress == [(0, 6), (1, 6), (2, 6)]
+    assert len(list((tmp_path / "cache").glob("*/0000*.png"))) == 2  # kept for the next run
+    resumed = list(train_events(config, tmp_path / "run", resume=True))
+    assert [(e.done, e.total) for e in resumed if isinstance(e, ev.ClassImagesProgress)][0] == (2, 6)
+    assert isinstance(resumed[-1], ev.Finished)

@@ -5,6 +5,8 @@ once instead of crashing at step 1 of training (DESIGN.md, pain point 6).
 """
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dreambooth.errors import Problem
 
 DEFAULT_MAX_PIXELS = 64_000_000
+# Panoramas run to about 4:1; beyond 8:1 a photo is a strip that a square crop cannot show, and
+# resizing its short side up to the training resolution multiplies its pixels by the ratio.
+MAX_ASPECT = 8.0
 EXIF_ORIENTATION = 0x0112
 # What Pillow's decoders raise on bad data; listed so that bugs elsewhere still surface.
 DECODE_ERRORS = (OSError, SyntaxError, EOFError, ValueError, IndexError)
@@ -50,6 +55,7 @@ def _open_header(path: Path, max_pixels: int) -> Image.Image:
     Pillow's own bomb check uses a process-wide global; ours is per call. Pillow may still refuse
     first when an image is over twice its global limit, and we report that with our limit too.
     """
+    _require_regular_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -64,7 +70,51 @@ def _open_header(path: Path, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         image.close()
         raise ImageRejected(Problem(str(path), _bomb_message((width, height), max_pixels)))
+    if aspect_ratio(width, height) > MAX_ASPECT:
+        image.close()
+        raise ImageRejected(Problem(str(path), aspect_message(width, height)))
     return image
+
+
+def aspect_ratio(width: int, height: int) -> float:
+    """Long side over short side; infinite for an image with no pixels."""
+    return max(width, height) / min(width, height) if min(width, height) > 0 else float("inf")
+
+
+def aspect_message(width: int, height: int) -> str:
+    return (f"is {width}x{height}, a strip more than {MAX_ASPECT:g}:1 (long side over short side); refused, "
+            "since covering the training square would need a huge resize. Crop it to the subject")
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuse FIFOs, devices, sockets, folders and broken links before opening them.
+
+    Opening a FIFO for reading blocks until a writer appears, in a system call that no signal
+    handler interrupts, so `check` would hang forever. Links to regular files are followed.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        what = "a broken link (its target does not exist)" if os.path.islink(path) else "missing"
+        raise ImageRejected(_unusable(path, what))
+    except OSError as exc:
+        raise ImageRejected(Problem(str(path), f"cannot be read ({exc}); replace or remove it"))
+    if not stat.S_ISREG(mode):
+        raise ImageRejected(_unusable(path, f"not a regular file but {_file_kind(mode)}"))
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _unusable(path: Path, what: str) -> Problem:
+    """An error when the name promises an image, else a note: it is skipped like any non-image."""
+    if path.suffix.lower() in image_extensions():
+        return Problem(str(path), f"is {what}; it cannot be read as a photo. Replace it with the image file "
+                                  "or remove it")
+    return Problem(str(path), f"is {what}; skipped", "note")
 
 
 def _bomb_message(size: tuple[int, int] | None, max_pixels: int) -> str:

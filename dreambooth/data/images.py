@@ -16,7 +16,10 @@ from PIL import Image
 
 from dreambooth.data.decode import (
     DEFAULT_MAX_PIXELS,
+    MAX_ASPECT,
     ImageRejected,
+    aspect_message,
+    aspect_ratio,
     decode_image,
     to_rgb,
 )
@@ -80,6 +83,11 @@ def check_images(images_dir: str | Path, resolution: int = 512, *,
             subject, rgb = _check_file(path, max_pixels)
         except ImageRejected as rejected:
             problems.append(rejected.problem)
+            continue
+        if (cover := cover_pixels(subject.width, subject.height, resolution)) > max_pixels:
+            problems.append(Problem(str(path), f"would be {cover:,} pixels once resized to cover the "
+                                               f"{resolution}x{resolution} training square, over the limit "
+                                               f"of {max_pixels:,}; crop it closer to square"))
             continue
         images.append(subject)
         prints.append(fingerprint(path, rgb))
@@ -153,9 +161,19 @@ def prepare_image(image: Image.Image, resolution: int, *, crop: str = "center", 
     return pixels.permute(2, 0, 1) / 127.5 - 1.0  # (3, R, R) in [-1, 1]
 
 
+def cover_pixels(width: int, height: int, resolution: int) -> int:
+    """Pixels of a width x height image after its short side is scaled to `resolution`."""
+    return round(resolution * resolution * aspect_ratio(width, height))
+
+
 def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
-    """Scale so that the shorter side equals `resolution`, keeping the aspect ratio."""
+    """Scale so that the shorter side equals `resolution`, keeping the aspect ratio.
+
+    Refuses strips beyond MAX_ASPECT: their resize would allocate ratio x resolution^2 pixels.
+    """
     width, height = image.size
+    if aspect_ratio(width, height) > MAX_ASPECT:
+        raise ValueError(f"image {aspect_message(width, height)}")
     scale = resolution / min(width, height)
     size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
     if size == image.size:

@@ -1,6 +1,7 @@
 """Load the parts of a Stable Diffusion model that training and generation need."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,18 +68,50 @@ def load_components(model: str | ModelSource, *, dtype: torch.dtype = torch.floa
             f"{source.spec} is missing parts of a Stable Diffusion model",
             [Problem(str(folder / d), "missing folder") for d in missing],
         )
-    scheduler_config = DDPMScheduler.load_config(folder, subfolder="scheduler")
-    if prediction_type is not None:
-        scheduler_config["prediction_type"] = prediction_type
-    return Components(
-        tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
-        unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
-        noise_scheduler=DDPMScheduler.from_config(scheduler_config),
-        source=source,
-        folder=folder,
-    )
+    check_weight_files(folder, source.spec)
+    with _named_load_errors(source.spec, folder):
+        scheduler_config = DDPMScheduler.load_config(folder, subfolder="scheduler")
+        if prediction_type is not None:
+            scheduler_config["prediction_type"] = prediction_type
+        return Components(
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype),
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+            noise_scheduler=DDPMScheduler.from_config(scheduler_config),
+            source=source,
+            folder=folder,
+        )
+
+
+def check_weight_files(folder: Path, spec: str) -> None:
+    """Read the header of every safetensors file of the model, naming each corrupt or truncated one.
+
+    The libraries' own errors ("Unable to load weights from checkpoint file") come as a traceback
+    and stop at the first bad file; the header read costs milliseconds.
+    """
+    from .single_file import read_header
+
+    problems = []
+    for path in sorted(Path(folder).glob("*/*.safetensors")):
+        try:
+            read_header(path)
+        except ModelSourceError as err:
+            problems += [Problem(p.where, p.message + "; the file is truncated or corrupt: download or export "
+                                 "the model again") for p in err.problems]
+    if problems:
+        raise ModelSourceError(f"{spec} has {len(problems)} unreadable weight file(s)", problems)
+
+
+@contextlib.contextmanager
+def _named_load_errors(spec: str, folder: Path):
+    """Loader failures on bad files (a corrupt .bin, a broken config.json) as a named error."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelSourceError(f"cannot load {spec}", [
+            Problem(str(folder), f"{type(e).__name__}: {str(e).splitlines()[0][:300]}; a file of the model is "
+                    "missing or corrupt: download or export it again")]) from e
 
 
 def model_identity(folder: Path) -> str:

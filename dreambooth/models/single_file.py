@@ -101,11 +101,57 @@ def read_header(path: Path) -> tuple[dict[str, tuple], dict[str, str]]:
         raise ModelSourceError(f"cannot read {path}", [Problem(str(path), f"not a valid safetensors file ({e})")]) from e
 
 
-def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a pickle checkpoint, refusing anything beyond tensors and plain containers."""
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since torch 1.6
+_PICKLE_PROTOCOLS = range(2, 6)  # a pickle of protocol 2+ starts with b"\x80" and its protocol byte
+
+
+def is_torch_file(path: Path) -> bool:
+    """True when the file starts like a torch.save output: a zip archive or a pickle (legacy format).
+
+    Lets random or corrupt bytes be called corrupt instead of "a pickle that needs arbitrary code".
+    """
+    head = _head(path)
+    return head == _ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS)
+
+
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
+
+
+def _not_a_checkpoint(path: Path, why: str) -> ModelSourceError:
+    return ModelSourceError(f"cannot read {path}", [Problem(str(path), f"{why}; the file is corrupt, truncated "
+                                                            "or not a model. Download or export it again")])
+
+
+def check_single_file(path: Path) -> None:
+    """The loader's rules without converting: a readable file, only tensors in a pickle, and an
+    SD 1.x/2.x layout with a config the converter can find. Reads the safetensors header only, and a
+    zip-format pickle memory-mapped, so checking a multi-GB file takes about a second."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        shapes, metadata = read_header(path)
+    else:
+        shapes = {k: tuple(v.shape) for k, v in load_pickle_state_dict(path, lazy=True).items()}
+        metadata = {}
+    if CONFIGS_METADATA_KEY in metadata or _sidecar_config(path) is not None:
+        return
+    match_shipped_config(shapes, detect_family(shapes, str(path)), str(path))
+
+
+def load_pickle_state_dict(path: Path, *, lazy: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a pickle checkpoint, refusing anything beyond tensors and plain containers.
+
+    `lazy`: memory-map the tensors of a zip-format file instead of reading them (for checks).
+    """
+    if not is_torch_file(path):
+        raise _not_a_checkpoint(path, "not a checkpoint file (neither a zip archive nor a pickle)")
+    mmap = lazy and _head(path) == _ZIP_MAGIC
     try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e).lower():  # the pickle stream itself is broken, nothing was refused
+            raise _not_a_checkpoint(path, f"not a readable torch checkpoint ({str(e).splitlines()[0][:200]})") from e
         raise UnsafeCheckpointError(f"refusing to load {path}: it is a pickle that needs arbitrary code", [
             Problem(str(path), "loading pickle checkpoints can run any code their author put in them, so only "
                     "tensors and plain containers are accepted (torch.load weights_only=True), and this file "
@@ -113,8 +159,8 @@ def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
                     "an isolated environment: sd = torch.load(PATH, weights_only=False); "
                     "sd = sd.get('state_dict', sd); safetensors.torch.save_file({k: v.contiguous() for k, v in "
                     "sd.items() if isinstance(v, torch.Tensor)}, 'model.safetensors'); then pass the .safetensors")]) from e
-    except Exception as e:  # corrupt zip, truncated file, not a torch file at all
-        raise ModelSourceError(f"cannot read {path}", [Problem(str(path), f"not a torch checkpoint ({e})")]) from e
+    except Exception as e:  # corrupt zip, truncated file
+        raise _not_a_checkpoint(path, f"not a readable torch checkpoint ({str(e).splitlines()[0][:200]})") from e
     while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]  # Lightning-style {"state_dict": ..., "global_step": ...}
     if not isinstance(loaded, dict):

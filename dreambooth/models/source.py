@@ -41,6 +41,8 @@ def detect_source(spec: str, *, revision: str | None = None) -> ModelSource:
     if path.is_dir():
         if (path / "model_index.json").exists() or (path / "unet" / "config.json").exists():
             return ModelSource(spec, "diffusers", path)
+        if (path / "config.yaml").is_file() and ((path / "checkpoints").is_dir() or (path / "log.jsonl").exists()):
+            raise _unfinished_run(spec, path)
         raise ModelSourceError(
             f"{spec} is a folder but not a diffusers model",
             [Problem(spec, "expected model_index.json (or unet/, vae/, text_encoder/, tokenizer/); "
@@ -48,6 +50,9 @@ def detect_source(spec: str, *, revision: str | None = None) -> ModelSource:
         )
     if path.is_file():
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            from .single_file import check_single_file
+
+            check_single_file(path)  # the loader's rules now, so a check (the web app's) agrees with it
             return ModelSource(spec, "single_file", path)
         raise ModelSourceError(
             f"{spec} is not a model file",
@@ -60,6 +65,15 @@ def detect_source(spec: str, *, revision: str | None = None) -> ModelSource:
         [Problem(spec, "not a built-in name (" + ", ".join(BUILTIN_NAMES) + "), "
                  "an existing folder or file, or a hub id like 'owner/name'")],
     )
+
+
+def _unfinished_run(spec: str, path: Path) -> ModelSourceError:
+    """A run directory whose training never wrote final/ (stopped, crashed or still running)."""
+    steps = sorted(d.name for d in (path / "checkpoints").glob("step-*") if (d / "state.json").exists())
+    where = f"its latest checkpoint is checkpoints/{steps[-1]}" if steps else "it has no checkpoint yet"
+    return ModelSourceError(f"{spec} is a training run with no final model yet", [
+        Problem(str(path / "final"), f"missing: the training did not finish ({where}). Resume it with "
+                f"`dreambooth train --resume --output {spec}` and the same --images, then use the run directory")])
 
 
 def resolve_hub(source: ModelSource) -> Path:

@@ -73,9 +73,13 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
 
     class_paths = []
     if config.prior.enabled:
-        for done, total, paths in prepare_class_images(components, config, device):
+        for done, total, paths in prepare_class_images(components, config, device, stop):
             yield ev.ClassImagesProgress(done, total)
             class_paths = paths
+        if stop is not None and stop.is_set():  # stopped while making class images: nothing trained yet
+            step, path = (list_checkpoints(run.checkpoints) or [(0, run.checkpoints)])[-1]
+            yield ev.Stopped(step, path)
+            return
 
     modules = mark_trainable(components, config.train)
     flats = flatten_modules(modules) if fast and wants_flat(config, device) else None

@@ -34,21 +34,20 @@ def class_image_key(model_folder: Path, config: RunConfig):
     )
 
 
-def prepare_class_images(components, config: RunConfig, device):
-    """Yield (done, total, paths) while making sure the class images exist; paths is final at the end."""
-    from ..pipelines import make_pipeline
-    from ..priors import ensure_class_images
+def prepare_class_images(components, config: RunConfig, device, stop=None):
+    """Yield (done, total, paths) as class images are made; paths is final when done == total.
 
-    progress = []
-    paths = ensure_class_images(
+    A set `stop` ends the iteration early, with the finished images kept in the cache.
+    """
+    from ..pipelines import make_pipeline
+    from ..priors import class_image_progress
+
+    yield from class_image_progress(
         class_image_key(components.folder, config), config.prior.num_images,
         lambda: make_pipeline(components, config.prior.sampler, device=device,
                               compile_unet=config.prior.compile and torch.device(device).type == "cuda"),
-        cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size,
-        progress=lambda done, total: progress.append((done, total)),
+        cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size, stop=stop,
     )
-    for done, total in progress:
-        yield done, total, paths
 
 
 @torch.no_grad()
