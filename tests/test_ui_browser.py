@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -30,17 +29,13 @@ DROP_BAD_FILE = """() => {
 
 @pytest.fixture
 def app_url(tmp_path):
-    """The app on a free localhost port, with its own workspace."""
+    """The app on a free localhost port (uvicorn on a thread), with its own workspace."""
     from dreambooth.ui.api import App
-    from dreambooth.ui.server import make_server
+    from dreambooth.ui.server import BackgroundServer
 
     app = App(tmp_path / "workspace").start()
-    server = make_server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
+    with BackgroundServer(app) as url:
+        yield url + "/"
     app.shutdown()
 
 
@@ -145,7 +140,7 @@ def fill_subject(page) -> None:
     page.select_option("#model", "tiny-random")
     page.check("input[name=preset][value=fast-lora]")
     page.click("#advanced summary")
-    expect(page.locator("#steps")).to_have_value("4")
+    expect(page.locator("#steps")).to_have_value("4", timeout=60_000)  # the first check builds tiny-random
     page.fill("#class-images", "2")
     page.fill("#sample-every", "2")
     page.press("#sample-every", "Tab")
