@@ -273,3 +273,150 @@ def test_upload_applies_exif_rotation_and_reports_checks(tmp_path, subject_dir):
     assert re.search(r"exact duplicate of (phone|copy)\.jpg", messages)  # named as uploaded
     assert str(tmp_path) not in messages  # stored paths never reach the page
     assert any(p["photo"] for p in view["problems"])
+
+
+def test_parallel_uploads_keep_every_photo_and_the_limit(tmp_path):
+    """12 uploads at once: exactly 10 listed and on disk, 2 refused, and a job copies those 10."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = PhotoStore(tmp_path / "uploads")
+    photo_set = store.create()
+    photos = [png_bytes(colour=(20 * i, 255 - 20 * i, 7 * i)) for i in range(12)]
+
+    def add(i):
+        try:
+            return store.add(photo_set.id, f"p{i}.png", photos[i])
+        except UploadRejected as rejected:
+            return rejected
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(add, range(12)))
+    listed = store.get(photo_set.id)
+    assert sum(isinstance(r, UploadRejected) for r in results) == 2
+    assert len(listed.photos) == MAX_FILES and len(listed.rejected) == 2
+    on_disk = sorted(p.name for p in store.images_dir(photo_set.id).iterdir())
+    assert on_disk == sorted(p.stored_name for p in listed.photos)
+    (store.images_dir(photo_set.id) / "stray.png").write_bytes(photos[0])  # not in set.json: never trained on
+    store.copy_images(photo_set.id, tmp_path / "job-images")
+    assert sorted(p.name for p in (tmp_path / "job-images").iterdir()) == sorted(p.stored_name for p in listed.photos)
+
+
+def test_settings_out_of_range_or_unreadable_are_refused_in_the_pages_words(tmp_path, subject_dir):
+    app = App(tmp_path).start()
+    photo_set = app.photos.create()
+    for path in sorted(subject_dir.glob("*.png"))[:3]:
+        app.upload(photo_set.id, path.name, path.read_bytes())
+    base = {"identifier": "sks", "class_noun": "dog", "model": "tiny-random", "preset": "fast-lora"}
+    bad = {"class_images": 1e9, "steps": 1e8, "lr": 1e308, "resolution": 100000}
+    with pytest.raises(ProblemsError) as raised:
+        app.submit({"set_id": photo_set.id, "form": dict(base, **bad)})
+    wheres = {p["where"] for p in raised.value.problems}
+    assert {"Class images", "Steps", "Learning rate", "Resolution"} <= wheres
+    with pytest.raises(ProblemsError) as raised:  # a typo is named, never replaced by the preset's value
+        app.submit({"set_id": photo_set.id, "form": dict(base, lr="abc", identifier="x" * 10_000)})
+    text = json.dumps(raised.value.problems)
+    assert "Learning rate" in text and "'abc' is not a number" in text
+    assert "Identifier" in text and "at most 32" in text
+    assert app.check_identifier("x" * 10_000, "dog")["problems"][0]["message"].startswith("is 10000 characters")
+    assert app.runner.list() == []
+    job = app.submit({"set_id": photo_set.id, "form": dict(base, steps="3", lr="2e-4", class_images="2")})
+    assert job["config"]["train"]["steps"] == 3 and job["config"]["train"]["lr"] == 2e-4
+    assert job["config"]["prior"]["num_images"] == 2
+    assert job["name"].startswith("sks dog · tiny-random · Fast LoRA · 20")  # subject, model, preset, date
+    app.cancel(job["id"])
+    app.shutdown()
+
+
+def test_progress_shows_slow_phases_and_a_smoothed_time_left(tmp_path):
+    """Steps of 1 s with one 200 s validation render between them: the time left stays near
+    (steps left) x 1 s, and the job says it is rendering instead of sitting at a step."""
+    from dreambooth.ui.jobs import Job, apply_event
+
+    job = Job("0" * 12, "j", {}, {})
+    run = tmp_path / "run"
+    apply_event(job, ev.Started(0, 40, 10, "cpu", "no"), run)
+    for step in range(1, 21):
+        apply_event(job, ev.StepDone(step, 40, 0.1, 0.1, 0.0, 1e-4, 1.0 + 0.5 * (step % 2)), run)
+    apply_event(job, ev.Phase("validation images", 8), run)
+    assert job.phase == "validation images" and job.phase_total == 8 and job.phase_started
+    apply_event(job, ev.StepDone(21, 40, 0.1, 0.1, 0.0, 1e-4, 200.0), run)  # timed the render too
+    assert job.phase == "training"
+    assert 19 * 1.0 <= job.eta_seconds <= 19 * 1.5
+    etas = []
+    for step in range(22, 30):
+        apply_event(job, ev.StepDone(step, 40, 0.1, 0.1, 0.0, 1e-4, 1.0 + 0.5 * (step % 2)), run)
+        etas.append(job.eta_seconds)
+    assert all(later < earlier for earlier, later in zip(etas, etas[1:]))  # no jumps back up
+
+
+class ClassImagesTrainer:
+    """Stands in for train_events during class-image generation: one image per 0.2 s, 500 to make,
+    checking `stop` between images as the library's ensure_class_images does."""
+
+    def __call__(self, config, output, *, resume=False, overwrite=False, stop=None):
+        yield ev.Phase("class images", 500)
+        for done in range(1, 501):
+            time.sleep(0.2)
+            if stop is not None and stop.is_set():
+                return
+            yield ev.ClassImagesProgress(done, 500)
+
+
+def test_cancel_reaches_the_stop_flag_the_trainer_got(tmp_path, monkeypatch):
+    monkeypatch.setattr("dreambooth.config.build_config", lambda data, problems=None: data)
+    runner = JobRunner(tmp_path, ClassImagesTrainer()).start()
+    job = submit(runner)
+    wait_for(lambda: runner.get(job.id).class_done >= 1)
+    began = time.monotonic()
+    runner.cancel(job.id)
+    wait_for(lambda: runner.get(job.id).status != "running", 5)
+    assert time.monotonic() - began < 3
+    runner.shutdown()
+
+
+@pytest.mark.slow
+def test_cancel_during_real_class_images_ends_the_job_within_seconds(tmp_path, subject_dir):
+    """tiny-random with 2000 class images to make: Cancel while they are made ends the job in seconds.
+
+    Needs `priors.ensure_class_images` to honour the training's stop flag between batches.
+    """
+    app = App(tmp_path / "ws").start()
+    photo_set = app.photos.create()
+    for path in sorted(subject_dir.glob("*.png")):
+        app.upload(photo_set.id, path.name, path.read_bytes())
+    form = {"identifier": "sks", "class_noun": "dog", "model": "tiny-random", "preset": "fast-lora",
+            "steps": 4, "prior": True, "class_images": 2000}
+    job = app.submit({"set_id": photo_set.id, "form": form})
+    wait_for(lambda: app.runner.get(job["id"]).phase == "class images", 120)
+    time.sleep(1.0)
+    began = time.monotonic()
+    app.cancel(job["id"])
+    wait_for(lambda: app.runner.get(job["id"]).status != "running", 30)
+    assert time.monotonic() - began < 10
+    app.shutdown()
+
+
+def test_generate_works_on_every_click_and_across_lora_jobs(tmp_path, subject_dir):
+    """Two finished LoRA jobs: generate twice on one, switch, switch back; every click answers."""
+    import shutil
+
+    app = App(tmp_path / "ws").start()
+    photo_set = app.photos.create()
+    for path in sorted(subject_dir.glob("*.png"))[:3]:
+        app.upload(photo_set.id, path.name, path.read_bytes())
+    form = {"identifier": "sks", "class_noun": "dog", "model": "tiny-random", "preset": "fast-lora",
+            "steps": 2, "prior": False, "sample_every": 0}
+    first = app.submit({"set_id": photo_set.id, "form": form})["id"]
+    wait_for(lambda: app.runner.get(first).status in ("finished", "failed"), 240)
+    assert app.runner.get(first).status == "finished", app.runner.get(first).error
+    app.shutdown()
+    second = "f" * 12  # a copy of the finished job, as a second LoRA job on the same base model
+    shutil.copytree(app.runner.folder(first), app.runner.folder(first).parent / second)
+    copied = app.runner.folder(first).parent / second / "job.json"
+    copied.write_text(json.dumps(dict(json.loads(copied.read_text()), id=second, created=time.time())))
+    app = App(tmp_path / "ws").start()
+    for job_id in (first, first, second, first, second):
+        images = app.generate(job_id, {"prompt": "a {identifier} {class}", "num": 1, "steps": 2})["images"]
+        assert len(images) == 1 and app.job_file(job_id, "generated", images[0]["file"]).is_file()
+    assert len(app.runner.get(first).generated) == 3
+    app.shutdown()
