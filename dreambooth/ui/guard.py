@@ -151,7 +151,7 @@ class Guard:
             check_request(self.policy, scope["method"], scope["path"], headers,
                           scope.get("query_string", b"").decode("latin-1"))
         except Refused as refused:
-            return await _refuse(refused, send)
+            return await _refuse(refused, send, as_text=not scope["path"].startswith("/api/"))
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -161,9 +161,13 @@ class Guard:
         await self.app(scope, receive, send_with_headers)
 
 
-async def _refuse(refused: Refused, send) -> None:
-    body = json.dumps({"error": refused.message, "problems": []}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+async def _refuse(refused: Refused, send, as_text: bool = False) -> None:
+    """The refusal as JSON for the API, as plain text for a browser opening a page."""
+    if as_text:
+        body, kind = f"DreamBooth web app: {refused.message}\n".encode(), b"text/plain; charset=utf-8"
+    else:
+        body, kind = json.dumps({"error": refused.message, "problems": []}).encode(), b"application/json"
+    headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode()),
                (b"connection", b"close"), *SECURITY_HEADERS, *refused.headers]
     await send({"type": "http.response.start", "status": refused.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -217,7 +217,8 @@ class JobRunner:
                 self.store.save(job)
             elif job.status == "running" and job.id in self._stops:
                 self._stops[job.id].set()
-                job.notices.append("cancel requested: saving a checkpoint after the current step")
+                job.notices.append("cancel requested: saving a checkpoint after the current step"
+                                   if job.phase in ("training", "validation images") else "cancel requested: stopping")
                 self.store.save(job)
             return self.get(job_id)
 
