@@ -240,3 +240,46 @@ def fill_subject(page) -> None:
     page.fill("#class-images", "2")
     page.fill("#sample-every", "2")
     page.press("#sample-every", "Tab")
+
+
+@pytest.mark.slow
+def test_screenshots_on_the_toy_model(app_url, page, shots, subject_dir):
+    """The README's screenshots: a short LoRA run on the built-in toy model (a few minutes on a CPU)."""
+    from playwright.sync_api import expect
+
+    page.goto(app_url)
+    page.wait_for_selector("body[data-ready='1']")
+    if not page.locator("#model option[value=toy]").count():
+        pytest.skip("the toy model's weights are not installed")
+    page.set_input_files("#file-input", [str(p) for p in sorted(subject_dir.glob("*.png"))])
+    expect(page.locator("#thumbs .thumb")).to_have_count(5)
+    page.fill("#identifier", "sks")
+    page.fill("#class-noun", "dog")
+    page.press("#class-noun", "Tab")
+    page.select_option("#model", "toy")
+    expect(page.locator("#model-note")).to_contain_text("toy-world renderings")
+    page.click("#advanced summary")
+    expect(page.locator("#steps")).to_have_value("300", timeout=60_000)
+    for field, value in (("#steps", "120"), ("#class-images", "32"), ("#sample-every", "40")):
+        page.fill(field, value)
+        page.press(field, "Tab")
+    page.screenshot(path=str(shots / "1-photos.png"), full_page=True)
+    page.click("#train")
+    job = page.locator(".job").first
+    expect(job.locator(".samples img").first).to_be_visible(timeout=600_000)
+    expect(job.locator(".progress-label")).to_contain_text("left", timeout=120_000)
+    page.screenshot(path=str(shots / "2-training.png"), full_page=True)
+    expect(job).to_have_attribute("data-status", "finished", timeout=900_000)
+    page.screenshot(path=str(shots / "3-finished.png"), full_page=True)
+    job.get_by_role("button", name="Generate").click()
+    page.locator("#examples .chip", has_text="in the snow").click()
+    page.fill("#gen-steps", "20")
+    page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(4, timeout=300_000)
+    page.locator("#examples .chip", has_text="on the beach").click()
+    page.click("#generate")
+    expect(page.locator("#gallery img")).to_have_count(8, timeout=300_000)
+    expect(page.locator("#downloads li").first).to_be_visible()
+    page.screenshot(path=str(shots / "4-generate.png"), full_page=True)
+    page.goto(f"{app_url}#jobs")
+    page.screenshot(path=str(shots / "5-jobs.png"), full_page=True)
