@@ -38,6 +38,8 @@ def register(sub) -> None:
     u.add_argument("--port", type=int, default=7860)
     u.add_argument("--workspace", default=None,
                    help="where jobs, uploads and runs are kept (default: ~/.cache/dreambooth/ui)")
+    u.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer to this host name (e.g. the machine's name on the LAN); repeatable")
     u.set_defaults(func=cmd_ui)
 
 
@@ -82,4 +84,4 @@ def cmd_evaluate(args) -> int:
 def cmd_ui(args) -> int:
     from .ui import serve
 
-    return serve(args.host, args.port, args.workspace)
+    return serve(args.host, args.port, args.workspace, allow_hosts=tuple(args.allow_host))

@@ -6,6 +6,7 @@ Every check runs before any weights load, and all problems are reported together
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -60,8 +61,8 @@ class DataConfig:
             (bool(self.identifier.strip()) and not any(c.isspace() for c in self.identifier), "data.identifier",
              f"{self.identifier!r} must be one word, e.g. sks"),
             ("{identifier}" in self.instance_prompt, "data.instance_prompt", "must contain {identifier}"),
-            (self.resolution >= 8 and self.resolution % 8 == 0, "data.resolution",
-             f"{self.resolution}: use a positive multiple of 8"),
+            (64 <= self.resolution <= 2048 and self.resolution % 8 == 0, "data.resolution",
+             f"{self.resolution}: use a multiple of 8 from 64 to 2048"),
             (self.crop in ("center", "random"), "data.crop", f"{self.crop!r}: use center or random"),
             (0.0 <= self.flip_prob <= 1.0, "data.flip_prob", f"{self.flip_prob}: must be between 0 and 1"),
         ])
@@ -85,6 +86,7 @@ class PriorConfig:
         return _failed([
             (not self.enabled or self.num_images >= 1, "prior.num_images",
              f"{self.num_images}: need at least 1 with prior preservation"),
+            (self.num_images <= 10_000, "prior.num_images", f"{self.num_images}: use at most 10000 (the paper uses 200)"),
             (not self.weight < 0, "prior.weight", f"{self.weight}: must be >= 0"),
             (self.sampler in SAMPLERS, "prior.sampler", f"{self.sampler!r}: use one of {', '.join(SAMPLERS)}"),
             (self.steps >= 1 and self.batch_size >= 1, "prior.steps/batch_size", "must be >= 1"),
@@ -133,9 +135,9 @@ class TrainConfig:
             (self.fast in ("auto", "always", "never"), "train.fast", f"{self.fast!r}: use auto, always or never"),
             (self.compile in COMPILE_MODES, "train.compile", f"{self.compile!r}: use {', '.join(COMPILE_MODES)}"),
             (self.mode in ("full", "lora"), "train.mode", f"{self.mode!r}: use full or lora"),
-            (self.steps >= 1, "train.steps", f"{self.steps}: must be >= 1"),
+            (1 <= self.steps <= 1_000_000, "train.steps", f"{self.steps}: use 1 to 1000000"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size", "batch_size and grad_accum must be >= 1"),
-            (self.lr > 0, "train.lr", f"{self.lr}: must be > 0"),
+            (math.isfinite(self.lr) and 0 < self.lr <= 1, "train.lr", f"{self.lr}: use a number above 0 and at most 1"),
             (self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"{self.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}"),
             (self.optimizer in OPTIMIZERS, "train.optimizer", f"{self.optimizer!r}: use {', '.join(OPTIMIZERS)}"),
             (self.mixed_precision in ("auto", "no", "fp16", "bf16"), "train.mixed_precision",

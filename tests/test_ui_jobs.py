@@ -120,6 +120,7 @@ def test_failed_training_reports_the_error_and_can_be_resumed(tmp_path, monkeypa
 
     def broken(config, output, **kwargs):
         yield ev.Notice("loading")
+        yield ev.Phase("caching latents", 5)  # the model loaded
         raise RuntimeError("out of memory")
 
     runner = JobRunner(tmp_path, broken).start()
@@ -128,6 +129,23 @@ def test_failed_training_reports_the_error_and_can_be_resumed(tmp_path, monkeypa
     assert "out of memory" in runner.get(job.id).error
     assert runner.resume(job.id).status == "queued"
     runner.shutdown()
+
+
+def test_a_job_whose_model_did_not_load_offers_no_resume(tmp_path, monkeypatch):
+    """Resuming would only fail the same way: the page shows no Resume and the API refuses it."""
+    monkeypatch.setattr("dreambooth.config.build_config", lambda data, problems=None: data)
+
+    def no_model(config, output, **kwargs):
+        raise OSError("no file named model_index.json")
+        yield  # a generator, like train_events
+
+    app = App(tmp_path, no_model).start()
+    job = app.runner.submit("sks dog", {}, lambda images: {"train": {"steps": 3}})
+    wait_for(lambda: app.runner.get(job.id).status == "failed")
+    assert app.job_json(job.id)["resumable"] is False
+    with pytest.raises(ValueError, match="model did not load"):
+        app.resume(job.id)
+    app.shutdown()
 
 
 @pytest.mark.slow
@@ -164,7 +182,7 @@ def test_cancel_real_training_keeps_checkpoint_and_resume_finishes(tmp_path, sub
     assert (app.runner.run_dir(job["id"]) / "final" / "dreambooth.json").exists()
     from dreambooth.ui.outputs import downloads, export_file
 
-    labels = [item["label"] for item in downloads(app.runner, job["id"])["items"]]
+    labels = [item["format"] for item in downloads(app.runner, job["id"])["items"]]
     assert {"lora-peft", "lora-kohya", "single-file"} <= set(labels)
     kohya = export_file(app.runner, job["id"], "lora-kohya")
     assert kohya.stat().st_size > 0 and export_file(app.runner, job["id"], "lora-kohya") == kohya  # made once
@@ -178,8 +196,10 @@ def test_submit_lists_every_problem_before_anything_loads(tmp_path):
         app.submit({"set_id": photo_set.id, "form": {"identifier": "two words", "class_noun": "",
                                                         "model": "no/such/model/here"}})
     text = json.dumps(raised.value.problems)
-    for expected in ("class_noun", "identifier", "no/such/model/here", "add 3-10 photos"):
+    for expected in ("Class noun", "Identifier", "no/such/model/here", "add 3-10 photos"):
         assert expected in text
+    for config_word in ("data.class_noun", "--class-noun"):  # the page speaks the user's words
+        assert config_word not in text
     assert app.runner.list() == []
     app.shutdown()
 
@@ -255,39 +275,148 @@ def test_upload_applies_exif_rotation_and_reports_checks(tmp_path, subject_dir):
     assert any(p["photo"] for p in view["problems"])
 
 
-# --- HTTP guards ---------------------------------------------------------------------------------
-@pytest.fixture
-def server_url(tmp_path):
-    from dreambooth.ui.server import make_server
+def test_parallel_uploads_keep_every_photo_and_the_limit(tmp_path):
+    """12 uploads at once: exactly 10 listed and on disk, 2 refused, and a job copies those 10."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    store = PhotoStore(tmp_path / "uploads")
+    photo_set = store.create()
+    photos = [png_bytes(colour=(20 * i, 255 - 20 * i, 7 * i)) for i in range(12)]
+
+    def add(i):
+        try:
+            return store.add(photo_set.id, f"p{i}.png", photos[i])
+        except UploadRejected as rejected:
+            return rejected
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(add, range(12)))
+    listed = store.get(photo_set.id)
+    assert sum(isinstance(r, UploadRejected) for r in results) == 2
+    assert len(listed.photos) == MAX_FILES and len(listed.rejected) == 2
+    on_disk = sorted(p.name for p in store.images_dir(photo_set.id).iterdir())
+    assert on_disk == sorted(p.stored_name for p in listed.photos)
+    (store.images_dir(photo_set.id) / "stray.png").write_bytes(photos[0])  # not in set.json: never trained on
+    store.copy_images(photo_set.id, tmp_path / "job-images")
+    assert sorted(p.name for p in (tmp_path / "job-images").iterdir()) == sorted(p.stored_name for p in listed.photos)
+
+
+def test_settings_out_of_range_or_unreadable_are_refused_in_the_pages_words(tmp_path, subject_dir):
     app = App(tmp_path).start()
-    server = make_server(app, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    photo_set = app.photos.create()
+    for path in sorted(subject_dir.glob("*.png"))[:3]:
+        app.upload(photo_set.id, path.name, path.read_bytes())
+    base = {"identifier": "sks", "class_noun": "dog", "model": "tiny-random", "preset": "fast-lora"}
+    bad = {"class_images": 1e9, "steps": 1e8, "lr": 1e308, "resolution": 100000}
+    with pytest.raises(ProblemsError) as raised:
+        app.submit({"set_id": photo_set.id, "form": dict(base, **bad)})
+    wheres = {p["where"] for p in raised.value.problems}
+    assert {"Class images", "Steps", "Learning rate", "Resolution"} <= wheres
+    with pytest.raises(ProblemsError) as raised:  # a typo is named, never replaced by the preset's value
+        app.submit({"set_id": photo_set.id, "form": dict(base, lr="abc", identifier="x" * 10_000)})
+    text = json.dumps(raised.value.problems)
+    assert "Learning rate" in text and "'abc' is not a number" in text
+    assert "Identifier" in text and "at most 32" in text
+    assert app.check_identifier("x" * 10_000, "dog")["problems"][0]["message"].startswith("is 10000 characters")
+    assert app.runner.list() == []
+    job = app.submit({"set_id": photo_set.id, "form": dict(base, steps="3", lr="2e-4", class_images="2")})
+    assert job["config"]["train"]["steps"] == 3 and job["config"]["train"]["lr"] == 2e-4
+    assert job["config"]["prior"]["num_images"] == 2
+    assert job["name"].startswith("sks dog · tiny-random · Fast LoRA · 20")  # subject, model, preset, date
+    app.cancel(job["id"])
     app.shutdown()
 
 
-def request(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None):
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, body, headers or {}, method=method)) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+def test_progress_shows_slow_phases_and_a_smoothed_time_left(tmp_path):
+    """Steps of 1 s with one 200 s validation render between them: the time left stays near
+    (steps left) x 1 s, and the job says it is rendering instead of sitting at a step."""
+    from dreambooth.ui.jobs import Job, apply_event
+
+    job = Job("0" * 12, "j", {}, {})
+    run = tmp_path / "run"
+    apply_event(job, ev.Started(0, 40, 10, "cpu", "no"), run)
+    for step in range(1, 21):
+        apply_event(job, ev.StepDone(step, 40, 0.1, 0.1, 0.0, 1e-4, 1.0 + 0.5 * (step % 2)), run)
+    apply_event(job, ev.Phase("validation images", 8), run)
+    assert job.phase == "validation images" and job.phase_total == 8 and job.phase_started
+    apply_event(job, ev.StepDone(21, 40, 0.1, 0.1, 0.0, 1e-4, 200.0), run)  # timed the render too
+    assert job.phase == "training"
+    assert 19 * 1.0 <= job.eta_seconds <= 19 * 1.5
+    etas = []
+    for step in range(22, 30):
+        apply_event(job, ev.StepDone(step, 40, 0.1, 0.1, 0.0, 1e-4, 1.0 + 0.5 * (step % 2)), run)
+        etas.append(job.eta_seconds)
+    assert all(later < earlier for earlier, later in zip(etas, etas[1:]))  # no jumps back up
 
 
-def test_http_refuses_foreign_hosts_cross_site_posts_and_path_tricks(server_url):
-    assert request(server_url + "/api/info")[0] == 200
-    assert request(server_url + "/api/info", headers={"Host": "evil.example"})[0] == 421
-    assert request(server_url + "/api/photosets", "POST")[0] == 403
-    status, body = request(server_url + "/api/photosets", "POST", {"X-Dreambooth": "1"})
-    set_id = json.loads(body)["id"]
-    upload = server_url + f"/api/photosets/{set_id}/photos"
-    status, body = request(upload, "POST", {"X-Dreambooth": "1", "X-File-Name": "..%2F..%2Fa.png"}, b"not an image")
-    assert status == 400 and b"a.png is not an image" in body
-    assert request(upload, "POST", {"X-Dreambooth": "1", "X-File-Name": "b.png"}, png_bytes())[0] == 201
-    for path in ("/static/..%2F..%2Fjobs.py", "/api/jobs/000000000000/samples/..%2Fjob.json",
-                 f"/api/photosets/{set_id}/thumbs/..", "/static/../api.py"):
-        assert request(server_url + path)[0] == 404, path
-    assert request(server_url + "/")[0] == 200
+class ClassImagesTrainer:
+    """Stands in for train_events during class-image generation: one image per 0.2 s, 500 to make,
+    checking `stop` between images as the library's ensure_class_images does."""
+
+    def __call__(self, config, output, *, resume=False, overwrite=False, stop=None):
+        yield ev.Phase("class images", 500)
+        for done in range(1, 501):
+            time.sleep(0.2)
+            if stop is not None and stop.is_set():
+                return
+            yield ev.ClassImagesProgress(done, 500)
+
+
+def test_cancel_reaches_the_stop_flag_the_trainer_got(tmp_path, monkeypatch):
+    monkeypatch.setattr("dreambooth.config.build_config", lambda data, problems=None: data)
+    runner = JobRunner(tmp_path, ClassImagesTrainer()).start()
+    job = submit(runner)
+    wait_for(lambda: runner.get(job.id).class_done >= 1)
+    began = time.monotonic()
+    runner.cancel(job.id)
+    wait_for(lambda: runner.get(job.id).status != "running", 5)
+    assert time.monotonic() - began < 3
+    runner.shutdown()
+
+
+@pytest.mark.slow
+def test_cancel_during_real_class_images_ends_the_job_within_seconds(tmp_path, subject_dir):
+    """tiny-random with 2000 class images to make: Cancel while they are made ends the job in seconds.
+
+    Needs `priors.ensure_class_images` to honour the training's stop flag between batches.
+    """
+    app = App(tmp_path / "ws").start()
+    photo_set = app.photos.create()
+    for path in sorted(subject_dir.glob("*.png")):
+        app.upload(photo_set.id, path.name, path.read_bytes())
+    form = {"identifier": "sks", "class_noun": "dog", "model": "tiny-random", "preset": "fast-lora",
+            "steps": 4, "prior": True, "class_images": 2000}
+    job = app.submit({"set_id": photo_set.id, "form": form})
+    wait_for(lambda: app.runner.get(job["id"]).phase == "class images", 120)
+    time.sleep(1.0)
+    began = time.monotonic()
+    app.cancel(job["id"])
+    wait_for(lambda: app.runner.get(job["id"]).status != "running", 30)
+    assert time.monotonic() - began < 10
+    app.shutdown()
+
+
+def test_generate_works_on_every_click_and_across_lora_jobs(tmp_path, subject_dir):
+    """Two finished LoRA jobs: generate twice on one, switch, switch back; every click answers."""
+    import shutil
+
+    app = App(tmp_path / "ws").start()
+    photo_set = app.photos.create()
+    for path in sorted(subject_dir.glob("*.png"))[:3]:
+        app.upload(photo_set.id, path.name, path.read_bytes())
+    form = {"identifier": "sks", "class_noun": "dog", "model": "tiny-random", "preset": "fast-lora",
+            "steps": 2, "prior": False, "sample_every": 0}
+    first = app.submit({"set_id": photo_set.id, "form": form})["id"]
+    wait_for(lambda: app.runner.get(first).status in ("finished", "failed"), 240)
+    assert app.runner.get(first).status == "finished", app.runner.get(first).error
+    app.shutdown()
+    second = "f" * 12  # a copy of the finished job, as a second LoRA job on the same base model
+    shutil.copytree(app.runner.folder(first), app.runner.folder(first).parent / second)
+    copied = app.runner.folder(first).parent / second / "job.json"
+    copied.write_text(json.dumps(dict(json.loads(copied.read_text()), id=second, created=time.time())))
+    app = App(tmp_path / "ws").start()
+    for job_id in (first, first, second, first, second):
+        images = app.generate(job_id, {"prompt": "a {identifier} {class}", "num": 1, "steps": 2})["images"]
+        assert len(images) == 1 and app.job_file(job_id, "generated", images[0]["file"]).is_file()
+    assert len(app.runner.get(first).generated) == 3
+    app.shutdown()

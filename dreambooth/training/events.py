@@ -17,6 +17,15 @@ class ClassImagesProgress:
 
 
 @dataclass(frozen=True)
+class Phase:
+    """Slow work outside the steps begins ("class images", "caching latents", "validation images"),
+    so a progress display can say what runs instead of showing a frozen step counter."""
+
+    name: str
+    total: int = 0  # images the phase makes or encodes, when known
+
+
+@dataclass(frozen=True)
 class Started:
     start_step: int  # > 0 when resumed
     total_steps: int
@@ -79,5 +88,5 @@ class Finished:
     seconds: float
 
 
-Event = (Notice | ClassImagesProgress | Started | StepDone | SampleWritten | CheckpointSaved | Evaluated | Selected
+Event = (Notice | ClassImagesProgress | Phase | Started | StepDone | SampleWritten | CheckpointSaved | Evaluated | Selected
          | Stopped | Finished)

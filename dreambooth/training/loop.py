@@ -73,6 +73,7 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
 
     class_paths = []
     if config.prior.enabled:
+        yield ev.Phase("class images", config.prior.num_images)
         for done, total, paths in prepare_class_images(components, config, device, stop):
             yield ev.ClassImagesProgress(done, total)
             class_paths = paths
@@ -94,6 +95,7 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     # The fast step runs its own autocast on the bare modules (one process only).
     wrapped = modules if fast else dict(zip(modules, accelerator.prepare(*modules.values(), optimizer)[:-1]))
 
+    yield ev.Phase("caching latents", len(report.images) + (config.prior.num_images if config.prior.enabled else 0))
     instances = LatentSource([load_rgb(i.path, max_pixels=config.data.max_pixels) for i in report.images],
                              components.vae, config.data.resolution, crop=config.data.crop,
                              cache=config.train.cache_latents, device=device, dtype=frozen_dtype)
@@ -177,6 +179,7 @@ def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, comp
         readout.push(done, parts, float(lr_schedule.get_last_lr()[0]))  # a tensor for torchao
         yield from _report_steps(readout.take(flush=_acts_after(done, config, scoring, stop)), config, run, clock)
         if out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
+            yield ev.Phase("validation images", len(out.sample_prompts) * out.sample_images)
             with back():
                 path = write_samples(components, config, run, done)
             yield ev.SampleWritten(done, path)
@@ -195,6 +198,7 @@ def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, comp
     choice = scoring.finish(modules) if scoring is not None else None
     if choice is not None:
         yield ev.Selected(*choice)
+    yield ev.Phase("validation images", len(out.sample_prompts) * out.sample_images)
     with back():
         path = write_samples(components, config, run, config.train.steps)
     yield ev.SampleWritten(config.train.steps, path)

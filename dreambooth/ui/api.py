@@ -6,12 +6,13 @@ Keeping them here, apart from `server.py`, lets tests call them directly and kee
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import DreamboothError
 from . import outputs, settings
-from .jobs import Job, JobRunner, TrainFn
+from .jobs import Job, JobRunner, TrainFn, resumable
 from .uploads import MAX_BYTES, MAX_FILES, MAX_PIXELS, PhotoStore, UploadRejected, display_name
 
 SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
@@ -23,6 +24,32 @@ class ProblemsError(Exception):
     def __init__(self, message: str, problems: list[dict] | None = None):
         super().__init__(message)
         self.message, self.problems = message, problems or []
+
+
+def whole_number(body: dict, key: str, default: int, low: int, high: int) -> int:
+    """body[key] as a whole number in [low, high]; anything else is a 400 that names the field."""
+    value = body.get(key, default)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProblemsError(f"{key}: {str(value)[:40]!r} is not a whole number from {low} to {high}")
+    return value
+
+
+def job_name(form: dict) -> str:
+    """What the job list shows: subject, model, preset and when it started, e.g.
+    "sks dog · toy · Fast LoRA · 2025-05-01 14:03"."""
+    subject = f"{str(form.get('identifier', '')).strip()} {str(form.get('class_noun', '')).strip()}"
+    preset = settings.PRESET_LABELS.get(str(form.get("preset")), str(form.get("preset")))
+    return " · ".join([subject, str(form.get("model") or "tiny-random"), preset, time.strftime("%Y-%m-%d %H:%M")])
+
+
+def sample_prompts(config: dict) -> list[str]:
+    """The filled prompts of the validation grids' rows, so the page can label them."""
+    from ..identifier import fill_prompt
+
+    data, out = config.get("data", {}), config.get("output", {})
+    return [fill_prompt(p, data.get("identifier", ""), data.get("class_noun", "")) for p in out.get("sample_prompts", [])]
 
 
 def default_workspace() -> Path:
@@ -51,6 +78,7 @@ class App:
     # --- page set-up -----------------------------------------------------------------------------
     def info(self) -> dict:
         return {"models": settings.model_options(), "online": settings.hub_online(),
+                "model_notes": {"toy": settings.TOY_NOTE},
                 "presets": [{"value": k, "label": v} for k, v in settings.PRESET_LABELS.items()],
                 "limits": {"files": MAX_FILES, "bytes": MAX_BYTES, "pixels": MAX_PIXELS}}
 
@@ -78,11 +106,6 @@ class App:
         except UploadRejected as rejected:
             raise ProblemsError(f"{display_name(name)} {rejected}") from None
         return {"id": photo.id, "name": photo.original_name}
-
-    def reject_too_big(self, set_id: str, name: str, length: int) -> str:
-        message = f"is {length / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB limit; export a smaller JPEG"
-        self.photos.reject(set_id, name, message)
-        return f"{display_name(name)} {message}"
 
     def delete_photo(self, set_id: str, photo_id: str) -> dict:
         self.photos.remove(set_id, photo_id)
@@ -119,12 +142,12 @@ class App:
             raise ProblemsError("fix these before training", settings.problems_json(problems) + blocking)
 
         def prepare(images_dir: Path) -> dict:
-            self.photos.copy_images(set_id, images_dir)
-            return settings.build_run_config(form, images_dir).to_dict()
+            frozen = self.photos.copy_images(set_id, images_dir)  # exactly the photos the page shows
+            config = settings.build_run_config(form, images_dir).to_dict()
+            form["photo_names"] = {p.stored_name: p.original_name for p in frozen.photos}
+            return config
 
-        form["photo_names"] = {p.stored_name: p.original_name for p in photo_set.photos}
-        name = f"{form.get('identifier', '').strip()} {form.get('class_noun', '').strip()}"
-        return self.job_view(self.runner.submit(name, form, prepare))
+        return self.job_view(self.runner.submit(job_name(form), form, prepare))
 
     def list_jobs(self) -> dict:
         return {"jobs": [self.job_view(job) for job in reversed(self.runner.list())]}
@@ -143,6 +166,8 @@ class App:
         view["error"] = self._readable(job, job.error) if job.error else None
         view["model"] = job.config.get("model", {}).get("name")
         view["mode"] = job.config.get("train", {}).get("mode")
+        view["resumable"] = resumable(job)
+        view["sample_prompts"] = sample_prompts(job.config)
         return view
 
     def _readable(self, job: Job, text: str) -> str:
@@ -160,9 +185,10 @@ class App:
 
     # --- results ---------------------------------------------------------------------------------
     def generate(self, job_id: str, body: dict) -> dict:
+        numbers = {key: whole_number(body, key, default, low, high) for key, default, low, high in
+                   [("num", 4, 1, outputs.MAX_IMAGES_PER_CLICK), ("seed", 0, 0, 2**32 - 1), ("steps", 25, 1, 150)]}
         try:
-            items = self.generator.generate(job_id, str(body.get("prompt", "")), num=int(body.get("num", 4)),
-                                            seed=int(body.get("seed", 0)), steps=int(body.get("steps", 25)))
+            items = self.generator.generate(job_id, str(body.get("prompt", ""))[:2000], **numbers)
         except DreamboothError as err:
             raise ProblemsError(err.summary, settings.problems_json(err.problems)) from None
         base = f"/api/jobs/{job_id}"

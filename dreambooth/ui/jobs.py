@@ -16,12 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..training import events as ev
 from .uploads import ID_PATTERN, new_id
 
 ACTIVE = ("queued", "running")
 RESUMABLE = ("stopped", "interrupted", "failed")
-TrainFn = Callable[..., Iterator[ev.Event]]
+TrainFn = Callable[..., Iterator]  # train_events' signature, yielding its events
 
 
 @dataclass
@@ -31,7 +30,7 @@ class Job:
     form: dict  # what the user chose, shown again on the page
     config: dict  # the resolved RunConfig as a dict (`build_config` rebuilds it)
     status: str = "queued"  # queued, running, finished, stopped, cancelled, failed, interrupted
-    phase: str = "waiting"  # waiting, loading, class-images, training, done
+    phase: str = "waiting"  # waiting, loading, class images, caching latents, training, validation images, done
     created: float = field(default_factory=time.time)
     started: float | None = None
     ended: float | None = None
@@ -41,11 +40,15 @@ class Job:
     total_steps: int = 0
     loss: float | None = None
     eta_seconds: float | None = None
+    step_seconds: float | None = None  # smoothed time of one step, outside slow phases
+    phase_total: int = 0  # images the current phase makes, when known
+    phase_started: float | None = None
     samples: list[str] = field(default_factory=list)  # relative to run/
     checkpoint: str | None = None  # relative to run/
     notices: list[str] = field(default_factory=list)
     error: str | None = None
     resume_next: bool = False  # the next run continues from run/'s last checkpoint
+    failed_phase: str | None = None  # where a failed job stopped ("loading": the model did not load)
     generated: list[dict] = field(default_factory=list)  # {"file", "prompt", "seed", "batch"}, in generated/
 
 
@@ -55,6 +58,7 @@ class JobStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.versions: dict[str, int] = {}
 
     def folder(self, job_id: str) -> Path:
         if not ID_PATTERN.match(job_id or ""):
@@ -62,6 +66,7 @@ class JobStore:
         return self.root / job_id
 
     def save(self, job: Job) -> None:
+        self.versions[job.id] = self.versions.get(job.id, 0) + 1  # what the progress streams watch
         folder = self.folder(job.id)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / "job.json.tmp"
@@ -79,15 +84,20 @@ class JobStore:
 
 def apply_event(job: Job, event: ev.Event, run_dir: Path) -> None:
     """Fold one training event into the job's visible state."""
+    from ..training import events as ev  # here, not at the top: importing training loads torch
     if isinstance(event, ev.Notice):
         job.notices.append(event.message)
     elif isinstance(event, ev.ClassImagesProgress):
-        job.phase, job.class_done, job.class_total = "class-images", event.done, event.total
+        job.phase, job.class_done, job.class_total = "class images", event.done, event.total
+    elif isinstance(event, ev.Phase):
+        job.phase, job.phase_total, job.phase_started = event.name, event.total, time.time()
     elif isinstance(event, ev.Started):
         job.phase, job.step, job.total_steps = "training", event.start_step, event.total_steps
     elif isinstance(event, ev.StepDone):
-        job.step, job.total_steps, job.loss = event.step, event.total_steps, event.loss
-        job.eta_seconds = event.eta_seconds
+        if job.phase == "training":  # a step that followed a slow phase also timed that phase
+            job.step_seconds = smooth(job.step_seconds, event.seconds_per_step)
+        job.phase, job.step, job.total_steps, job.loss = "training", event.step, event.total_steps, event.loss
+        job.eta_seconds = None if job.step_seconds is None else (event.total_steps - event.step) * job.step_seconds
     elif isinstance(event, ev.SampleWritten):
         job.samples.append(_relative(event.path, run_dir))
     elif isinstance(event, ev.CheckpointSaved):
@@ -97,6 +107,16 @@ def apply_event(job: Job, event: ev.Event, run_dir: Path) -> None:
         job.eta_seconds, job.resume_next = None, True
     elif isinstance(event, ev.Finished):
         job.status, job.phase, job.step, job.eta_seconds = "finished", "done", event.step, 0.0
+
+
+def smooth(previous: float | None, sample: float, weight: float = 0.2) -> float:
+    """Exponential moving average of the step time, so the time left does not jump with each step."""
+    return sample if previous is None else (1 - weight) * previous + weight * sample
+
+
+def resumable(job: Job) -> bool:
+    """Stopped, interrupted and failed jobs resume, except a failure to load the model (it would repeat)."""
+    return job.status in RESUMABLE and not (job.status == "failed" and job.failed_phase == "loading")
 
 
 def _relative(path: Path, run_dir: Path) -> str:
@@ -168,6 +188,14 @@ class JobRunner:
         with self._lock:
             return [self.get(job_id) for job_id in self._jobs]
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def version(self, job_id: str) -> int:
+        """Grows with every saved change of the job (0 if never saved by this runner)."""
+        return self.store.versions.get(job_id, 0)
+
     def queue_position(self, job_id: str) -> int | None:
         with self._lock:
             return self._queue.index(job_id) + 1 if job_id in self._queue else None
@@ -189,16 +217,19 @@ class JobRunner:
                 self.store.save(job)
             elif job.status == "running" and job.id in self._stops:
                 self._stops[job.id].set()
-                job.notices.append("cancel requested: saving a checkpoint after the current step")
+                job.notices.append("cancel requested: saving a checkpoint after the current step"
+                                   if job.phase in ("training", "validation images") else "cancel requested: stopping")
                 self.store.save(job)
             return self.get(job_id)
 
     def resume(self, job_id: str) -> Job:
         with self._lock:
             job = self._jobs[job_id]
-            if job.status not in RESUMABLE:
-                raise ValueError(f"a {job.status} job cannot be resumed")
-            job.status, job.error, job.ended = "queued", None, None
+            if not resumable(job):
+                raise ValueError(f"this {job.status} job cannot be resumed" + (
+                    ": its model did not load; start a new training with another model"
+                    if job.failed_phase == "loading" else ""))
+            job.status, job.error, job.ended, job.failed_phase = "queued", None, None, None
             job.resume_next = (self.run_dir(job.id) / "config.yaml").exists()
             return self._enqueue(job)
 
@@ -262,7 +293,7 @@ class JobRunner:
 
     def _fail(self, job: Job, message: str) -> None:
         with self._lock:
-            job.status, job.error, job.eta_seconds = "failed", message, None
+            job.status, job.error, job.eta_seconds, job.failed_phase = "failed", message, None, job.phase
             job.resume_next = (self.run_dir(job.id) / "config.yaml").exists()
 
     def _trainer(self) -> TrainFn:

@@ -1,8 +1,9 @@
 """What a finished job gives back: generated images, example prompts, and downloads.
 
 Generation calls the library's `generate` on the job's run directory (which describes itself, so
-`{identifier}` and `{class}` fill in). Loaded models are kept for the last run used, because
-reloading a model per click would dominate the time of a small request. Downloads are the formats
+`{identifier}` and `{class}` fill in). The loaded model of the last run used is kept, because
+reloading a model per click would dominate the time of a small request; a LoRA run's adapter is
+applied to it once, under a name of its own, so later clicks sample with it as it is. Downloads are the formats
 `dreambooth.export` writes (made once per job and format), plus final/ as a zip.
 """
 from __future__ import annotations
@@ -17,7 +18,13 @@ from .jobs import JobRunner
 EXAMPLE_PHRASES = ("in the snow", "on the beach", "in the jungle", "wearing a santa hat", "in a chef outfit",
                    "with a city in the background", "floating on top of water", "a red ", "a shiny ")
 MOON = "a {identifier} {class} on the moon"  # from the paper's figures, not its benchmark list
-EXPORT_FORMATS = {"lora": ("lora-peft", "lora-kohya", "single-file"), "full": ("single-file", "diffusers")}
+EXPORT_FORMATS = {"lora": ("lora-kohya", "single-file", "lora-peft"), "full": ("single-file", "diffusers")}
+EXPORT_LABELS = {  # which download to pick, in the user's terms; the first of a mode is the default
+    "lora-kohya": "LoRA (kohya): for ComfyUI / A1111",
+    "single-file": "single file (.safetensors): any Stable Diffusion UI",
+    "lora-peft": "LoRA (PEFT layout): Python diffusers only",
+    "diffusers": "diffusers folder (zip): Python",
+}
 EXPORT_NAMES = {"single-file": "model.safetensors", "lora-peft": "lora-peft.safetensors",
                 "lora-kohya": "lora-kohya.safetensors", "diffusers": "diffusers"}
 MAX_IMAGES_PER_CLICK = 8
@@ -56,7 +63,7 @@ class Generator:
         with self._lock:
             if self._loaded is None or self._loaded[0] != job_id:
                 self._loaded = None  # free the old model before loading the next one
-                self._loaded = (job_id, load_for_generation(run_dir))
+                self._loaded = (job_id, with_adapter(load_for_generation(run_dir), f"job_{job_id}"))
             loaded = self._loaded[1]
             paths = generate(run_dir, [prompt], out, num=num, seed=int(seed),
                              settings=GenerationSettings(steps=max(1, min(int(steps), 150))), loaded=loaded)
@@ -67,6 +74,20 @@ class Generator:
         return items
 
 
+def with_adapter(loaded, name: str):
+    """Apply a run's LoRA to its loaded model once (as adapter `name`) and return it without a LoRA
+    file, so `generate` does not load the adapter into the same UNet again on the next click."""
+    if loaded.lora is None:
+        return loaded
+    from dataclasses import replace
+
+    from ..lora_files import load_lora_into_pipeline
+    from ..pipelines import make_pipeline
+
+    load_lora_into_pipeline(make_pipeline(loaded.components), loaded.lora, adapter_name=name)
+    return replace(loaded, lora=None)
+
+
 def downloads(runner: JobRunner, job_id: str) -> dict:
     """The download links the page shows for a job."""
     job = runner.get(job_id)
@@ -74,10 +95,13 @@ def downloads(runner: JobRunner, job_id: str) -> dict:
     items: list[dict] = []
     if job.status == "finished":
         mode = job.config.get("train", {}).get("mode", "full")
-        items += [{"label": fmt, "url": f"{base}/export/{fmt}"} for fmt in EXPORT_FORMATS.get(mode, ())]
-        items.append({"label": "final/ (zip)", "url": f"{base}/final.zip"})
+        items += [{"label": EXPORT_LABELS[fmt], "format": fmt, "url": f"{base}/export/{fmt}", "default": k == 0}
+                  for k, fmt in enumerate(EXPORT_FORMATS.get(mode, ()))]
+        items.append({"label": "the run's final/ folder (zip): to keep or resume with the CLI", "format": "final",
+                      "url": f"{base}/final.zip"})
     if job.generated:
-        items.append({"label": f"generated images ({len(job.generated)}, zip)", "url": f"{base}/generated.zip"})
+        items.append({"label": f"generated images ({len(job.generated)}, zip)", "format": "images",
+                      "url": f"{base}/generated.zip"})
     return {"items": items, "note": None}
 
 

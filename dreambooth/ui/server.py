@@ -1,32 +1,36 @@
-"""The web app's HTTP side: a JSON API and one static page, on the standard library's server.
+"""The web app's HTTP side: a JSON API, server-sent job progress and one static page (Starlette, uvicorn).
 
-No web framework: the API is two dozen small routes, and `http.server` starts in a blink, needs no
-extra install and is easy to drive from tests. Safety rules: loopback by default; when bound to
-loopback, requests must name a loopback host (blocks DNS-rebinding pages); every state-changing
-request needs the `X-Dreambooth` header, which a foreign web page cannot send without a CORS
-preflight we never grant; files are only served by id and checked name, never by a path from the
-request.
+Every decision lives in `api.App`; this module only routes, parses and streams. Blocking work
+(image checks, training commands, generation) runs in Starlette's thread pool so the event loop keeps
+answering. The safety rules (Host check, access token, CSRF header, body limits, headers) are the
+`guard.Guard` middleware in front of everything; files are only served by id and checked name.
 """
 from __future__ import annotations
 
-import ipaddress
+import asyncio
+import contextlib
 import json
-import mimetypes
+import math
 import re
+import socket
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import threading
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.routing import Route
 
 from . import api
+from .guard import Guard, Policy, is_loopback, make_policy
+from .jobs import ACTIVE
 from .uploads import MAX_BYTES
 
 STATIC = Path(__file__).resolve().parent / "static"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
-ID = r"([0-9a-f]{12})"
-NAME = r"([A-Za-z0-9][A-Za-z0-9._-]{0,200})"
-CSRF_HEADER = "X-Dreambooth"
-LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
+KEEP_ALIVE_SECONDS = 15.0
 
 
 class HttpError(Exception):
@@ -35,245 +39,238 @@ class HttpError(Exception):
         self.status, self.message, self.problems = status, message, problems or []
 
 
-# (method, path pattern, handler name on Handler); the groups are passed as arguments.
-ROUTES = [
-    ("GET", r"/", "page"),
-    ("GET", r"/static/" + NAME, "static"),
-    ("GET", r"/api/info", "info"),
-    ("GET", r"/api/presets", "presets"),
-    ("POST", r"/api/photosets", "new_set"),
-    ("GET", rf"/api/photosets/{ID}", "get_set"),
-    ("POST", rf"/api/photosets/{ID}/photos", "upload"),
-    ("DELETE", rf"/api/photosets/{ID}/photos/{ID}", "delete_photo"),
-    ("POST", rf"/api/photosets/{ID}/clear-rejected", "clear_rejected"),
-    ("GET", rf"/api/photosets/{ID}/thumbs/{ID}", "thumb"),
-    ("POST", r"/api/identifier/check", "check_identifier"),
-    ("GET", r"/api/identifier/suggest", "suggest"),
-    ("POST", r"/api/model/check", "check_model"),
-    ("GET", r"/api/jobs", "list_jobs"),
-    ("POST", r"/api/jobs", "submit"),
-    ("GET", rf"/api/jobs/{ID}", "get_job"),
-    ("POST", rf"/api/jobs/{ID}/cancel", "cancel"),
-    ("POST", rf"/api/jobs/{ID}/resume", "resume"),
-    ("POST", rf"/api/jobs/{ID}/generate", "generate"),
-    ("GET", rf"/api/jobs/{ID}/examples", "examples"),
-    ("GET", rf"/api/jobs/{ID}/downloads", "downloads"),
-    ("GET", rf"/api/jobs/{ID}/(samples|generated|final)/{NAME}", "job_file"),
-    ("GET", rf"/api/jobs/{ID}/(final|generated)\.zip", "job_zip"),
-    ("GET", rf"/api/jobs/{ID}/export/([a-z-]+)", "export"),
-]
-COMPILED = [(m, re.compile(p + "$"), h) for m, p, h in ROUTES]
+def parse_json(raw: bytes) -> dict:
+    """A JSON object from a request body; bad numbers (1e400, NaN) and deep nesting answer 400."""
+    def finite(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value):
+            raise ValueError(f"the number {text[:20]} is out of range")
+        return value
 
+    def constant(name: str):
+        raise ValueError(f"{name} is not a number this app accepts")
 
-class Handler(BaseHTTPRequestHandler):
-    """One request; routes to `api.App` methods and turns results into JSON or files."""
-
-    app: api.App  # set on the subclass made by `make_server`
-    loopback_only: bool = True
-    server_version = "dreambooth-ui"
-
-    def do_GET(self) -> None:
-        self._dispatch("GET")
-
-    def do_POST(self) -> None:
-        self._dispatch("POST")
-
-    def do_DELETE(self) -> None:
-        self._dispatch("DELETE")
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
-        if self.app.verbose:
-            super().log_message(format, *args)
-
-    def _dispatch(self, method: str) -> None:
-        url = urlsplit(self.path)
-        try:
-            self._check_request(method)
-            for route_method, pattern, name in COMPILED:
-                match = pattern.match(url.path)
-                if match and route_method == method:
-                    self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-                    getattr(self, "route_" + name)(*match.groups())
-                    return
-            raise HttpError(404, f"no such page: {url.path}")
-        except HttpError as err:
-            self._json({"error": err.message, "problems": err.problems}, err.status)
-        except (KeyError, FileNotFoundError):
-            self._json({"error": "not found"}, 404)
-        except (ValueError, TypeError) as err:
-            self._json({"error": str(err)}, 400)
-        except api.ProblemsError as err:
-            self._json({"error": err.message, "problems": err.problems}, 400)
-
-    def _check_request(self, method: str) -> None:
-        if self.loopback_only and host_name(self.headers.get("Host") or "") not in LOOPBACK_HOSTS:
-            raise HttpError(421, "this server answers only to localhost")
-        if method != "GET" and self.headers.get(CSRF_HEADER) != "1":
-            raise HttpError(403, f"missing {CSRF_HEADER} header (cross-site requests are refused)")
-
-    # --- responses -------------------------------------------------------------------------------
-    def _headers(self, status: int, content_type: str, length: int, extra: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(length))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' blob: data:")
-        for key, value in (extra or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-
-    def _json(self, data, status: int = 200) -> None:
-        body = json.dumps(data).encode()
-        self._headers(status, "application/json", len(body))
-        self.wfile.write(body)
-
-    def _file(self, path: Path, download: bool = False) -> None:
-        if not path.is_file():
-            raise FileNotFoundError(path)
-        kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        extra = {"Content-Disposition": f'attachment; filename="{path.name}"'} if download else None
-        self._headers(200, kind, path.stat().st_size, extra)
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                self.wfile.write(chunk)
-
-    def _body_json(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > 1 << 20:
-            raise HttpError(413, "request too large")
-        data = json.loads(self.rfile.read(length) or b"{}")
-        if not isinstance(data, dict):
-            raise HttpError(400, "expected a JSON object")
-        return data
-
-    # --- routes ----------------------------------------------------------------------------------
-    def route_page(self) -> None:
-        self._file(STATIC / "index.html")
-
-    def route_static(self, name: str) -> None:
-        self._file(STATIC / name)
-
-    def route_info(self) -> None:
-        self._json(self.app.info())
-
-    def route_presets(self) -> None:
-        self._json(self.app.presets(self.query.get("purpose", "fast-lora"), self.query.get("model", "tiny-random")))
-
-    def route_new_set(self) -> None:
-        self._json(self.app.new_set(), 201)
-
-    def route_get_set(self, set_id: str) -> None:
-        self._json(self.app.get_set(set_id, int(self.query.get("resolution", 512))))
-
-    def route_upload(self, set_id: str) -> None:
-        name = unquote(self.headers.get("X-File-Name", ""))
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BYTES:
-            self._discard(length)
-            raise HttpError(413, self.app.reject_too_big(set_id, name, length))
-        self._json(self.app.upload(set_id, name, self.rfile.read(length)), 201)
-
-    def _discard(self, length: int) -> None:
-        """Read and drop an oversized body (up to a cap) so the browser sees our answer, not a reset."""
-        if length > 8 * MAX_BYTES:
-            self.close_connection = True
-            return
-        while length > 0:
-            length -= len(self.rfile.read(min(length, 1 << 20)) or b"x" * length)
-
-    def route_delete_photo(self, set_id: str, photo_id: str) -> None:
-        self._json(self.app.delete_photo(set_id, photo_id))
-
-    def route_clear_rejected(self, set_id: str) -> None:
-        self._json(self.app.clear_rejected(set_id))
-
-    def route_thumb(self, set_id: str, photo_id: str) -> None:
-        self._file(self.app.photos.thumb(set_id, photo_id))
-
-    def route_check_identifier(self) -> None:
-        body = self._body_json()
-        self._json(self.app.check_identifier(str(body.get("identifier", "")), str(body.get("class_noun", ""))))
-
-    def route_suggest(self) -> None:
-        self._json(self.app.suggest(int(self.query.get("seed", 0))))
-
-    def route_check_model(self) -> None:
-        self._json(self.app.check_model(str(self._body_json().get("model", ""))))
-
-    def route_list_jobs(self) -> None:
-        self._json(self.app.list_jobs())
-
-    def route_submit(self) -> None:
-        self._json(self.app.submit(self._body_json()), 201)
-
-    def route_get_job(self, job_id: str) -> None:
-        self._json(self.app.job_json(job_id))
-
-    def route_cancel(self, job_id: str) -> None:
-        self._json(self.app.cancel(job_id))
-
-    def route_resume(self, job_id: str) -> None:
-        self._json(self.app.resume(job_id))
-
-    def route_generate(self, job_id: str) -> None:
-        self._json(self.app.generate(job_id, self._body_json()))
-
-    def route_examples(self, job_id: str) -> None:
-        self._json(self.app.examples(job_id))
-
-    def route_downloads(self, job_id: str) -> None:
-        self._json(self.app.downloads(job_id))
-
-    def route_job_file(self, job_id: str, kind: str, name: str) -> None:
-        self._file(self.app.job_file(job_id, kind, name), download=kind == "final" or "download" in self.query)
-
-    def route_job_zip(self, job_id: str, kind: str) -> None:
-        self._file(self.app.job_zip(job_id, kind), download=True)
-
-    def route_export(self, job_id: str, fmt: str) -> None:
-        self._file(self.app.export(job_id, fmt), download=True)
-
-
-def host_name(header: str) -> str:
-    """The host part of a Host header: "[::1]:7860" -> "[::1]", "localhost:7860" -> "localhost"."""
-    if header.startswith("["):
-        return header.split("]")[0] + "]"
-    return header.rsplit(":", 1)[0]
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        data = json.loads(raw or b"{}", parse_float=finite, parse_constant=constant)
+    except RecursionError:
+        raise HttpError(400, "the request's JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise HttpError(400, f"the request is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, "expected a JSON object")
+    return data
+
+
+def build_app(app: api.App, policy: Policy | None = None, on_shutdown=None) -> Guard:
+    """The ASGI app serving `app` under `policy` (loopback rules by default)."""
+
+    def call(fn, status: int = 200, body: bool = False):
+        """A route running `fn(*path_params[, json_body])` in the thread pool; its result is the JSON answer."""
+        async def endpoint(request: Request):
+            args = list(request.path_params.values())
+            if body:
+                args.append(parse_json(await request.body()))
+            return JSONResponse(await run_in_threadpool(fn, *args), status)
+        return endpoint
+
+    q = lambda request, key, default: request.query_params.get(key, default)  # noqa: E731
+
+    async def page(request: Request):
+        return FileResponse(STATIC / "index.html")
+
+    async def static(request: Request):
+        name = request.path_params["name"]
+        if not SAFE_NAME.match(name) or not (STATIC / name).is_file():
+            raise KeyError(name)
+        return FileResponse(STATIC / name)
+
+    async def favicon(request: Request):
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
+
+    async def presets(request: Request):
+        return JSONResponse(await run_in_threadpool(app.presets, q(request, "purpose", "fast-lora"),
+                                                    q(request, "model", "tiny-random")))
+
+    async def get_set(request: Request):
+        resolution = _int_query(request, "resolution", 512)
+        return JSONResponse(await run_in_threadpool(app.get_set, request.path_params["set_id"], resolution))
+
+    async def upload(request: Request):
+        set_id = request.path_params["set_id"]
+        async with request.form(max_files=1, max_fields=1) as form:
+            photo = form.get("photo")
+            if photo is None or isinstance(photo, str):
+                raise HttpError(400, "send the photo as the multipart field 'photo'")
+            data = await photo.read(MAX_BYTES + 1)
+        return JSONResponse(await run_in_threadpool(app.upload, set_id, photo.filename or "", data), 201)
+
+    async def suggest(request: Request):
+        return JSONResponse(await run_in_threadpool(app.suggest, _int_query(request, "seed", 0)))
+
+    async def job_events(request: Request):
+        job_id = request.path_params["job_id"]
+        app.runner.get(job_id)  # 404 before the stream starts
+        return StreamingResponse(_job_stream(app, job_id), media_type="text/event-stream",
+                                 headers={"X-Accel-Buffering": "no"})
+
+    async def job_file(request: Request):
+        p = request.path_params
+        path = app.job_file(p["job_id"], p["kind"], p["name"])
+        download = p["kind"] == "final" or "download" in request.query_params
+        return FileResponse(path, filename=path.name if download else None)
+
+    async def job_zip(request: Request):
+        path = await run_in_threadpool(app.job_zip, request.path_params["job_id"], request.path_params["kind"])
+        return FileResponse(path, filename=path.name)
+
+    async def export(request: Request):
+        path = await run_in_threadpool(app.export, request.path_params["job_id"], request.path_params["fmt"])
+        return FileResponse(path, filename=path.name)
+
+    async def thumb(request: Request):
+        return FileResponse(app.photos.thumb(request.path_params["set_id"], request.path_params["photo_id"]))
+
+    routes = [
+        Route("/", page), Route("/static/{name}", static), Route("/favicon.ico", favicon),
+        Route("/api/info", call(lambda: app.info())),
+        Route("/api/presets", presets),
+        Route("/api/photosets", call(lambda: app.new_set(), 201), methods=["POST"]),
+        Route("/api/photosets/{set_id}", get_set),
+        Route("/api/photosets/{set_id}/photos", upload, methods=["POST"]),
+        Route("/api/photosets/{set_id}/photos/{photo_id}", call(app.delete_photo), methods=["DELETE"]),
+        Route("/api/photosets/{set_id}/clear-rejected", call(app.clear_rejected), methods=["POST"]),
+        Route("/api/photosets/{set_id}/thumbs/{photo_id}", thumb),
+        Route("/api/identifier/check", call(lambda body: app.check_identifier(
+            str(body.get("identifier", "")), str(body.get("class_noun", ""))), body=True), methods=["POST"]),
+        Route("/api/identifier/suggest", suggest),
+        Route("/api/model/check", call(lambda body: app.check_model(str(body.get("model", ""))), body=True), methods=["POST"]),
+        Route("/api/jobs", call(lambda: app.list_jobs())),
+        Route("/api/jobs", call(app.submit, 201, body=True), methods=["POST"]),
+        Route("/api/jobs/{job_id}", call(app.job_json)),
+        Route("/api/jobs/{job_id}/events", job_events),
+        Route("/api/jobs/{job_id}/cancel", call(app.cancel), methods=["POST"]),
+        Route("/api/jobs/{job_id}/resume", call(app.resume), methods=["POST"]),
+        Route("/api/jobs/{job_id}/generate", call(app.generate, body=True), methods=["POST"]),
+        Route("/api/jobs/{job_id}/examples", call(app.examples)),
+        Route("/api/jobs/{job_id}/downloads", call(app.downloads)),
+        Route("/api/jobs/{job_id}/{kind}.zip", job_zip),
+        Route("/api/jobs/{job_id}/export/{fmt}", export),
+        Route("/api/jobs/{job_id}/{kind}/{name}", job_file),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        if on_shutdown is not None:  # uvicorn stopped on a signal: let the running job save a checkpoint
+            await run_in_threadpool(on_shutdown)
+
+    handlers = {HttpError: _http_error, api.ProblemsError: _problems_error, KeyError: _not_found,
+                FileNotFoundError: _not_found, ValueError: _bad_request, TypeError: _bad_request}
+    return Guard(Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan), policy or make_policy("127.0.0.1"))
+
+
+def _int_query(request: Request, key: str, default: int) -> int:
+    try:
+        return int(request.query_params.get(key, default))
     except ValueError:
-        return False
+        raise HttpError(400, f"{key} must be a whole number") from None
 
 
-def make_server(app: api.App, host: str = "127.0.0.1", port: int = 7860) -> ThreadingHTTPServer:
-    """A threading server bound to `host:port` (port 0 picks a free one) serving `app`."""
-    handler = type("BoundHandler", (Handler,), {"app": app, "loopback_only": is_loopback(host)})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
-    return server
+async def _http_error(request, err: HttpError):
+    return JSONResponse({"error": err.message, "problems": err.problems}, err.status)
 
 
-def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | Path | None = None) -> int:
-    """Run the app until Ctrl-C; a running training is stopped with a checkpoint on the way out."""
-    app = api.App(Path(workspace) if workspace else api.default_workspace()).start()
-    server = make_server(app, host, port)
-    if not is_loopback(host):
-        print(f"warning: listening on {host}, so other machines can reach this app; it has no login. "
-              "Use --host 127.0.0.1 unless you trust the network.", file=sys.stderr)
+async def _problems_error(request, err: api.ProblemsError):
+    return JSONResponse({"error": err.message, "problems": err.problems}, 400)
+
+
+async def _not_found(request, err):
+    return JSONResponse({"error": "not found", "problems": []}, 404)
+
+
+async def _bad_request(request, err):
+    return JSONResponse({"error": str(err), "problems": []}, 400)
+
+
+async def _job_stream(app: api.App, job_id: str):
+    """Server-sent events: the job's view whenever it changes; ends once the job is no longer active."""
+    seen, quiet = None, 0.0
+    while not app.runner.closing:
+        version = app.runner.version(job_id)
+        if version != seen:
+            seen, quiet = version, 0.0
+            view = await run_in_threadpool(app.job_json, job_id)
+            yield f"event: job\ndata: {json.dumps(view)}\n\n"
+            if view["status"] not in ACTIVE:
+                yield "event: end\ndata: {}\n\n"
+                return
+        elif quiet >= KEEP_ALIVE_SECONDS:
+            quiet = 0.0
+            yield ": still here\n\n"  # a comment line keeps proxies and the browser from timing out
+        await asyncio.sleep(0.2)
+        quiet += 0.2
+
+
+def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A bound, listening socket (port 0 picks a free one); a deep backlog, so bursts of clients queue."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), port))
+    sock.listen(backlog)
+    sock.set_inheritable(True)
+    return sock
+
+
+class BackgroundServer:
+    """The app served by uvicorn on a thread (tests, notebooks): `with BackgroundServer(app) as url: ...`."""
+
+    def __init__(self, app: api.App, host: str = "127.0.0.1", port: int = 0, policy: Policy | None = None):
+        import uvicorn
+
+        self.sock = listening_socket(host, port)
+        asgi = build_app(app, policy or make_policy(host))
+        config = uvicorn.Config(asgi, log_level="warning", lifespan="on", timeout_graceful_shutdown=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        while not self.server.started and self.thread.is_alive():
+            threading.Event().wait(0.01)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+def serve(host: str = "127.0.0.1", port: int = 7860, workspace: str | Path | None = None,
+          allow_hosts: tuple[str, ...] = (), app: api.App | None = None) -> int:
+    """Run the app until Ctrl-C or SIGTERM; a running training saves a checkpoint before the exit."""
+    import uvicorn
+
+    app = app or api.App(Path(workspace) if workspace else api.default_workspace()).start()
+    policy = make_policy(host, tuple(allow_hosts))
+    sock = listening_socket(host, port)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    print(f"dreambooth ui: http://{shown}:{server.server_address[1]}/  (workspace {app.workspace}; Ctrl-C stops)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        print("stopping: a running training saves a checkpoint first ...", file=sys.stderr)
-    finally:
-        server.server_close()
+    url = f"http://{shown if ':' not in shown else f'[{shown}]'}:{sock.getsockname()[1]}/"
+    if policy.token:
+        url += f"?token={policy.token}"
+        print(f"warning: listening on {host}, so other machines can reach this app. Open it with the link "
+              "below (it holds the access token; keep it private).", file=sys.stderr)
+    print(f"dreambooth ui: {url}  (workspace {app.workspace}; Ctrl-C stops)", flush=True)
+
+    def stop_jobs() -> None:
+        print("stopping: a running training saves a checkpoint first ...", file=sys.stderr, flush=True)
         app.shutdown()
+
+    asgi = build_app(app, policy, on_shutdown=stop_jobs)
+    config = uvicorn.Config(asgi, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
+
+__all__ = ["BackgroundServer", "build_app", "is_loopback", "serve"]

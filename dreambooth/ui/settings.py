@@ -20,6 +20,9 @@ PRESETS = {
     "lean": ("tiny", "toy", "sd15-lean"),
 }
 PRESET_LABELS = {"fast-lora": "Fast LoRA", "full": "Full quality", "lean": "Memory-lean"}
+TOY_NOTE = ("toy knows only its toy world (six classes such as dog, cat and teapot, drawn in simple "
+            "rendered scenes): it learns your subject as it can draw it, so real photos come out as toy-world "
+            "renderings. Use a Stable Diffusion model for photo-real results.")
 
 
 def model_options() -> list[dict]:
@@ -71,28 +74,91 @@ def model_problems(model: str) -> list[Problem]:
     return []
 
 
+# form key -> (config group, config key, the field's label on the page, number type or None)
+FORM_SETTINGS = {
+    "steps": ("train", "steps", "Steps", int),
+    "lr": ("train", "lr", "Learning rate", float),
+    "prior": ("prior", "enabled", "Prior preservation", None),
+    "class_images": ("prior", "num_images", "Class images", int),
+    "sample_every": ("output", "sample_every", "Samples every N steps", int),
+    "resolution": ("data", "resolution", "Resolution", int),
+}
+FORM_TEXT = ("identifier", "class_noun", "model", "preset")
+TEXT_LIMITS = {"identifier": ("Identifier", 32), "class_noun": ("Class noun", 40), "model": ("Base model", 1000)}
+# config keys (as the library names them) -> the page's words
+USER_WORDS = {f"{group}.{key}": label for group, key, label, _ in FORM_SETTINGS.values()} | {
+    "data.identifier": "Identifier", "data.class_noun": "Class noun", "model.name": "Base model",
+    "identifier": "Identifier", "preset": "Preset"}
+
+
+def form_overrides(form: dict) -> tuple[dict, list[Problem]]:
+    """The form's values as config overrides, and a problem for each value that is not usable.
+
+    Empty fields take the preset's value; anything else must parse, so a typo is reported, never
+    silently replaced by the default.
+    """
+    problems = [Problem(key, "is not a setting of this app") for key in form
+                if key not in FORM_SETTINGS and key not in FORM_TEXT]
+    for key, (label, limit) in TEXT_LIMITS.items():
+        if len(str(form.get(key) or "")) > limit:
+            problems.append(Problem(label, f"is {len(str(form[key]))} characters long; use at most {limit}"))
+    overrides: dict = {"train": {}, "prior": {}, "output": {}, "data": {}}
+    for key, (group, name, label, kind) in FORM_SETTINGS.items():
+        value = form.get(key)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        parsed = _parse(value, kind)
+        if parsed is None:
+            problems.append(Problem(label, f"{str(value)[:40]!r} is not " + (
+                "a whole number" if kind is int else "a number" if kind is float else "on or off")))
+        else:
+            overrides[group][name] = parsed
+    return overrides, problems
+
+
+def _parse(value, kind):
+    """A form value as `kind` (int, float, or bool for None); None when it does not parse."""
+    if kind is None:
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value) if kind is float else value if isinstance(value, int) else float(str(value).strip())
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if kind is int:
+        return int(number) if isinstance(number, int) or (number == number and float(number).is_integer()) else None
+    return number
+
+
 def build_run_config(form: dict, images_dir: Path):
-    """The form's values as a validated `RunConfig`; raises `ConfigError` listing every bad field."""
+    """The form's values as a `RunConfig`, validated only by the library's `load_config` (as the CLI
+    is); raises `ConfigError` listing every bad field, in the page's words."""
     from ..config import load_config
+    from ..errors import ConfigError
 
     model = str(form.get("model") or "tiny-random").strip()
-    purpose = str(form.get("preset") or "fast-lora")
-    overrides: dict = {
-        "model": {"name": model},
-        "data": {"images": str(images_dir), "identifier": str(form.get("identifier", "")).strip(),
-                 "class_noun": str(form.get("class_noun", "")).strip()},
-        "train": {}, "prior": {}, "output": {},
-    }
-    for key, group, name in [("steps", "train", "steps"), ("lr", "train", "lr"), ("prior", "prior", "enabled"),
-                             ("class_images", "prior", "num_images"), ("sample_every", "output", "sample_every")]:
-        if form.get(key) not in (None, ""):
-            overrides[group][name] = form[key]
-    preset = preset_for(purpose, model)
-    config = load_config(preset, {k: v for k, v in overrides.items() if v})
-    if config.output.checkpoint_every > config.train.steps:  # a short run still leaves a checkpoint midway
-        overrides["output"]["checkpoint_every"] = max(1, config.train.steps // 2)
+    overrides, problems = form_overrides(form)
+    overrides["model"] = {"name": model}
+    overrides["data"].update({"images": str(images_dir), "identifier": str(form.get("identifier", "")).strip(),
+                              "class_noun": str(form.get("class_noun", "")).strip()})
+    try:
+        preset = preset_for(str(form.get("preset") or "fast-lora"), model)
         config = load_config(preset, {k: v for k, v in overrides.items() if v})
+        if config.output.checkpoint_every > config.train.steps:  # a short run still leaves a checkpoint midway
+            overrides["output"]["checkpoint_every"] = max(1, config.train.steps // 2)
+            config = load_config(preset, {k: v for k, v in overrides.items() if v})
+    except DreamboothError as err:
+        problems += err.problems
+    if problems:
+        raise ConfigError("fix these settings", [in_user_words(p) for p in problems])
     return config
+
+
+def in_user_words(problem: Problem) -> Problem:
+    """A library problem as the page says it: field labels instead of config keys, no CLI flags."""
+    message = problem.message.replace(", e.g. --class-noun dog", ", e.g. dog").replace("`dreambooth token`", "Suggest")
+    return Problem(USER_WORDS.get(problem.where, problem.where), message, problem.severity)
 
 
 @lru_cache(maxsize=1)
@@ -108,7 +174,11 @@ def _tokenizer():
 def identifier_problems(identifier: str, class_noun: str) -> list[Problem]:
     from ..identifier import check_identifier
 
-    return check_identifier(_tokenizer(), identifier.strip(), class_noun.strip())
+    limit = TEXT_LIMITS["identifier"][1]
+    if len(identifier.strip()) > limit:  # the tokenizer is never fed a huge string
+        return [Problem("Identifier", f"is {len(identifier.strip())} characters long; use 1-{limit} "
+                                      "(a rare short word such as sks works best)")]
+    return [in_user_words(p) for p in check_identifier(_tokenizer(), identifier.strip(), class_noun.strip()[:40])]
 
 
 def suggest(count: int = 6, seed: int = 0) -> list[str]:

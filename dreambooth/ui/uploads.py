@@ -4,6 +4,10 @@ An upload is untrusted bytes. We limit the count, the bytes and the pixels; we s
 under a generated name (the browser's file name is only shown, never used as a path); and we keep
 only what Pillow verifies and fully decodes as an image. Nothing uploaded is ever unpickled: the
 only reader is Pillow, and only image formats it registers are accepted.
+
+Every change of a set runs under that set's lock and ends by rewriting set.json atomically, so
+parallel uploads cannot lose each other or pass the photo limit; set.json is the truth, and a job
+copies exactly the photos it lists.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import json
 import re
 import secrets
 import shutil
+import threading
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -66,6 +71,14 @@ class PhotoStore:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+
+    def lock(self, set_id: str) -> threading.Lock:
+        """The lock of one set: held while its set.json is read, changed and written back."""
+        self.folder(set_id)  # checks the id
+        with self._locks_lock:
+            return self._locks.setdefault(set_id, threading.Lock())
 
     def create(self) -> PhotoSet:
         photo_set = PhotoSet(new_id())
@@ -88,37 +101,55 @@ class PhotoStore:
         return PhotoSet(data["id"], [Photo(**p) for p in data["photos"]], data.get("rejected", []))
 
     def add(self, set_id: str, name: str, data: bytes) -> Photo:
-        """Validate and store one upload; on rejection remember why and raise `UploadRejected`."""
-        photo_set = self.get(set_id)
+        """Validate and store one upload; on rejection remember why and raise `UploadRejected`.
+
+        The slow checks run outside the lock on a private file; the count is checked again, and the
+        photo moved in and listed, under the lock.
+        """
         shown = display_name(name)
         try:
-            photo = self._accept(photo_set, shown, data)
+            self._check_room(self.get(set_id))
+            incoming, fmt, upright, rotated = self._verify(set_id, data)
         except UploadRejected as rejected:
-            photo_set.rejected.append({"name": shown, "message": str(rejected)})
-            self._save(photo_set)
+            self.reject(set_id, shown, str(rejected))
             raise
-        photo_set.photos.append(photo)
-        self._save(photo_set)
-        return photo
+        try:
+            with self.lock(set_id):
+                photo_set = self.get(set_id)
+                try:
+                    self._check_room(photo_set)
+                except UploadRejected as rejected:
+                    photo_set.rejected.append({"name": shown, "message": str(rejected)})
+                    self._save(photo_set)
+                    raise
+                photo = self._store(photo_set, incoming, shown, fmt, upright, rotated)
+                photo_set.photos.append(photo)
+                self._save(photo_set)
+                return photo
+        finally:
+            incoming.unlink(missing_ok=True)
 
     def remove(self, set_id: str, photo_id: str) -> None:
-        photo_set = self.get(set_id)
-        for photo in [p for p in photo_set.photos if p.id == photo_id]:
-            (self.images_dir(set_id) / photo.stored_name).unlink(missing_ok=True)
-            (self.folder(set_id) / "thumbs" / f"{photo.id}.jpg").unlink(missing_ok=True)
-            photo_set.photos.remove(photo)
-        self._save(photo_set)
+        with self.lock(set_id):
+            photo_set = self.get(set_id)
+            for photo in [p for p in photo_set.photos if p.id == photo_id]:
+                (self.images_dir(set_id) / photo.stored_name).unlink(missing_ok=True)
+                (self.folder(set_id) / "thumbs" / f"{photo.id}.jpg").unlink(missing_ok=True)
+                photo_set.photos.remove(photo)
+            self._save(photo_set)
 
     def reject(self, set_id: str, name: str, message: str) -> None:
-        """Remember a file refused before it was read (e.g. over the byte limit)."""
-        photo_set = self.get(set_id)
-        photo_set.rejected.append({"name": display_name(name), "message": message})
-        self._save(photo_set)
+        """Remember a refused file, so the page can say why."""
+        with self.lock(set_id):
+            photo_set = self.get(set_id)
+            photo_set.rejected.append({"name": display_name(name), "message": message})
+            self._save(photo_set)
 
     def clear_rejected(self, set_id: str) -> None:
-        photo_set = self.get(set_id)
-        photo_set.rejected = []
-        self._save(photo_set)
+        with self.lock(set_id):
+            photo_set = self.get(set_id)
+            photo_set.rejected = []
+            self._save(photo_set)
 
     def thumb(self, set_id: str, photo_id: str) -> Path:
         if not ID_PATTERN.match(photo_id or ""):
@@ -128,32 +159,47 @@ class PhotoStore:
             raise KeyError(photo_id)
         return path
 
-    def copy_images(self, set_id: str, dest: Path) -> None:
-        """Freeze the set for a job: later edits of the set do not change what the job trains on."""
-        shutil.copytree(self.images_dir(set_id), dest, dirs_exist_ok=True)
+    def copy_images(self, set_id: str, dest: Path) -> PhotoSet:
+        """Freeze the set for a job: exactly the photos set.json lists, as they are now."""
+        with self.lock(set_id):
+            photo_set = self.get(set_id)
+            dest.mkdir(parents=True, exist_ok=True)
+            for photo in photo_set.photos:
+                shutil.copy2(self.images_dir(set_id) / photo.stored_name, dest / photo.stored_name)
+            return photo_set
 
-    def _accept(self, photo_set: PhotoSet, shown: str, data: bytes) -> Photo:
+    @staticmethod
+    def _check_room(photo_set: PhotoSet) -> None:
         if len(photo_set.photos) >= MAX_FILES:
-            raise UploadRejected(f"the set already has {MAX_FILES} photos, the most DreamBooth needs; "
-                                 "remove one first")
+            raise UploadRejected(f"was not added: the set already has {MAX_FILES} photos, the most DreamBooth "
+                                 "needs; remove one first")
+
+    def _verify(self, set_id: str, data: bytes) -> tuple[Path, str, Image.Image, bool]:
+        """Write the bytes to a private file and check them; the caller removes the file."""
         if len(data) > MAX_BYTES:
             raise UploadRejected(f"is {len(data) / 2**20:.1f} MB, over the {MAX_BYTES // 2**20} MB limit; "
                                  "export a smaller JPEG")
         if not data:
             raise UploadRejected("is empty")
+        folder = self.folder(set_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        incoming = folder / f".incoming-{new_id()}"
+        incoming.write_bytes(data)
+        try:
+            return (incoming, *verify_image(incoming))
+        except BaseException:
+            incoming.unlink(missing_ok=True)
+            raise
+
+    def _store(self, photo_set: PhotoSet, incoming: Path, shown: str, fmt: str, upright: Image.Image,
+               rotated: bool) -> Photo:
         photo_id = new_id()
         folder = self.folder(photo_set.id)
         (folder / "images").mkdir(parents=True, exist_ok=True)
         (folder / "thumbs").mkdir(parents=True, exist_ok=True)
-        incoming = folder / f".incoming-{photo_id}"
-        incoming.write_bytes(data)
-        try:
-            fmt, upright, rotated = verify_image(incoming)
-            stored = f"{photo_id}{SUFFIXES[fmt]}"
-            incoming.replace(folder / "images" / stored)
-        finally:
-            incoming.unlink(missing_ok=True)
+        stored = f"{photo_id}{SUFFIXES[fmt]}"
         write_thumb(upright, folder / "thumbs" / f"{photo_id}.jpg")
+        incoming.replace(folder / "images" / stored)
         return Photo(photo_id, shown, stored, upright.width, upright.height, rotated)
 
     def _save(self, photo_set: PhotoSet) -> None:
@@ -189,9 +235,9 @@ def verify_image(path: Path) -> tuple[str, Image.Image, bool]:
             raise UploadRejected(f"has too many pixels (over {MAX_PIXELS:,}; possible decompression bomb); "
                                  "downscale it") from None
         except UnidentifiedImageError:
-            raise UploadRejected("is not an image Pillow can read (JPEG, PNG, WebP, ...); refused") from None
-        except (OSError, SyntaxError, EOFError, ValueError, IndexError) as exc:
-            raise UploadRejected(f"is a damaged or truncated image ({exc}); refused") from None
+            raise UploadRejected("is not an image this app can read (use JPEG, PNG or WebP); refused") from None
+        except (OSError, SyntaxError, EOFError, ValueError, IndexError):
+            raise UploadRejected("is a damaged or truncated image file; refused") from None
     if fmt not in SUFFIXES:
         raise UploadRejected(f"is a {fmt} image; use JPEG, PNG or WebP")
     return fmt, upright, orientation in range(2, 9)

@@ -1,11 +1,12 @@
 // DreamBooth web app: one page over the JSON API in dreambooth/ui/server.py.
 // State lives on the server (photo sets, jobs); the page keeps only the current set id and the form
-// in localStorage, so a reload shows the same thing. DOM is built with textContent, never innerHTML,
-// because file names and prompts come from the user.
+// in localStorage, so a reload shows the same thing. The running job's progress arrives as
+// server-sent events; nothing polls. DOM is built with textContent, never innerHTML, because file
+// names and prompts come from the user.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, set: null, jobs: [], genJob: null, poll: null };
+const state = { info: null, set: null, jobs: [], genJob: null, stream: null, streamJob: null, generating: false };
 const FORM_FIELDS = ["identifier", "class-noun", "custom-model", "steps", "lr", "class-images", "sample-every"];
 
 function el(tag, attrs = {}, ...children) {
@@ -24,7 +25,7 @@ function el(tag, attrs = {}, ...children) {
 
 async function api(method, url, body, headers = {}) {
   const init = { method, headers: { "X-Dreambooth": "1", ...headers } };
-  if (body instanceof Blob) init.body = body;
+  if (body instanceof Blob || body instanceof FormData) init.body = body;
   else if (body !== undefined) { init.body = JSON.stringify(body); init.headers["Content-Type"] = "application/json"; }
   const response = await fetch(url, init);
   const data = await response.json().catch(() => ({ error: `HTTP ${response.status}` }));
@@ -69,8 +70,10 @@ async function uploadFiles(files) {
       addLocalRejection(file.name, `is ${(file.size / 2 ** 20).toFixed(1)} MB, over the ${limits.bytes / 2 ** 20} MB limit`);
       continue;
     }
+    const form = new FormData();
+    form.append("photo", file, file.name);
     try {
-      await api("POST", `/api/photosets/${state.set.id}/photos`, file, { "X-File-Name": encodeURIComponent(file.name) });
+      await api("POST", `/api/photosets/${state.set.id}/photos`, form);
     } catch (e) { /* the server recorded the rejection; the set reload shows it */ }
   }
   await loadSet(state.set.id);
@@ -145,8 +148,15 @@ async function suggest() {
     class: "chip", type: "button", onclick: () => { $("identifier").value = word; saveForm(); checkIdentifier(); } }, word)));
 }
 
-async function checkModel() {
+function showModelNote() {
   $("custom-model-field").hidden = $("model").value !== "custom";
+  const note = (state.info.model_notes || {})[modelValue()];
+  $("model-note").hidden = !note;
+  $("model-note").textContent = note || "";
+}
+
+async function checkModel() {
+  showModelNote();
   const model = modelValue();
   const data = model ? await api("POST", "/api/model/check", { model }) : { problems: [] };
   showProblems($("model-problems"), data.problems);
@@ -155,21 +165,24 @@ async function checkModel() {
 
 async function loadPresetDefaults() {
   const model = modelValue() || "tiny-random";
+  const purpose = presetValue();
   try {
-    const d = await api("GET", `/api/presets?purpose=${presetValue()}&model=${encodeURIComponent(model)}`);
+    const d = await api("GET", `/api/presets?purpose=${purpose}&model=${encodeURIComponent(model)}`);
+    if (purpose !== presetValue() || model !== (modelValue() || "tiny-random")) return;  // a newer choice won
     $("steps").value = d.steps; $("lr").value = d.lr; $("class-images").value = d.class_images;
     $("sample-every").value = d.sample_every; $("prior").checked = d.prior;
     localStorage.setItem("resolution", d.resolution);
     $("train-note").textContent = `preset ${d.preset} · ${d.resolution} px`;
+    saveForm();  // the saved form must hold this preset's values, or a reload restores the last preset's
     if (state.set) await loadSet(state.set.id);
   } catch (e) { $("train-note").textContent = e.message; }
 }
 
+// Numbers go to the server as typed: it parses them and names any field it cannot read.
 function formValues() {
   return { identifier: $("identifier").value, class_noun: $("class-noun").value, model: modelValue(),
-    preset: presetValue(), steps: Number($("steps").value) || null, lr: Number($("lr").value) || null,
-    prior: $("prior").checked, class_images: Number($("class-images").value) || null,
-    sample_every: $("sample-every").value === "" ? null : Number($("sample-every").value) };
+    preset: presetValue(), steps: $("steps").value, lr: $("lr").value, prior: $("prior").checked,
+    class_images: $("class-images").value, sample_every: $("sample-every").value };
 }
 
 function saveForm() {
@@ -200,29 +213,70 @@ async function startTraining() {
 }
 
 // --- jobs --------------------------------------------------------------------------------------
+const isActive = (job) => job.status === "running" || job.status === "queued";
+
 async function refreshJobs() {
   state.jobs = (await api("GET", "/api/jobs")).jobs;
-  const active = state.jobs.filter((j) => j.status === "running" || j.status === "queued").length;
+  renderJobs();
+  const next = state.jobs.find((j) => j.status === "running") || state.jobs.slice().reverse().find(isActive);
+  subscribe(next ? next.id : null);
+}
+
+function renderJobs() {
+  const active = state.jobs.filter(isActive).length;
   $("jobs-badge").hidden = active === 0;
   $("jobs-badge").textContent = active;
   $("jobs-empty").hidden = state.jobs.length > 0;
   $("jobs-list").replaceChildren(...state.jobs.map(jobCard));
   if (!$("screen-generate").hidden) renderGenerateJobs();
-  clearTimeout(state.poll);
-  state.poll = setTimeout(refreshJobs, active ? 700 : 4000);
+}
+
+// One stream, for the running job (or the next queued one): each event is the job's new state.
+function subscribe(jobId) {
+  if (state.streamJob === jobId) return;
+  if (state.stream) state.stream.close();
+  state.stream = null; state.streamJob = jobId;
+  if (!jobId) return;
+  const stream = new EventSource(`/api/jobs/${jobId}/events`);
+  stream.addEventListener("job", (e) => updateJob(JSON.parse(e.data)));
+  stream.addEventListener("end", () => { stream.close(); state.stream = null; state.streamJob = null; refreshJobs(); });
+  state.stream = stream;
+}
+
+function updateJob(job) {
+  const index = state.jobs.findIndex((j) => j.id === job.id);
+  const wasActive = index >= 0 && isActive(state.jobs[index]);
+  if (index < 0) state.jobs.unshift(job); else state.jobs[index] = job;
+  const card = document.querySelector(`.job[data-job="${job.id}"]`);
+  if (card && wasActive === isActive(job)) {
+    card.replaceWith(jobCard(job));
+    if (!$("screen-generate").hidden) renderGenerateJobs();
+  } else renderJobs();
+}
+
+function elapsed(job) {
+  return job.phase_started ? ` · ${formatSeconds(Math.max(0, Date.now() / 1000 - job.phase_started))}` : "";
 }
 
 function progress(job) {
   if (job.status === "finished") return [1, `Finished · ${job.step} steps${job.loss !== null ? ` · final loss ${job.loss.toFixed(4)}` : ""}`];
   if (job.status === "queued") return [0, job.queue_position ? `Waiting: position ${job.queue_position} in the queue` : "Waiting"];
-  if (job.phase === "class-images" && job.status === "running") {
-    return [job.class_total ? job.class_done / job.class_total : 0, `Class images ${job.class_done}/${job.class_total} (made once, then cached)`];
-  }
-  if (job.phase === "loading" && job.status === "running") return [0, "Loading the model …"];
   const frac = job.total_steps ? job.step / job.total_steps : 0;
+  if (job.status === "running") {
+    if (job.phase === "loading") return [0, "Loading the model …"];
+    if (job.phase === "class images") {
+      const count = job.class_total ? `${job.class_done}/${job.class_total}` : `(${job.phase_total})`;
+      return [job.class_total ? job.class_done / job.class_total : 0,
+        `Generating class images ${count} (made once, then cached)${elapsed(job)}`];
+    }
+    if (job.phase === "caching latents") return [0, `Caching latents of ${job.phase_total} images …${elapsed(job)}`];
+    if (job.phase === "validation images") {
+      return [frac, `Step ${job.step}/${job.total_steps} · rendering ${job.phase_total} validation images …${elapsed(job)}`];
+    }
+  }
   let label = `Step ${job.step}/${job.total_steps}`;
   if (job.loss !== null) label += ` · loss ${job.loss.toFixed(4)}`;
-  if (job.status === "running" && job.eta_seconds !== null) label += ` · ${formatSeconds(job.eta_seconds)} left`;
+  if (job.status === "running" && job.eta_seconds !== null) label += ` · about ${formatSeconds(job.eta_seconds)} left`;
   if (job.status === "stopped") label += ` · stopped, checkpoint ${job.checkpoint} kept`;
   return [frac, label];
 }
@@ -233,31 +287,44 @@ function formatSeconds(s) {
   return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
 }
 
+function sampleFigure(job, url) {
+  const step = Number((url.match(/step-(\d+)/) || [0, 0])[1]);
+  const rows = job.sample_prompts.map((p, i) => el("li", {}, p));
+  return el("figure", {}, el("img", { src: url, alt: `validation images at step ${step}` }),
+    el("figcaption", {}, `step ${step} · one row per prompt:`, el("ol", { class: "rows" }, rows)));
+}
+
 function jobCard(job) {
   const [fraction, label] = progress(job);
   const buttons = [];
-  if (job.status === "running" || job.status === "queued") {
+  if (isActive(job)) {
     buttons.push(el("button", { class: "danger", type: "button", onclick: () => jobCommand(job.id, "cancel") }, "Cancel"));
   }
-  if (["stopped", "interrupted", "failed"].includes(job.status)) {
+  if (job.resumable) {
     buttons.push(el("button", { class: "secondary", type: "button", onclick: () => jobCommand(job.id, "resume") }, "Resume"));
   }
   if (job.status === "finished") buttons.push(el("a", { href: `#generate/${job.id}` }, el("button", { class: "primary", type: "button" }, "Generate")));
   return el("div", { class: "card job", "data-job": job.id, "data-status": job.status },
-    el("div", { class: "job-head" }, el("h3", {}, job.name), el("span", { class: `status ${job.status}` }, job.status),
-      el("span", { class: "muted" }, `${job.model} · ${job.mode}`), el("span", { class: "spacer" }), buttons),
+    el("div", { class: "job-head" }, el("h3", { title: job.name }, job.name), el("span", { class: `status ${job.status}` }, job.status),
+      el("span", { class: "spacer" }), buttons),
     el("div", { class: `bar ${job.status === "finished" ? "done" : ""}` }, el("div", { width: `${Math.round(100 * fraction)}%` })),
     el("div", { class: "progress-label" }, label),
     job.error ? el("div", { class: "error-text" }, job.error) : null,
-    job.sample_urls.length ? el("div", { class: "samples" }, job.sample_urls.map((url) =>
-      el("figure", {}, el("img", { src: url, alt: "validation sample" }), url.split("/").pop().replace(".png", "")))) : null,
+    job.sample_urls.length ? el("div", { class: "samples" }, job.sample_urls.map((url) => sampleFigure(job, url))) : null,
     job.notices.length ? el("ul", { class: "notices" }, job.notices.slice(-4).map((n) => el("li", {}, n))) : null);
 }
 
 async function jobCommand(id, command) {
-  await api("POST", `/api/jobs/${id}/${command}`, {});
+  try { await api("POST", `/api/jobs/${id}/${command}`, {}); } catch (e) { alert(e.message); }
   await refreshJobs();
 }
+
+// The elapsed time of a slow phase ticks here, on the page: no request needed.
+setInterval(() => {
+  const job = state.jobs.find((j) => j.status === "running" && j.phase_started && j.phase !== "training");
+  const card = job && document.querySelector(`.job[data-job="${job.id}"] .progress-label`);
+  if (card) card.textContent = progress(job)[1];
+}, 1000);
 
 // --- generate ----------------------------------------------------------------------------------
 function renderGenerateJobs() {
@@ -265,12 +332,12 @@ function renderGenerateJobs() {
   const select = $("gen-job");
   const current = state.genJob && finished.some((j) => j.id === state.genJob) ? state.genJob : finished[0]?.id;
   if (select.dataset.ids !== finished.map((j) => j.id).join()) {
-    select.replaceChildren(...finished.map((j) => el("option", { value: j.id }, `${j.name} (${j.model}, ${j.step} steps)`)));
+    select.replaceChildren(...finished.map((j) => el("option", { value: j.id }, `${j.name} · ${j.step} steps`)));
     select.dataset.ids = finished.map((j) => j.id).join();
   }
   if (current) select.value = current;
   $("gen-empty").hidden = finished.length > 0;
-  $("generate").disabled = finished.length === 0;
+  $("generate").disabled = finished.length === 0 || state.generating;  // never re-enabled mid-request
   return current;
 }
 
@@ -299,21 +366,27 @@ function renderGallery(images) {
 
 function renderDownloads(data) {
   $("downloads-note").textContent = data.note || "";
-  $("downloads").replaceChildren(...data.items.map((d) => el("li", {}, el("a", { href: d.url, download: "" }, d.label))));
+  $("downloads").replaceChildren(...data.items.map((d) => el("li", { class: d.default ? "default" : "" },
+    el("a", { href: d.url, download: "", "data-format": d.format }, d.label), d.default ? el("span", { class: "tag info" }, "pick this one") : null)));
 }
 
 async function generate() {
+  if (state.generating) return;
   const button = $("generate");
+  state.generating = true;
   button.disabled = true; button.classList.add("busy");
   showProblems($("gen-problems"), []);
   try {
     await api("POST", `/api/jobs/${state.genJob}/generate`, { prompt: $("prompt").value, seed: Number($("seed").value),
       num: Number($("num").value), steps: Number($("gen-steps").value) });
-    state.jobs = (await api("GET", "/api/jobs")).jobs;
-    await renderGenerate();
+    updateJob(await api("GET", `/api/jobs/${state.genJob}`));
   } catch (e) {
     showProblems($("gen-problems"), e.problems.length ? e.problems : [{ message: e.message }]);
-  } finally { button.disabled = false; button.classList.remove("busy"); }
+  } finally {
+    state.generating = false;
+    button.disabled = false; button.classList.remove("busy");
+  }
+  await renderGenerate();
 }
 
 // --- start -------------------------------------------------------------------------------------
@@ -336,7 +409,7 @@ async function main() {
   window.addEventListener("hashchange", route);
   const saved = JSON.parse(localStorage.getItem("form") || "{}");
   await ensureSet();
-  if (saved.steps) { $("custom-model-field").hidden = $("model").value !== "custom"; } else { await checkModel(); }
+  if (saved.steps) showModelNote(); else await checkModel();
   await checkIdentifier();
   await refreshJobs();
   route();
