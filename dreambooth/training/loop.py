@@ -125,6 +125,21 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
                          lag=lag, parking=parking)
 
 
+def prefer_reproducible_mkl() -> None:
+    """Ask Intel MKL for bitwise run-to-run reproducible results (its CNR mode, MKL_CBWR).
+
+    Without it MKL's multi-threaded SGEMM is not reproducible for some shapes: the backward of a 3x3
+    convolution on a 1x1 map at batch 1 (PyTorch's slow_conv2d, chosen over oneDNN there) gives a
+    different rounding from call to call with 2 threads, so two identical CPU runs, or the plain
+    and the fast step, drift apart. MKL reads the mode once, at its first call, so this runs when
+    the training loop is imported; the user's MKL_CBWR wins. AUTO keeps the CPU's fast code path.
+    """
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
+prefer_reproducible_mkl()
+
+
 def prefer_expandable_segments() -> None:
     """Let PyTorch's CUDA allocator grow its segments in place rather than cache fixed-size blocks: on
     an H100 the lean preset reserved 0.25-0.9 GB less at the same speed (benchmarks/RESULTS.md). It
