@@ -6,10 +6,8 @@ subprocess. Training cases use the tiny random model at 64 px for one to three s
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +122,124 @@ def test_a_missing_model_is_refused_before_the_run_folder_exists(tmp_path, subje
     run = tmp_path / "run"
     assert main(train_args(subject_dir, run, "--model", str(tmp_path / "nonexistent"))) == 2
     assert "nonexistent" in capsys.readouterr().err and not run.exists()
+
+
+# --- settings that were silently replaced or accepted -----------------------------------------
+
+def test_steps_zero_is_refused_not_replaced_by_the_preset(tmp_path, subject_dir, capsys):
+    assert main(train_args(subject_dir, tmp_path / "run", steps=0)) == 2
+    assert "train.steps: 0: must be in [1, 1000000]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_range_values_are_all_named_before_anything_is_written(tmp_path, subject_dir, capsys):
+    bad = ["train.text_encoder_lr=-1", "prior.guidance=nan", "data.max_pixels=0", "train.lr=1e308",
+           "data.resolution=100000", "prior.num_images=1e9", "train.seed=-1", "train.max_grad_norm=.inf"]
+    args = train_args(subject_dir, tmp_path / "run", *[a for b in bad for a in ("--set", b)])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert all(b.split("=")[0] in err for b in bad) and "Traceback" not in err
+    assert "prior.guidance: nan: must be a finite number" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_resolution_zero_is_a_named_error(subject_dir, capsys):
+    assert main(["check", str(subject_dir), "--resolution", "0"]) == 2
+    assert "--resolution: 0: must be in [64, 2048], a multiple of 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,named", [(["--num", "0"], "--num"), (["--resolution", "100"], "--resolution"),
+                                         (["--steps", "0"], "--steps"), (["--guidance", "nan"], "--guidance")])
+def test_generate_refuses_bad_numbers_before_loading(tmp_path, capsys, flags, named):
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(tmp_path / "no-model"), "--prompt", "a dog", "--output", str(out),
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"{named}:" in err and "no-model" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("text,named", [("train: {lr: [1e-4\n", "mine.yaml is not valid YAML"),
+                                        ("- a\n- b\n", "mine.yaml is not a mapping"),
+                                        ("train: 5\n", "train: 5 is not a mapping of train.key"),
+                                        ("\xff\xfe", "cannot read the preset")])
+def test_malformed_preset_yaml_is_a_named_error(tmp_path, subject_dir, capsys, text, named):
+    preset = tmp_path / "mine.yaml"
+    preset.write_bytes(text.encode("latin-1"))
+    assert main(train_args(subject_dir, tmp_path / "run", preset=str(preset))) == 2
+    err = capsys.readouterr().err
+    assert named in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_malformed_set_value_is_a_named_error(tmp_path, subject_dir, capsys):
+    assert main(train_args(subject_dir, tmp_path / "run", "--set", "output.sample_prompts=[a, b")) == 2
+    assert "output.sample_prompts" in capsys.readouterr().err
+
+
+def test_a_damaged_run_config_is_named_on_resume(tmp_path, subject_dir, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(subject_dir, run, steps=1)) == 0
+    (run / "config.yaml").write_text("model: {name: tiny-random\ndata: [")
+    capsys.readouterr()
+    assert main(train_args(subject_dir, run, "--resume", steps=2)) == 2
+    err = capsys.readouterr().err
+    assert "the run's config" in err and "not valid YAML" in err and "changed configuration" not in err
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, subject_dir, capsys):
+    target = tmp_path / "run"
+    target.write_text("mine")
+    assert main(train_args(subject_dir, target)) == 2
+    assert "is a file" in capsys.readouterr().err and target.read_text() == "mine"
+
+
+def test_fp16_on_a_machine_without_cuda_is_refused_before_loading(tmp_path, subject_dir, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(train_args(subject_dir, tmp_path / "run", "--set", "train.mixed_precision=fp16")) == 2
+    err = capsys.readouterr().err
+    assert "train.mixed_precision" in err and "bf16" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("targets,named", [("[nope]", "names no module"), ("[]", "give module names")])
+def test_bad_lora_targets_are_named(tmp_path, subject_dir, capsys, targets, named):
+    assert main(train_args(subject_dir, tmp_path / "run", "--set", f"train.lora_targets={targets}",
+                           preset="tiny-lora")) == 2
+    err = capsys.readouterr().err
+    assert "train.lora_targets" in err and named in err and "Traceback" not in err
+
+
+def test_read_only_output_is_a_named_error(tmp_path, subject_dir, capsys, monkeypatch):
+    """The tests may run as root, which ignores file modes, so the refusal of the kernel is simulated."""
+    target = tmp_path / "locked" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert main(train_args(subject_dir, target)) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to {target}" in err and "Permission denied" in err
+
+
+# --- nothing after the last step can lose the weights -----------------------------------------
+
+def test_sample_images_zero_means_no_grids(tmp_path, subject_dir):
+    run = tmp_path / "run"
+    assert main(train_args(subject_dir, run, "--set", "output.sample_every=1")) == 0
+    assert (run / "final" / "dreambooth.json").exists() and not list((run / "samples").iterdir())
+
+
+def test_final_is_written_before_the_closing_samples(tmp_path, subject_dir, monkeypatch):
+    from dreambooth.training import loop
+
+    def broken(*a, **k):
+        raise RuntimeError("sampling failed")
+    monkeypatch.setattr(loop, "write_samples", broken)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        main(train_args(subject_dir, tmp_path / "run", "--set", "output.sample_images=1"))
+    assert (tmp_path / "run" / "final" / "dreambooth.json").exists()
+

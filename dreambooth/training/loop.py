@@ -319,18 +319,24 @@ def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:
 
 @contextlib.contextmanager
 def stop_on_signals(stop: threading.Event):
-    """SIGINT/SIGTERM set `stop`, so the loop saves a checkpoint and exits cleanly."""
+    """SIGINT/SIGTERM set `stop`, so the loop saves a checkpoint and exits cleanly. Yields the list of
+    signals caught, for the caller's exit status (128 + signal number, as shells report)."""
+    caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield caught
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, _frame):
+        caught.append(signum)
+        stop.set()
     for s in previous:
-        signal.signal(s, lambda *_: stop.set())
+        signal.signal(s, handler)
     try:
-        yield
+        yield caught
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def train(config: RunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
