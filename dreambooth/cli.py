@@ -9,6 +9,8 @@ import threading
 from .errors import DreamboothError
 
 EXIT_BAD_INPUT = 2
+MAX_IMAGES = 1000  # generate --num: images per prompt
+EXIT_STOPPED = 130  # 128 + SIGINT, what shells report for Ctrl-C; SIGTERM gives 143
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--export", default="", metavar="FORMATS",
                     help="comma-separated formats to write to RUN_DIR/export/ at the end, e.g. single-file,lora-kohya")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="group.key=value")
+    tr.add_argument("--help-config", action=_HelpConfig, help="list every group.key with its default, help and "
+                    "allowed range, then exit")
     tr.set_defaults(func=cmd_train)
 
     g = sub.add_parser("generate", help="render images from a run directory or a model")
@@ -98,9 +102,34 @@ def _add_optional_commands(sub) -> None:
     cli_more.register(sub)
 
 
+class _HelpConfig(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .config import describe_config
+
+        print(describe_config())
+        parser.exit()
+
+
+def check_flags(checks: list[tuple[tuple, object, str]]) -> None:
+    """Check command-line numbers, (bounds, value, flag) each; `bounds_of` gives the bounds of the
+    config field a flag feeds, so the CLI and the config accept the same values."""
+    from .config_ranges import value_problems
+    from .errors import ConfigError
+
+    problems = [p for bounds, value, flag in checks if value is not None for p in value_problems(flag, value, bounds)]
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in the options", problems)
+
+
 def cmd_check(args) -> int:
+    from .config import DataConfig
+    from .config_ranges import bounds_of
     from .data.images import check_images
 
+    check_flags([(bounds_of(DataConfig, "resolution"), args.resolution, "--resolution")])
     report = check_images(args.images, args.resolution)
     print(report.summary())
     if args.identifier:
@@ -166,7 +195,7 @@ def cmd_train(args) -> int:
     overrides = {"data": {"images": args.images, "identifier": args.identifier, "class_noun": args.class_noun}}
     if args.model:
         overrides["model"] = {"name": args.model}
-    if args.steps:
+    if args.steps is not None:
         overrides["train"] = {"steps": args.steps}
     overrides["eval"] = {k: v for k, v in (("every", args.eval_every), ("select", args.select)) if v is not None}
     config = load_config(args.preset, overrides, args.overrides)
@@ -176,11 +205,13 @@ def cmd_train(args) -> int:
 
         check_formats(formats, config.train.mode)  # a typo fails now, not after an hour of training
     stop = threading.Event()
-    with stop_on_signals(stop):
+    with stop_on_signals(stop) as caught:
         last = render_training(train_events(config, args.output, resume=args.resume,
                                             overwrite=args.overwrite, stop=stop))
     from .training import events as ev
 
+    if isinstance(last, ev.Stopped):  # a distinct status, so scripts do not take it for a finished run
+        return 128 + caught[0] if caught else EXIT_STOPPED
     if formats and isinstance(last, ev.Finished):
         from .export import export_after_training
 
@@ -229,8 +260,15 @@ def render_training(events):
 
 
 def cmd_generate(args) -> int:
+    from .config import DataConfig, PriorConfig, TrainConfig
+    from .config_ranges import bounds_of
     from .generate import GenerationSettings, generate, read_prompts
 
+    check_flags([((1, MAX_IMAGES, False, None), args.num, "--num"),
+                 (bounds_of(DataConfig, "resolution"), args.resolution, "--resolution"),
+                 (bounds_of(PriorConfig, "steps"), args.steps, "--steps"),
+                 (bounds_of(PriorConfig, "guidance"), args.guidance, "--guidance"),
+                 (bounds_of(TrainConfig, "seed"), args.seed, "--seed")])
     settings = GenerationSettings(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
                                   sampler=args.sampler, resolution=args.resolution, lora_scale=args.lora_scale)
     paths = generate(args.model, read_prompts(args.prompt, args.prompt_file), args.output, num=args.num,

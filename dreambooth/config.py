@@ -6,23 +6,27 @@ Every check runs before any weights load, and all problems are reported together
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+from .config_ranges import MANY, SEED_MAX, bound_problems, field_range, range_text
 from .errors import ConfigError, Problem
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def _f(default, help: str):
-    """A dataclass field with its help text (read by `describe_config`)."""
+def _f(default, help: str, lo=None, hi=None, *, above: bool = False, multiple: int | None = None):
+    """A dataclass field with its help text and, for numbers, its allowed range (read by
+    `describe_config`, enforced by `bound_problems`). `above`: lo itself is excluded."""
+    metadata = {"help": help}
+    if lo is not None:
+        metadata["range"] = (lo, hi, above, multiple)
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _failed(checks: list[tuple[bool, str, str]]) -> list[Problem]:
@@ -50,10 +54,11 @@ class DataConfig:
     class_noun: str = _f("", "what the subject is: dog, toy, person, ...")
     instance_prompt: str = _f("a photo of {identifier} {class}", "prompt of the subject photos")
     class_prompt: str = _f("a photo of a {class}", "prompt of the class images (paper: 'a [class noun]')")
-    resolution: int = _f(512, "training resolution in pixels (square)")
+    resolution: int = _f(512, "training resolution in pixels (square)", 64, 2048, multiple=8)
     crop: str = _f("center", "center or random crop after resizing the short side")
-    flip_prob: float = _f(0.5, "probability of a horizontal flip per example")
-    max_pixels: int = _f(64_000_000, "refuse images with more pixels (decompression bombs)")
+    flip_prob: float = _f(0.5, "probability of a horizontal flip per example", 0, 1)
+    max_pixels: int = _f(64_000_000, "refuse images with more pixels (decompression bombs)", 0, 1_000_000_000,
+                          above=True)
 
     def problems(self) -> list[Problem]:
         return _failed([
@@ -61,68 +66,63 @@ class DataConfig:
             (bool(self.identifier.strip()) and not any(c.isspace() for c in self.identifier), "data.identifier",
              f"{self.identifier!r} must be one word, e.g. sks"),
             ("{identifier}" in self.instance_prompt, "data.instance_prompt", "must contain {identifier}"),
-            (64 <= self.resolution <= 2048 and self.resolution % 8 == 0, "data.resolution",
-             f"{self.resolution}: use a multiple of 8 from 64 to 2048"),
             (self.crop in ("center", "random"), "data.crop", f"{self.crop!r}: use center or random"),
-            (0.0 <= self.flip_prob <= 1.0, "data.flip_prob", f"{self.flip_prob}: must be between 0 and 1"),
         ])
 
 
 @dataclass(frozen=True)
 class PriorConfig:
     enabled: bool = _f(True, "prior-preservation loss on class images (Ruiz et al. eq. 2)")
-    weight: float = _f(1.0, "lambda, the weight of the class-image loss")
-    num_images: int = _f(200, "class images to generate and train on")
+    weight: float = _f(1.0, "lambda, the weight of the class-image loss", 0, 100)
+    num_images: int = _f(200, "class images to generate and train on", 0, 10_000)
     negative_prompt: str = _f("", "negative prompt for class-image generation")
-    steps: int = _f(25, "sampler steps per class image")
-    guidance: float = _f(7.5, "classifier-free guidance scale for class images")
+    steps: int = _f(25, "sampler steps per class image", 1, 1000)
+    guidance: float = _f(7.5, "classifier-free guidance scale for class images", 0, 50)
     sampler: str = _f("dpmpp", "dpmpp, ddim, pndm or euler")
-    batch_size: int = _f(4, "class images generated per batch")
+    batch_size: int = _f(4, "class images generated per batch", 1, 256)
     compile: bool = _f(False, "CUDA: torch.compile the UNet for class images (pays off for a few hundred images)")
-    seed: int = _f(0, "seed of class image i is derived from (seed, i)")
+    seed: int = _f(0, "seed of class image i is derived from (seed, i)", 0, SEED_MAX)
     cache: str = _f("", "class-image cache folder (default: ~/.cache/dreambooth/class-images)")
 
     def problems(self) -> list[Problem]:
         return _failed([
             (not self.enabled or self.num_images >= 1, "prior.num_images",
              f"{self.num_images}: need at least 1 with prior preservation"),
-            (self.num_images <= 10_000, "prior.num_images", f"{self.num_images}: use at most 10000 (the paper uses 200)"),
-            (not self.weight < 0, "prior.weight", f"{self.weight}: must be >= 0"),
             (self.sampler in SAMPLERS, "prior.sampler", f"{self.sampler!r}: use one of {', '.join(SAMPLERS)}"),
-            (self.steps >= 1 and self.batch_size >= 1, "prior.steps/batch_size", "must be >= 1"),
         ])
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     mode: str = _f("full", "full (fine-tune the UNet) or lora (adapters on the UNet)")
-    steps: int = _f(800, "optimizer steps")
-    batch_size: int = _f(1, "subject images per step (as many class images are added)")
-    grad_accum: int = _f(1, "gradient accumulation steps")
-    lr: float = _f(5e-6, "UNet learning rate (paper: 5e-6 full; LoRA wants ~1e-4)")
+    steps: int = _f(800, "optimizer steps", 1, MANY)
+    batch_size: int = _f(1, "subject images per step (as many class images are added)", 1, 256)
+    grad_accum: int = _f(1, "gradient accumulation steps", 1, 1024)
+    lr: float = _f(5e-6, "UNet learning rate (paper: 5e-6 full; LoRA wants ~1e-4)", 0, 1, above=True)
     lr_schedule: str = _f("constant", "constant, constant_with_warmup, linear or cosine")
-    warmup_steps: int = _f(0, "learning-rate warm-up steps")
+    warmup_steps: int = _f(0, "learning-rate warm-up steps", 0, MANY)
     optimizer: str = _f("adamw", "adamw; adamwfp8 (FP8 moments in blocks of 256, 1/4 of AdamW's state memory, one "
                                  "fused Triton kernel on NVIDIA GPUs of compute capability 8.9+, torch ops elsewhere); "
                                  "adamw8bit (bitsandbytes, bnb extra); adamw8bit_torchao or adamwfp8_torchao (torchao, "
                                  "lean extra: compiled kernels; its FP8 one needs compute capability 8.9+)")
-    weight_decay: float = _f(1e-2, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    weight_decay: float = _f(1e-2, "AdamW weight decay", 0, 1)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", 0, 1000)
     train_text_encoder: bool = _f(False, "also fine-tune the text encoder")
-    text_encoder_lr: float = _f(5e-6, "text-encoder learning rate")
-    text_encoder_steps: int = _f(0, "stop training the text encoder after this step (0: never)")
-    lora_rank: int = _f(4, "LoRA rank")
-    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)")
+    text_encoder_lr: float = _f(5e-6, "text-encoder learning rate", 0, 1, above=True)
+    text_encoder_steps: int = _f(0, "stop training the text encoder after this step (0: never)", 0, MANY)
+    lora_rank: int = _f(4, "LoRA rank", 1, 1024)
+    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)", 0, 4096, above=True)
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
     mixed_precision: str = _f("auto", "auto (bf16 on GPU, no on CPU), no, fp16 or bf16")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     checkpoint_levels: int = _f(0, "with gradient_checkpointing: recompute only the N highest-resolution UNet levels "
                                    "(their down and up blocks, where activations are largest); 0, or the UNet's "
-                                   "number of levels or more: every block")
+                                   "number of levels or more: every block", 0, 64)
     cache_latents: bool = _f(True, "encode subject/class images once (VAE is frozen)")
     offload_frozen: bool = _f(False, "keep the VAE (and a frozen text encoder) on the CPU while steps run; they come "
                                      "back for samples and scoring (needs cached latents)")
-    seed: int = _f(0, "seed of noise, timesteps and data order; step k's randomness depends on (seed, k)")
+    seed: int = _f(0, "seed of noise, timesteps and data order; step k's randomness depends on (seed, k)",
+                   0, SEED_MAX)
     fast: str = _f("auto", "auto (with CUDA), always or never: the static-shape step of training/fast.py, same math")
     compile: str = _f("none", "torch.compile the UNet in the fast step: none, default, reduce-overhead, "
                               "max-autotune-no-cudagraphs (H100, default: +31 % full, +50 % LoRA steps/s after 3-4 min "
@@ -135,16 +135,12 @@ class TrainConfig:
             (self.fast in ("auto", "always", "never"), "train.fast", f"{self.fast!r}: use auto, always or never"),
             (self.compile in COMPILE_MODES, "train.compile", f"{self.compile!r}: use {', '.join(COMPILE_MODES)}"),
             (self.mode in ("full", "lora"), "train.mode", f"{self.mode!r}: use full or lora"),
-            (1 <= self.steps <= 1_000_000, "train.steps", f"{self.steps}: use 1 to 1000000"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size", "batch_size and grad_accum must be >= 1"),
-            (math.isfinite(self.lr) and 0 < self.lr <= 1, "train.lr", f"{self.lr}: use a number above 0 and at most 1"),
             (self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"{self.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}"),
             (self.optimizer in OPTIMIZERS, "train.optimizer", f"{self.optimizer!r}: use {', '.join(OPTIMIZERS)}"),
             (self.mixed_precision in ("auto", "no", "fp16", "bf16"), "train.mixed_precision",
              f"{self.mixed_precision!r}: use auto, no, fp16 or bf16"),
-            (self.lora_rank >= 1, "train.lora_rank", f"{self.lora_rank}: must be >= 1"),
-            (self.warmup_steps >= 0 and self.text_encoder_steps >= 0, "train.warmup_steps", "must be >= 0"),
-            (self.checkpoint_levels >= 0, "train.checkpoint_levels", f"{self.checkpoint_levels}: must be >= 0"),
+            (bool(self.lora_targets) and all(isinstance(t, str) and t.strip() for t in self.lora_targets),
+             "train.lora_targets", f"{self.lora_targets!r}: give module names, e.g. [to_q, to_k, to_v, to_out.0]"),
             (not self.checkpoint_levels or self.gradient_checkpointing, "train.checkpoint_levels",
              f"{self.checkpoint_levels} has no effect without train.gradient_checkpointing=true"),
         ])
@@ -152,40 +148,37 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    checkpoint_every: int = _f(500, "save a resumable checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = _f(2, "keep the last K checkpoints")
-    sample_every: int = _f(0, "write a validation grid every N steps (0: only at the end)")
+    checkpoint_every: int = _f(500, "save a resumable checkpoint every N steps (0: only at the end)", 0, MANY)
+    keep_checkpoints: int = _f(2, "keep the last K checkpoints", 1, 1000)
+    sample_every: int = _f(0, "write a validation grid every N steps (0: only at the end)", 0, MANY)
     sample_prompts: list = _f(["a photo of {identifier} {class}", "a {identifier} {class} on the beach"],
                               "validation prompts")
-    sample_images: int = _f(2, "validation images per prompt")
-    sample_steps: int = _f(25, "sampler steps of validation images")
-    log_every: int = _f(1, "write log.jsonl every N steps")
+    sample_images: int = _f(2, "validation images per prompt (0: no validation grids)", 0, 64)
+    sample_steps: int = _f(25, "sampler steps of validation images", 1, 1000)
+    log_every: int = _f(1, "write log.jsonl every N steps", 1, MANY)
 
     def problems(self) -> list[Problem]:
         return _failed([
-            (self.keep_checkpoints >= 1, "output.keep_checkpoints", f"{self.keep_checkpoints}: must be >= 1"),
-            (min(self.checkpoint_every, self.sample_every) >= 0 and self.log_every >= 1, "output",
-             "checkpoint_every/sample_every must be >= 0 and log_every >= 1"),
+            (all(isinstance(p, str) for p in self.sample_prompts), "output.sample_prompts",
+             f"{self.sample_prompts!r}: give a list of prompts"),
         ])
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = _f(0, "score the model every N steps (0: never); see dreambooth.evaluation")
+    every: int = _f(0, "score the model every N steps (0: never); see dreambooth.evaluation", 0, MANY)
     scorer: str = _f("standin", "oracle (toy world), features (DINO + CLIP) or standin (EfficientNet-Lite0)")
     subject: str = _f("", "toy-world subject name for the oracle (default: the class noun)")
     dino: str = _f("", "DINO ViT-S/16 folder or hub id (default facebook/dino-vits16)")
     clip: str = _f("", "CLIP folder or hub id (default openai/clip-vit-base-patch32)")
-    num_prompts: int = _f(4, "prompts scored per evaluation")
-    num_per_prompt: int = _f(2, "images per prompt per evaluation")
+    num_prompts: int = _f(4, "prompts scored per evaluation", 1, 100)
+    num_per_prompt: int = _f(2, "images per prompt per evaluation", 1, 64)
     select: str = _f("last", "last, or best: keep the scored checkpoint with the best trade-off in final/")
-    min_prompt_fidelity: float = _f(0.75, "best: prompt fidelity must be at least this")
-    max_drift: float = _f(0.10, "best: language drift must be at most this")
+    min_prompt_fidelity: float = _f(0.75, "best: prompt fidelity must be at least this", 0, 1)
+    max_drift: float = _f(0.10, "best: language drift must be at most this", 0, 1)
 
     def problems(self) -> list[Problem]:
         return _failed([
-            (self.every >= 0 and self.num_prompts >= 1 and self.num_per_prompt >= 1, "eval",
-             "every must be >= 0, num_prompts and num_per_prompt >= 1"),
             (self.scorer in ("oracle", "features", "standin"), "eval.scorer",
              f"{self.scorer!r}: use oracle, features or standin"),
             (self.select in ("last", "best"), "eval.select", f"{self.select!r}: use last or best"),
@@ -212,7 +205,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        problems = [p for name in GROUPS for p in getattr(self, name).problems()]
+        problems = [p for name in GROUPS
+                    for p in bound_problems(name, getattr(self, name)) + getattr(self, name).problems()]
         if self.prior.enabled and "{identifier}" in self.data.class_prompt:
             problems.append(Problem("data.class_prompt", "must not contain {identifier}: class images show the plain class"))
         if problems:
@@ -231,7 +225,12 @@ def load_config(preset: str | Path | None = None, overrides: dict | None = None,
         data = read_preset(preset)
     for src in [overrides or {}, parse_dotted(dotted, problems)]:
         for group, values in src.items():
-            data.setdefault(group, {}).update(values)
+            current = data.get(group)
+            if isinstance(current, dict):
+                current.update(values)
+            elif current is None:  # absent, or an empty `group:` line
+                data[group] = dict(values)
+            # else: not a mapping; build_config names it
     return build_config(data, problems)
 
 
@@ -240,8 +239,29 @@ def read_preset(preset: str | Path) -> dict:
     if not path.exists():
         path = PRESET_DIR / f"{preset}.yaml"
     if not path.exists():
-        raise ConfigError(f"unknown preset {preset!r}", [Problem(str(preset), f"use a YAML file or one of: {', '.join(list_presets())}")])
-    return yaml.safe_load(path.read_text()) or {}
+        raise ConfigError(f"unknown preset {preset!r}",
+                          [Problem(str(preset), f"use a YAML file or one of: {', '.join(list_presets())}")])
+    return read_yaml_mapping(path, "the preset")
+
+
+def read_yaml_mapping(path: Path, what: str) -> dict:
+    """A YAML file of `group: {key: value}`; unreadable, malformed or non-mapping YAML is a ConfigError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}", [Problem(str(path), str(e))]) from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"{what} {path} is not valid YAML", [Problem(str(path), (
+            f"{getattr(e, 'problem', None) or e}{where}; fix the file, or start a new run if it was "
+            "damaged"))]) from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} is not a mapping", [Problem(str(path), (
+            f"holds a {type(data).__name__}; expected groups such as 'train:' with 'key: value' lines"))])
+    return data
 
 
 def list_presets() -> list[str]:
@@ -256,7 +276,10 @@ def parse_dotted(items, problems: list[Problem]) -> dict:
         if not sep or not dot:
             problems.append(Problem(item, "use --set group.key=value, e.g. train.lr=1e-5"))
             continue
-        out.setdefault(group, {})[name] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            out.setdefault(group, {})[name] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            problems.append(Problem(key.strip(), f"{raw!r} is not a valid value; quote it or fix the brackets"))
     return out
 
 
@@ -268,6 +291,9 @@ def build_config(data: dict, problems: list[Problem] | None = None) -> RunConfig
         cls = GROUPS.get(group)
         if cls is None:
             problems.append(Problem(group, f"unknown group; use one of {', '.join(GROUPS)}"))
+            continue
+        if values is not None and not isinstance(values, dict):
+            problems.append(Problem(group, f"{values!r} is not a mapping of {group}.key: value"))
             continue
         groups[group] = _coerce_group(group, cls, values or {}, problems)
     try:  # keys with type errors were left out, so the value checks still see the rest
@@ -310,7 +336,9 @@ def _coerce(value, hint):
             except ValueError:
                 return False, value
         return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else value
-    if hint is int:
+    if hint is int:  # 1e9 from JSON or YAML is a whole number too; its range is checked later
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is str:
         return isinstance(value, (str, int, float)) and not isinstance(value, bool), str(value)
@@ -352,10 +380,12 @@ def read_run_config(path: Path) -> RunConfig:
 
 
 def describe_config() -> str:
-    """Every key with its default and help, for `dreambooth train --help-config`."""
+    """Every key with its default, help and allowed range, for `dreambooth train --help-config`."""
     lines = []
     for group, cls in GROUPS.items():
         for f in fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"{group}.{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+            bounds = field_range(f)
+            allowed = f" (range {range_text(bounds)})" if bounds else ""
+            lines.append(f"{group}.{f.name} = {default!r}\n    {f.metadata.get('help', '')}{allowed}")
     return "\n".join(lines)

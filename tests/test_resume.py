@@ -119,7 +119,9 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, subject_dir, mo
     assert not (tmp_path / "run" / "final").exists()
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, subject_dir):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_exits_with_128_plus_its_number(tmp_path, subject_dir, signum):
+    """Ctrl-C exits 130 and SIGTERM 143, as shells report them, not 0 like a finished run."""
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "dreambooth", "train", "--images", str(subject_dir), "--class-noun", "dog",
            "--preset", "tiny", "--steps", "100000", "--output", str(run), "--set", "output.checkpoint_every=0"]
@@ -128,9 +130,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, subject_dir):
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "log.jsonl").exists() and (run / "log.jsonl").stat().st_size):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 128 + signum, out
     assert "resume with --resume" in out
     checkpoints = list((run / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainable.safetensors").exists()

@@ -29,6 +29,7 @@ from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
 from .fast import FastStep, LossReadout, lower_frozen_weights, prepare_modules, use_fast_path, wants_flat
 from .flat import flatten_modules
 from .losses import add_noise, dreambooth_loss, prediction_target, sample_timesteps
+from .preflight import check_before_loading, with_local_model_resolved
 from .outputs import fill_prompt, prepare_class_images, save_final, write_samples
 from .scoring import CheckpointScoring
 from .setup import count_trainable, make_lr_schedule, make_optimizer, mark_trainable
@@ -36,19 +37,33 @@ from .setup import count_trainable, make_lr_schedule, make_optimizer, mark_train
 
 def train_events(config: RunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
                  stop: threading.Event | None = None) -> Iterator[ev.Event]:
-    """Run (or resume) a DreamBooth training and yield progress events; `stop` ends it cleanly."""
-    from accelerate import Accelerator
+    """Run (or resume) a DreamBooth training and yield progress events; `stop` ends it cleanly.
 
+    The run directory is locked while the generator runs; a run that never reached step 1 is started
+    again (also with `resume`), since nothing of it could be continued."""
     prefer_expandable_segments()
 
     run = RunDir(Path(output))
-    if resume and run.config.exists():
-        config = resume_config(read_run_config(run.config), config)
+    run.check_target()
+    config = with_local_model_resolved(config)
+    fresh_resume = resume and run.config.exists() and not run.started()
+    if resume and not fresh_resume and run.config.exists():
+        config = resume_config(with_local_model_resolved(read_run_config(run.config)), config)
+    run.check_target(config.data.images)
+    check_before_loading(config)
     report = check_images(config.data.images, config.data.resolution, max_pixels=config.data.max_pixels)
-    run.prepare(resume=resume, overwrite=overwrite)
-    save_config(config, run.config)
-    for problem in report.problems:
-        yield ev.Notice(str(problem))
+    with run.prepare(resume=resume, overwrite=overwrite):  # held until the generator ends
+        save_config(config, run.config)
+        if fresh_resume:
+            yield ev.Notice(f"{run.root} never reached step 1: starting it again with the given settings")
+        for problem in report.problems:
+            yield ev.Notice(str(problem))
+        yield from _train(config, run, report, resume and not fresh_resume, stop)
+
+
+def _train(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Iterator[ev.Event]:
+    """Load the model, make class images, then train (the run directory is prepared and locked)."""
+    from accelerate import Accelerator
 
     from ..identifier import check_identifier
     from ..models import load_components
@@ -193,7 +208,7 @@ def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, comp
         done = step + 1
         readout.push(done, parts, float(lr_schedule.get_last_lr()[0]))  # a tensor for torchao
         yield from _report_steps(readout.take(flush=_acts_after(done, config, scoring, stop)), config, run, clock)
-        if out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
+        if wants_samples(config) and out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
             yield ev.Phase("validation images", len(out.sample_prompts) * out.sample_images)
             with back():
                 path = write_samples(components, config, run, done)
@@ -213,14 +228,20 @@ def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, comp
     choice = scoring.finish(modules) if scoring is not None else None
     if choice is not None:
         yield ev.Selected(*choice)
-    yield ev.Phase("validation images", len(out.sample_prompts) * out.sample_images)
-    with back():
-        path = write_samples(components, config, run, config.train.steps)
-    yield ev.SampleWritten(config.train.steps, path)
-    final = save_final(components, config, run, selection=choice)
+    final = save_final(components, config, run, selection=choice)  # first: nothing optional can lose it
     if scoring is not None:
         scoring.cleanup()
+    if wants_samples(config):
+        yield ev.Phase("validation images", len(out.sample_prompts) * out.sample_images)
+        with back():
+            path = write_samples(components, config, run, config.train.steps)
+        yield ev.SampleWritten(config.train.steps, path)
     yield ev.Finished(config.train.steps, final, time.perf_counter() - began)
+
+
+def wants_samples(config: RunConfig) -> bool:
+    """Validation grids are written unless output.sample_images (or the prompt list) is 0."""
+    return config.output.sample_images > 0 and bool(config.output.sample_prompts)
 
 
 def _acts_after(done: int, config: RunConfig, scoring, stop) -> bool:
@@ -321,18 +342,24 @@ def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:
 
 @contextlib.contextmanager
 def stop_on_signals(stop: threading.Event):
-    """SIGINT/SIGTERM set `stop`, so the loop saves a checkpoint and exits cleanly."""
+    """SIGINT/SIGTERM set `stop`, so the loop saves a checkpoint and exits cleanly. Yields the list of
+    signals caught, for the caller's exit status (128 + signal number, as shells report)."""
+    caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield caught
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, _frame):
+        caught.append(signum)
+        stop.set()
     for s in previous:
-        signal.signal(s, lambda *_: stop.set())
+        signal.signal(s, handler)
     try:
-        yield
+        yield caught
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def train(config: RunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,

@@ -33,7 +33,12 @@ def mark_trainable(components, train: TrainConfig) -> dict[str, torch.nn.Module]
 
         with torch.random.fork_rng(devices=[]):  # adapter init depends on the run's seed alone
             torch.manual_seed(train.seed)
-            components.unet.add_adapter(lora(train.lora_targets))
+            try:
+                components.unet.add_adapter(lora(train.lora_targets))
+            except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+                raise ConfigError("train.lora_targets names no module of this UNet", [Problem(
+                    "train.lora_targets", f"{train.lora_targets!r}: {e}; the default is to_q, to_k, to_v, "
+                    "to_out.0 (attention projections)")]) from e
             if train.train_text_encoder:
                 components.text_encoder.add_adapter(lora(TEXT_ENCODER_LORA_TARGETS))
     if train.gradient_checkpointing:

@@ -1,0 +1,245 @@
+"""Attack cases on the CLI: each bad input gets a named message and exit 2, and nothing is lost.
+
+Cheap cases call `dreambooth.cli.main` in-process; signals, locks and start-up noise need a
+subprocess. Training cases use the tiny random model at 64 px for one to three steps.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dreambooth.cli import main
+
+FAST = ["--set", "prior.enabled=false", "--set", "output.sample_images=0"]
+
+
+def train_args(images, output, *extra, preset="tiny", steps=2):
+    return ["train", "--images", str(images), "--class-noun", "dog", "--preset", preset, "--output", str(output),
+            "--steps", str(steps), *FAST, *extra]
+
+
+def copy_photos(subject_dir, target: Path, count=3) -> Path:
+    target.mkdir(parents=True)
+    for p in sorted(subject_dir.iterdir())[:count]:
+        shutil.copy(p, target / p.name)
+    return target
+
+
+def tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# --- train --overwrite never deletes what is not a run ----------------------------------------
+
+def test_overwrite_refuses_an_output_that_contains_the_photos(tmp_path, subject_dir, capsys):
+    photos = copy_photos(subject_dir, tmp_path / "d" / "photos")
+    (tmp_path / "d" / "keep.txt").write_text("x")
+    before = tree(tmp_path / "d")
+    assert main(train_args(photos, tmp_path / "d", "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "images folder" in err and "Traceback" not in err
+    assert tree(tmp_path / "d") == before
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_output_equal_to_or_inside_the_photos_is_refused(tmp_path, subject_dir, capsys, where):
+    photos = copy_photos(subject_dir, tmp_path / "photos")
+    output = photos if where == "same" else photos / "run"
+    assert main(train_args(photos, output)) == 2
+    assert "images folder" in capsys.readouterr().err
+    assert tree(photos) == sorted(p.name for p in photos.iterdir()) and not (photos / "run").exists()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, subject_dir, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    (out / "config.yaml").write_text("mine: 1\n")  # a user's own file with a run's name
+    assert main(train_args(subject_dir, out, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "not a run directory" in err and "nothing in it is deleted" in err
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "notes.txt"]
+
+
+def test_overwrite_replaces_a_run_but_keeps_a_users_file_in_it(tmp_path, subject_dir):
+    run = tmp_path / "run"
+    assert main(train_args(subject_dir, run, steps=1)) == 0
+    assert (run / ".dreambooth-run").exists()
+    (run / "notes.txt").write_text("mine")
+    assert main(train_args(subject_dir, run, "--overwrite", steps=2)) == 0
+    assert (run / "notes.txt").read_text() == "mine"
+    assert [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# --- one process per run directory ------------------------------------------------------------
+
+def test_second_process_on_a_locked_run_is_refused_with_the_pid(tmp_path, subject_dir, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('ok', flush=True); "
+        "time.sleep(60)"), str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        assert main(train_args(subject_dir, run)) == 2
+        err = capsys.readouterr().err
+        assert "in use by another training process" in err and f"PID {holder.pid}" in err and str(run) in err
+        assert not (run / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(train_args(subject_dir, run, steps=1)) == 0  # the kernel dropped the dead holder's lock
+
+
+# --- a failed start does not block the corrected command --------------------------------------
+
+@pytest.mark.parametrize("rerun", [[], ["--resume"]])
+def test_a_run_that_never_started_can_be_started_again(tmp_path, subject_dir, capsys, monkeypatch, rerun):
+    """The first start fails while loading the model (as `--model` of a broken folder does); the
+    corrected command, with or without --resume, must start the run rather than refuse it."""
+    import dreambooth.models as models
+    from dreambooth.errors import ModelSourceError
+
+    def broken(*a, **k):
+        raise ModelSourceError("cannot load the model", [])
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(models, "load_components", broken)
+    assert main(train_args(subject_dir, run, "--model", "tiny-random-v")) == 2
+    assert (run / "config.yaml").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(train_args(subject_dir, run, *rerun)) == 0, capsys.readouterr().err
+    assert json.loads((run / "final" / "dreambooth.json").read_text())["base_model"] == "tiny-random"
+
+
+def test_a_missing_model_is_refused_before_the_run_folder_exists(tmp_path, subject_dir, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(subject_dir, run, "--model", str(tmp_path / "nonexistent"))) == 2
+    assert "nonexistent" in capsys.readouterr().err and not run.exists()
+
+
+# --- settings that were silently replaced or accepted -----------------------------------------
+
+def test_steps_zero_is_refused_not_replaced_by_the_preset(tmp_path, subject_dir, capsys):
+    assert main(train_args(subject_dir, tmp_path / "run", steps=0)) == 2
+    assert "train.steps: 0: must be in [1, 1000000]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_of_range_values_are_all_named_before_anything_is_written(tmp_path, subject_dir, capsys):
+    bad = ["train.text_encoder_lr=-1", "prior.guidance=nan", "data.max_pixels=0", "train.lr=1e308",
+           "data.resolution=100000", "prior.num_images=1e9", "train.seed=-1", "train.max_grad_norm=.inf"]
+    args = train_args(subject_dir, tmp_path / "run", *[a for b in bad for a in ("--set", b)])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert all(b.split("=")[0] in err for b in bad) and "Traceback" not in err
+    assert "prior.guidance: nan: must be a finite number" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_resolution_zero_is_a_named_error(subject_dir, capsys):
+    assert main(["check", str(subject_dir), "--resolution", "0"]) == 2
+    assert "--resolution: 0: must be in [64, 2048], a multiple of 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,named", [(["--num", "0"], "--num"), (["--resolution", "100"], "--resolution"),
+                                         (["--steps", "0"], "--steps"), (["--guidance", "nan"], "--guidance")])
+def test_generate_refuses_bad_numbers_before_loading(tmp_path, capsys, flags, named):
+    out = tmp_path / "gen"
+    assert main(["generate", "--model", str(tmp_path / "no-model"), "--prompt", "a dog", "--output", str(out),
+                 *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"{named}:" in err and "no-model" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("text,named", [("train: {lr: [1e-4\n", "mine.yaml is not valid YAML"),
+                                        ("- a\n- b\n", "mine.yaml is not a mapping"),
+                                        ("train: 5\n", "train: 5 is not a mapping of train.key"),
+                                        ("\xff\xfe", "cannot read the preset")])
+def test_malformed_preset_yaml_is_a_named_error(tmp_path, subject_dir, capsys, text, named):
+    preset = tmp_path / "mine.yaml"
+    preset.write_bytes(text.encode("latin-1"))
+    assert main(train_args(subject_dir, tmp_path / "run", preset=str(preset))) == 2
+    err = capsys.readouterr().err
+    assert named in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_malformed_set_value_is_a_named_error(tmp_path, subject_dir, capsys):
+    assert main(train_args(subject_dir, tmp_path / "run", "--set", "output.sample_prompts=[a, b")) == 2
+    assert "output.sample_prompts" in capsys.readouterr().err
+
+
+def test_a_damaged_run_config_is_named_on_resume(tmp_path, subject_dir, capsys):
+    run = tmp_path / "run"
+    assert main(train_args(subject_dir, run, steps=1)) == 0
+    (run / "config.yaml").write_text("model: {name: tiny-random\ndata: [")
+    capsys.readouterr()
+    assert main(train_args(subject_dir, run, "--resume", steps=2)) == 2
+    err = capsys.readouterr().err
+    assert "the run's config" in err and "not valid YAML" in err and "changed configuration" not in err
+
+
+def test_output_that_is_a_file_is_refused(tmp_path, subject_dir, capsys):
+    target = tmp_path / "run"
+    target.write_text("mine")
+    assert main(train_args(subject_dir, target)) == 2
+    assert "is a file" in capsys.readouterr().err and target.read_text() == "mine"
+
+
+def test_fp16_on_a_machine_without_cuda_is_refused_before_loading(tmp_path, subject_dir, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(train_args(subject_dir, tmp_path / "run", "--set", "train.mixed_precision=fp16")) == 2
+    err = capsys.readouterr().err
+    assert "train.mixed_precision" in err and "bf16" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("targets,named", [("[nope]", "names no module"), ("[]", "give module names")])
+def test_bad_lora_targets_are_named(tmp_path, subject_dir, capsys, targets, named):
+    assert main(train_args(subject_dir, tmp_path / "run", "--set", f"train.lora_targets={targets}",
+                           preset="tiny-lora")) == 2
+    err = capsys.readouterr().err
+    assert "train.lora_targets" in err and named in err and "Traceback" not in err
+
+
+def test_read_only_output_is_a_named_error(tmp_path, subject_dir, capsys, monkeypatch):
+    """The tests may run as root, which ignores file modes, so the refusal of the kernel is simulated."""
+    target = tmp_path / "locked" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self == target:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert main(train_args(subject_dir, target)) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to {target}" in err and "Permission denied" in err
+
+
+# --- nothing after the last step can lose the weights -----------------------------------------
+
+def test_sample_images_zero_means_no_grids(tmp_path, subject_dir):
+    run = tmp_path / "run"
+    assert main(train_args(subject_dir, run, "--set", "output.sample_every=1")) == 0
+    assert (run / "final" / "dreambooth.json").exists() and not list((run / "samples").iterdir())
+
+
+def test_final_is_written_before_the_closing_samples(tmp_path, subject_dir, monkeypatch):
+    from dreambooth.training import loop
+
+    def broken(*a, **k):
+        raise RuntimeError("sampling failed")
+    monkeypatch.setattr(loop, "write_samples", broken)
+    with pytest.raises(RuntimeError, match="sampling failed"):
+        main(train_args(subject_dir, tmp_path / "run", "--set", "output.sample_images=1"))
+    assert (tmp_path / "run" / "final" / "dreambooth.json").exists()
+
