@@ -164,7 +164,7 @@ def export_diffusers(source: ExportSource, output: Path, dtype: torch.dtype) -> 
     The main weights are fp32 so that a plain `from_pretrained(folder)` gets one dtype everywhere
     (mixed dtypes fail at the first matrix product); fp16/bf16 is written as a diffusers variant
     (`*.fp16.safetensors`, loaded with `variant="fp16"`, and preferred by ComfyUI's loader)."""
-    from .training.outputs import save_pipeline_folder
+    from .training.outputs import save_pipeline_folder, write_text_encoder
 
     components = merged_components(source).to("cpu", torch.float32)
     variant = VARIANTS.get(dtype)
@@ -173,7 +173,6 @@ def export_diffusers(source: ExportSource, output: Path, dtype: torch.dtype) -> 
 
     def write(tmp: Path) -> None:
         save_pipeline_folder(components, tmp)
-        write_text_encoder(components.text_encoder, tmp / "text_encoder")
         if variant:  # last: converting to the variant's dtype changes the networks in place
             for part in ("unet", "vae"):
                 getattr(components, part).to(dtype).save_pretrained(tmp / part, variant=variant,
@@ -182,21 +181,6 @@ def export_diffusers(source: ExportSource, output: Path, dtype: torch.dtype) -> 
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
 
     return write_folder_atomically(output, write)
-
-
-def write_text_encoder(text_encoder, folder: Path, *, dtype: torch.dtype | None = None,
-                       variant: str | None = None) -> Path:
-    """The text encoder's weights under `text_model.`, the layout transformers 4 saves and reads and
-    ComfyUI's diffusers loader detects (transformers 5 reads it too, though it saves without it)."""
-    from safetensors.torch import save_file
-
-    name = f"model.{variant}.safetensors" if variant else "model.safetensors"
-    for old in folder.glob(name.replace(".safetensors", "*.safetensors*")):  # also a sharded index
-        old.unlink()
-    state = {("" if k.startswith("text_model.") else "text_model.") + k: v.to(dtype or v.dtype).contiguous()
-             for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
-    save_file(state, str(folder / name), metadata={"format": "pt"})
-    return folder / name
 
 
 def _is_v(source: ExportSource) -> bool:

@@ -126,7 +126,23 @@ def save_pipeline_folder(components, folder: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+    write_text_encoder(components.text_encoder, folder / "text_encoder")  # in place of transformers 5's layout
     copy_tokenizer_files(folder / "tokenizer")
+
+
+def write_text_encoder(text_encoder, folder: Path, *, dtype: torch.dtype | None = None,
+                       variant: str | None = None) -> Path:
+    """The text encoder's weights under `text_model.`, the layout transformers 4 saves and reads and
+    ComfyUI's diffusers loader detects (transformers 5 reads it too, though it saves without it)."""
+    from safetensors.torch import save_file
+
+    name = f"model.{variant}.safetensors" if variant else "model.safetensors"
+    for old in folder.glob(name.replace(".safetensors", "*.safetensors*")):  # also a sharded index
+        old.unlink()
+    state = {("" if k.startswith("text_model.") else "text_model.") + k: v.to(dtype or v.dtype).contiguous()
+             for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    save_file(state, str(folder / name), metadata={"format": "pt"})
+    return folder / name
 
 
 def save_lora_weights(components, config: RunConfig, folder: Path) -> None:
