@@ -267,10 +267,10 @@ def test_screenshots_on_the_toy_model(app_url, page, shots, subject_dir):
     page.screenshot(path=str(shots / "1-photos.png"), full_page=True)
     page.click("#train")
     job = page.locator(".job").first
-    expect(job.locator(".samples img").first).to_be_visible(timeout=600_000)
+    expect(job.locator(".samples img").first).to_be_visible(timeout=1_500_000)
     expect(job.locator(".progress-label")).to_contain_text("left", timeout=120_000)
     page.screenshot(path=str(shots / "2-training.png"), full_page=True)
-    expect(job).to_have_attribute("data-status", "finished", timeout=900_000)
+    expect(job).to_have_attribute("data-status", "finished", timeout=1_500_000)
     page.screenshot(path=str(shots / "3-finished.png"), full_page=True)
     job.get_by_role("button", name="Generate").click()
     page.locator("#examples .chip", has_text="in the snow").click()
