@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -294,10 +295,35 @@ def _advance(bar, done: int) -> None:
     bar.update(done - bar.n)
 
 
+# Start-up messages of optional libraries that do not apply to us: diffusers imports torchao (when
+# installed) for its quantizers, and torchao then reports each prebuilt kernel this torch build cannot
+# load and registers enums that torch now deprecates. Dropped by exact text, so other warnings surface.
+HARMLESS_LOGS = {
+    "torchao": ("Failed to load ",),
+    "torchao.kernel.intmm": ("Detected no triton",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
 def _quiet_libraries() -> None:
-    """Library progress bars and advice would bury ours; errors still surface."""
+    """Library progress bars, advice and known-harmless start-up noise would bury ours; errors still
+    surface. Done here, at the command-line boundary: the library itself changes no global logging."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name, fragments in HARMLESS_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")
