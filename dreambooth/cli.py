@@ -169,12 +169,12 @@ def cmd_priors(args) -> int:
 
     overrides = {"model": {"name": args.model}, "prior": {"num_images": args.num},
                  "data": {"class_noun": args.class_noun, "class_prompt": args.prompt,
-                          "resolution": args.resolution or 512}}
+                          "resolution": 512 if args.resolution is None else args.resolution}}
     if args.cache:
         overrides["prior"]["cache"] = args.cache
     config = load_config(None, overrides, args.overrides)  # validated before any weights load
     components = load_components(config.model.name)
-    if not args.resolution:  # the model's native size
+    if args.resolution is None:  # the model's native size
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=components.resolution))
     bar = _bar("class images", args.num)
     paths = ensure_class_images(
@@ -268,7 +268,7 @@ def cmd_generate(args) -> int:
                  (bounds_of(DataConfig, "resolution"), args.resolution, "--resolution"),
                  (bounds_of(PriorConfig, "steps"), args.steps, "--steps"),
                  (bounds_of(PriorConfig, "guidance"), args.guidance, "--guidance"),
-                 (bounds_of(TrainConfig, "seed"), args.seed, "--seed")])
+                 (bounds_of(TrainConfig, "seed"), args.seed, "--seed"), (None, args.lora_scale, "--lora-scale")])
     settings = GenerationSettings(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
                                   sampler=args.sampler, resolution=args.resolution, lora_scale=args.lora_scale)
     paths = generate(args.model, read_prompts(args.prompt, args.prompt_file), args.output, num=args.num,

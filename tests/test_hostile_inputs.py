@@ -149,7 +149,8 @@ def test_check_resolution_zero_is_a_named_error(subject_dir, capsys):
 
 
 @pytest.mark.parametrize("flags,named", [(["--num", "0"], "--num"), (["--resolution", "100"], "--resolution"),
-                                         (["--steps", "0"], "--steps"), (["--guidance", "nan"], "--guidance")])
+                                         (["--steps", "0"], "--steps"), (["--guidance", "nan"], "--guidance"),
+                                         (["--lora-scale", "inf"], "--lora-scale")])
 def test_generate_refuses_bad_numbers_before_loading(tmp_path, capsys, flags, named):
     out = tmp_path / "gen"
     assert main(["generate", "--model", str(tmp_path / "no-model"), "--prompt", "a dog", "--output", str(out),
@@ -169,6 +170,12 @@ def test_malformed_preset_yaml_is_a_named_error(tmp_path, subject_dir, capsys, t
     err = capsys.readouterr().err
     assert named in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_priors_resolution_zero_is_refused_not_replaced(tmp_path, capsys):
+    assert main(["priors", "--model", "tiny-random", "--class-noun", "dog", "--num", "1", "--resolution", "0",
+                 "--cache", str(tmp_path / "cache")]) == 2
+    assert "data.resolution: 0" in capsys.readouterr().err and not (tmp_path / "cache").exists()
 
 
 def test_malformed_set_value_is_a_named_error(tmp_path, subject_dir, capsys):
@@ -350,7 +357,8 @@ NOISE = ("Failed to load", "pytree", "Enum subclass", "Detected no triton", "Tra
 
 def test_train_starts_without_library_noise(tmp_path, subject_dir):
     """diffusers imports torchao, which logs kernels it cannot load; torch logs pytree deprecations."""
-    done = subprocess.run([sys.executable, "-m", "dreambooth", *train_args(subject_dir, tmp_path / "run", steps=1)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "DREAMBOOTH_NO_PROGRESS": "1"})
+    command = [sys.executable, "-m", "dreambooth", *train_args(subject_dir, tmp_path / "run", steps=1)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DREAMBOOTH_NO_PROGRESS": "1"})
     assert done.returncode == 0, done.stderr
     assert not [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)], done.stderr
