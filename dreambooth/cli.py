@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import threading
@@ -168,12 +169,12 @@ def cmd_priors(args) -> int:
 
     overrides = {"model": {"name": args.model}, "prior": {"num_images": args.num},
                  "data": {"class_noun": args.class_noun, "class_prompt": args.prompt,
-                          "resolution": args.resolution or 512}}
+                          "resolution": 512 if args.resolution is None else args.resolution}}
     if args.cache:
         overrides["prior"]["cache"] = args.cache
     config = load_config(None, overrides, args.overrides)  # validated before any weights load
     components = load_components(config.model.name)
-    if not args.resolution:  # the model's native size
+    if args.resolution is None:  # the model's native size
         config = dataclasses.replace(config, data=dataclasses.replace(config.data, resolution=components.resolution))
     bar = _bar("class images", args.num)
     paths = ensure_class_images(
@@ -268,7 +269,7 @@ def cmd_generate(args) -> int:
                  (bounds_of(DataConfig, "resolution"), args.resolution, "--resolution"),
                  (bounds_of(PriorConfig, "steps"), args.steps, "--steps"),
                  (bounds_of(PriorConfig, "guidance"), args.guidance, "--guidance"),
-                 (bounds_of(TrainConfig, "seed"), args.seed, "--seed")])
+                 (bounds_of(TrainConfig, "seed"), args.seed, "--seed"), (None, args.lora_scale, "--lora-scale")])
     settings = GenerationSettings(steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
                                   sampler=args.sampler, resolution=args.resolution, lora_scale=args.lora_scale)
     paths = generate(args.model, read_prompts(args.prompt, args.prompt_file), args.output, num=args.num,
@@ -295,10 +296,35 @@ def _advance(bar, done: int) -> None:
     bar.update(done - bar.n)
 
 
+# Start-up messages of optional libraries that do not apply to us: diffusers imports torchao (when
+# installed) for its quantizers, and torchao then reports each prebuilt kernel this torch build cannot
+# load and registers enums that torch now deprecates. Dropped by exact text, so other warnings surface.
+HARMLESS_LOGS = {
+    "torchao": ("Failed to load ",),
+    "torchao.kernel.intmm": ("Detected no triton",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
 def _quiet_libraries() -> None:
-    """Library progress bars and advice would bury ours; errors still surface."""
+    """Library progress bars, advice and known-harmless start-up noise would bury ours; errors still
+    surface. Done here, at the command-line boundary: the library itself changes no global logging."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    for name, fragments in HARMLESS_LOGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torchvision.*")

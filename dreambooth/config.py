@@ -41,7 +41,7 @@ class ModelConfig:
     prediction_type: str | None = _f(None, "override the scheduler's: epsilon or v_prediction")
 
     def problems(self) -> list[Problem]:
-        return _failed([
+        return bound_problems("model", self) + _failed([
             (self.prediction_type in (None, "epsilon", "v_prediction"), "model.prediction_type",
              f"{self.prediction_type!r}: use epsilon or v_prediction"),
         ])
@@ -61,7 +61,7 @@ class DataConfig:
                           above=True)
 
     def problems(self) -> list[Problem]:
-        return _failed([
+        return bound_problems("data", self) + _failed([
             (bool(self.class_noun.strip()), "data.class_noun", "is empty: say what the subject is, e.g. --class-noun dog"),
             (bool(self.identifier.strip()) and not any(c.isspace() for c in self.identifier), "data.identifier",
              f"{self.identifier!r} must be one word, e.g. sks"),
@@ -85,7 +85,7 @@ class PriorConfig:
     cache: str = _f("", "class-image cache folder (default: ~/.cache/dreambooth/class-images)")
 
     def problems(self) -> list[Problem]:
-        return _failed([
+        return bound_problems("prior", self) + _failed([
             (not self.enabled or self.num_images >= 1, "prior.num_images",
              f"{self.num_images}: need at least 1 with prior preservation"),
             (self.sampler in SAMPLERS, "prior.sampler", f"{self.sampler!r}: use one of {', '.join(SAMPLERS)}"),
@@ -131,7 +131,7 @@ class TrainConfig:
     channels_last: bool = _f(True, "CUDA only: UNet and VAE in channels-last memory layout (faster convolutions)")
 
     def problems(self) -> list[Problem]:
-        return _failed([
+        return bound_problems("train", self) + _failed([
             (self.fast in ("auto", "always", "never"), "train.fast", f"{self.fast!r}: use auto, always or never"),
             (self.compile in COMPILE_MODES, "train.compile", f"{self.compile!r}: use {', '.join(COMPILE_MODES)}"),
             (self.mode in ("full", "lora"), "train.mode", f"{self.mode!r}: use full or lora"),
@@ -158,7 +158,7 @@ class OutputConfig:
     log_every: int = _f(1, "write log.jsonl every N steps", 1, MANY)
 
     def problems(self) -> list[Problem]:
-        return _failed([
+        return bound_problems("output", self) + _failed([
             (all(isinstance(p, str) for p in self.sample_prompts), "output.sample_prompts",
              f"{self.sample_prompts!r}: give a list of prompts"),
         ])
@@ -178,7 +178,7 @@ class EvalConfig:
     max_drift: float = _f(0.10, "best: language drift must be at most this", 0, 1)
 
     def problems(self) -> list[Problem]:
-        return _failed([
+        return bound_problems("eval", self) + _failed([
             (self.scorer in ("oracle", "features", "standin"), "eval.scorer",
              f"{self.scorer!r}: use oracle, features or standin"),
             (self.select in ("last", "best"), "eval.select", f"{self.select!r}: use last or best"),
@@ -205,8 +205,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
-        problems = [p for name in GROUPS
-                    for p in bound_problems(name, getattr(self, name)) + getattr(self, name).problems()]
+        problems = [p for name in GROUPS for p in getattr(self, name).problems()]
         if self.prior.enabled and "{identifier}" in self.data.class_prompt:
             problems.append(Problem("data.class_prompt", "must not contain {identifier}: class images show the plain class"))
         if problems:

@@ -1,7 +1,9 @@
 """Presets load, overrides apply with types, and every problem is reported at once."""
+from dataclasses import fields
+
 import pytest
 
-from dreambooth.config import describe_config, list_presets, load_config, read_run_config, save_config
+from dreambooth.config import GROUPS, describe_config, list_presets, load_config, read_run_config, save_config
 from dreambooth.errors import ConfigError
 from dreambooth.training.loop import resume_config
 
@@ -60,3 +62,34 @@ def test_resume_refuses_changed_training_settings():
 def test_every_field_has_help():
     text = describe_config()
     assert "train.lr" in text and "\n    \n" not in text
+
+
+NUMERIC = [(group, f) for group, cls in GROUPS.items() for f in fields(cls) if f.type in ("int", "float")]
+
+
+@pytest.mark.parametrize("group,f", NUMERIC, ids=[f"{g}.{f.name}" for g, f in NUMERIC])
+def test_every_numeric_field_has_an_enforced_documented_range(group, f):
+    """The web app and the CLI share these bounds: each is shown by describe_config and refused
+    just outside, with the field named; NaN and infinity are refused for every float."""
+    from dreambooth.config_ranges import field_range, range_text
+
+    bounds = field_range(f)
+    assert bounds is not None, f"{group}.{f.name} has no range"
+    lo, hi, above, multiple = bounds
+    assert f"{group}.{f.name} = " in describe_config() and range_text(bounds) in describe_config()
+    step = 1 if f.type == "int" else 1e-9 * max(1.0, abs(hi))
+    outside = [hi + (multiple or step), lo if above else lo - step]
+    if f.type == "float":
+        outside += [float("nan"), float("inf")]
+    for value in outside:
+        with pytest.raises(ConfigError) as info:
+            load_config("tiny", REQUIRED, [f"{group}.{f.name}={value}"])
+        assert f"{group}.{f.name}" in {p.where for p in info.value.problems}, value
+
+
+def test_a_whole_float_for_an_int_field_gets_the_range_message():
+    """JSON numbers such as 1e9 arrive as floats; the message must be about the range, not the type."""
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", {**REQUIRED, "prior": {"num_images": 1e9}})
+    assert [str(p) for p in info.value.problems] == ["error: prior.num_images: 1000000000: must be in [0, 10000]"]
+    assert load_config("tiny", {**REQUIRED, "train": {"steps": 7.0}}).train.steps == 7

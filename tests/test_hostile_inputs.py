@@ -149,7 +149,8 @@ def test_check_resolution_zero_is_a_named_error(subject_dir, capsys):
 
 
 @pytest.mark.parametrize("flags,named", [(["--num", "0"], "--num"), (["--resolution", "100"], "--resolution"),
-                                         (["--steps", "0"], "--steps"), (["--guidance", "nan"], "--guidance")])
+                                         (["--steps", "0"], "--steps"), (["--guidance", "nan"], "--guidance"),
+                                         (["--lora-scale", "inf"], "--lora-scale")])
 def test_generate_refuses_bad_numbers_before_loading(tmp_path, capsys, flags, named):
     out = tmp_path / "gen"
     assert main(["generate", "--model", str(tmp_path / "no-model"), "--prompt", "a dog", "--output", str(out),
@@ -169,6 +170,12 @@ def test_malformed_preset_yaml_is_a_named_error(tmp_path, subject_dir, capsys, t
     err = capsys.readouterr().err
     assert named in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_priors_resolution_zero_is_refused_not_replaced(tmp_path, capsys):
+    assert main(["priors", "--model", "tiny-random", "--class-noun", "dog", "--num", "1", "--resolution", "0",
+                 "--cache", str(tmp_path / "cache")]) == 2
+    assert "data.resolution: 0" in capsys.readouterr().err and not (tmp_path / "cache").exists()
 
 
 def test_malformed_set_value_is_a_named_error(tmp_path, subject_dir, capsys):
@@ -243,3 +250,115 @@ def test_final_is_written_before_the_closing_samples(tmp_path, subject_dir, monk
         main(train_args(subject_dir, tmp_path / "run", "--set", "output.sample_images=1"))
     assert (tmp_path / "run" / "final" / "dreambooth.json").exists()
 
+
+
+# --- damaged checkpoints are skipped, NaN weights are never "good" ------------------------------
+
+def library_config(subject_dir, *extra):
+    from dreambooth.config import load_config
+
+    return load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}},
+                       ["train.steps=4", "output.checkpoint_every=1", "output.keep_checkpoints=3",
+                        "output.sample_images=0", *extra])  # with a class image per step, B = 2
+
+
+def damage(path: Path, how: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    target = path / "trainable.safetensors"
+    if how == "truncated":
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        state = load_file(target)
+        first = next(k for k, v in state.items() if v.is_floating_point())
+        state[first] = state[first] * float("nan")
+        save_file(state, target)
+
+
+@pytest.mark.parametrize("how", ["truncated", "nan"])
+def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, subject_dir, how):
+    """step-00003 is damaged; resume warns, continues from step-00002 and ends bit-identical to a
+    run that was never interrupted."""
+    import threading
+
+    import torch
+    from safetensors.torch import load_file
+
+    from dreambooth.training import events as ev
+    from dreambooth.training import train
+
+    config = library_config(subject_dir)
+    assert isinstance(train(config, tmp_path / "straight"), ev.Finished)
+    stop = threading.Event()
+    stopped = train(config, tmp_path / "run", stop=stop,
+                    on_event=lambda e: isinstance(e, ev.StepDone) and e.step == 3 and stop.set())
+    assert isinstance(stopped, ev.Stopped) and stopped.step == 3
+    damage(tmp_path / "run" / "checkpoints" / "step-00003", how)
+    notices = []
+    last = train(config, tmp_path / "run", resume=True, on_event=lambda e: notices.append(e))
+    assert isinstance(last, ev.Finished)
+    warning = next(e.message for e in notices if isinstance(e, ev.Notice) and "damaged" in e.message)
+    assert "step-00003" in warning and next(e for e in notices if isinstance(e, ev.Started)).start_step == 2
+    unet = "final/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "straight" / unet), load_file(tmp_path / "run" / unet)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
+
+
+def test_nan_weights_are_never_saved_nor_called_the_last_good_checkpoint(tmp_path, subject_dir, monkeypatch):
+    """Step 2 has a finite loss but NaN gradients, so its update leaves NaN weights."""
+    import torch
+
+    from dreambooth.errors import TrainingDiverged
+    from dreambooth.training import loop, train
+
+    class NanGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("nan")
+
+    real, calls = loop.dreambooth_loss, []
+
+    def poisoned(pred, target, is_prior, weight):
+        calls.append(1)
+        return real(NanGradient.apply(pred) if len(calls) == 2 else pred, target, is_prior, weight)
+    monkeypatch.setattr(loop, "dreambooth_loss", poisoned)
+    with pytest.raises(TrainingDiverged) as info:
+        train(library_config(subject_dir), tmp_path / "run")
+    assert "step 2" in str(info.value) and "step-00001" in str(info.value)
+    assert not (tmp_path / "run" / "checkpoints" / "step-00002").exists()
+
+
+# --- a run works from any folder; commands start quietly --------------------------------------
+
+def test_lora_run_with_a_relative_model_path_generates_from_another_folder(tmp_path, subject_dir, monkeypatch):
+    from dreambooth.models.builtin import builtin_path
+
+    shutil.copytree(builtin_path("tiny-random"), tmp_path / "base")
+    monkeypatch.chdir(tmp_path)
+    assert main(train_args(subject_dir, "run", "--model", "base", preset="tiny-lora", steps=1)) == 0
+    info = json.loads((tmp_path / "run" / "final" / "dreambooth.json").read_text())
+    assert info["base_model"] == str(tmp_path / "base")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["generate", "--model", str(tmp_path / "run"), "--prompt", "a {identifier} {class}", "--num", "1",
+                 "--steps", "1", "--output", "gen"]) == 0
+    assert (elsewhere / "gen" / "grid-0000.png").exists()
+
+
+NOISE = ("Failed to load", "pytree", "Enum subclass", "Detected no triton", "Traceback")
+
+
+def test_train_starts_without_library_noise(tmp_path, subject_dir):
+    """diffusers imports torchao, which logs kernels it cannot load; torch logs pytree deprecations."""
+    command = [sys.executable, "-m", "dreambooth", *train_args(subject_dir, tmp_path / "run", steps=1)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DREAMBOOTH_NO_PROGRESS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert not [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)], done.stderr

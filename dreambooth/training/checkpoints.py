@@ -73,9 +73,72 @@ def module_part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
     return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
+class CheckpointDamaged(Exception):
+    """A checkpoint folder that cannot be read back whole, or holds non-finite weights."""
+
+
+FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
+
+
+def read_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
+    """(step, trainable tensors, optimizer state, scheduler state), every part read and checked
+    before anything is applied: a truncated file, a missing part or a NaN weight raises
+    `CheckpointDamaged`, so resuming can fall back to an older checkpoint."""
+    missing = [name for name in FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointDamaged(f"missing {', '.join(missing)}")
+    try:
+        step = int(json.loads((path / "state.json").read_text())["step"])
+        state = load_file(path / "trainable.safetensors")  # reads (and so checks) every tensor
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+        scheduler = torch.load(path / "scheduler.pt", weights_only=True)
+    except Exception as e:  # safetensors, pickle and JSON each fail their own way on a torn file
+        raise CheckpointDamaged(f"{type(e).__name__}: {e}") from e
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointDamaged(f"non-finite weights in {len(bad)} tensor(s), e.g. {bad[0]}")
+    return step, state, optimizer, scheduler
+
+
+def newest_intact(folder: Path) -> Path | None:
+    """The newest checkpoint that reads back whole with finite weights (what a divergence report
+    may call the last good one)."""
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            read_checkpoint(path)
+            return path
+        except CheckpointDamaged:
+            continue
+    return None
+
+
+def resume_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler
+                      ) -> tuple[int, list[str]]:
+    """Restore the newest intact checkpoint; return its step (0: none) and a warning per damaged
+    newer one, which is renamed to step-NNNNN.damaged so it is neither resumed nor kept as a good one."""
+    notes = []
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            return load_checkpoint(path, modules, optimizer, lr_scheduler), notes
+        except CheckpointDamaged as e:
+            aside = path.with_name(path.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            notes.append(f"warning: checkpoint {path} is damaged ({e}); moved it to {aside.name} and "
+                         "resumed from the newest intact one")
+    if notes:
+        raise RunDirError(f"no intact checkpoint in {folder}", [Problem(n, "") for n in notes] + [Problem(
+            str(folder), "start again with --overwrite")])
+    return 0, notes
+
+
+def weights_are_finite(modules: dict[str, torch.nn.Module]) -> bool:
+    return all(torch.isfinite(p).all() for m in modules.values() for p in m.parameters() if p.requires_grad)
+
+
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> int:
-    """Restore a checkpoint in place and return its step."""
-    state = load_file(path / "trainable.safetensors")
+    """Restore a checkpoint in place and return its step (`CheckpointDamaged` if it is unreadable)."""
+    step, state, optimizer_state, scheduler_state = read_checkpoint(path)
     for prefix, module in modules.items():
         own = module_part(state, prefix)
         expected = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -87,11 +150,11 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
             )
         module.load_state_dict(own, strict=False)
     try:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        optimizer.load_state_dict(optimizer_state)
     except ValueError as e:  # a different tensor layout: flat buffers (fast step) vs per-tensor (plain)
         raise RunDirError(f"checkpoint {path} holds optimizer state for a different parameter layout", [
             Problem(str(path), f"{e}; resume on the same kind of device with the same train.fast and "
                     "train.optimizer as the run that wrote it (8-bit and FP8 AdamW on the fast step keep flat "
                     "buffers), or start a new run")]) from e
-    lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    return json.loads((path / "state.json").read_text())["step"]
+    lr_scheduler.load_state_dict(scheduler_state)
+    return step

@@ -25,7 +25,7 @@ from ..errors import ConfigError, Problem, TrainingDiverged
 from ..rundir import RunDir
 from . import events as ev
 from .batches import LatentSource, build_batch, latents_cached, step_generator
-from .checkpoints import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoints import newest_intact, resume_checkpoint, save_checkpoint, weights_are_finite
 from .fast import FastStep, LossReadout, lower_frozen_weights, prepare_modules, use_fast_path, wants_flat
 from .flat import flatten_modules
 from .losses import add_noise, dreambooth_loss, prediction_target, sample_timesteps
@@ -102,9 +102,12 @@ def _train(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Iterat
     optimizer = make_optimizer(modules, config.train, device, flats)
     lr_schedule = make_lr_schedule(optimizer, modules, config.train)
     start = 0
-    if resume and (found := list_checkpoints(run.checkpoints)):
-        start = load_checkpoint(found[-1][1], modules, optimizer, lr_schedule)
-        run.truncate_log(start)
+    if resume:
+        start, warnings = resume_checkpoint(run.checkpoints, modules, optimizer, lr_schedule)
+        for warning in warnings:
+            yield ev.Notice(warning)
+        if start:
+            run.truncate_log(start)
     if fast and config.train.mode == "lora" and frozen_dtype != torch.float32:
         lower_frozen_weights(modules, frozen_dtype)
     # The fast step runs its own autocast on the bare modules (one process only).
@@ -220,6 +223,8 @@ def run_steps(step_fn, start, config, run, modules, optimizer, lr_schedule, comp
         stopping = stop is not None and stop.is_set()
         yield from _report_steps(readout.take(flush=stopping), config, run, clock)
         if (out.checkpoint_every and done % out.checkpoint_every == 0) or stopping:
+            if not weights_are_finite(modules):  # a finite loss, then an update that overflowed
+                raise _diverged("the weights became NaN or infinite", done, run)
             path = save_checkpoint(run.checkpoints, done, modules, optimizer, lr_schedule, out.keep_checkpoints)
             yield ev.CheckpointSaved(done, path)
             if stopping:
@@ -257,10 +262,7 @@ def _report_steps(records, config: RunConfig, run: RunDir, clock: dict) -> Itera
     out = config.output
     for done, (loss, instance, prior), lr in records:
         if not math.isfinite(loss):
-            kept = list_checkpoints(run.checkpoints)
-            raise TrainingDiverged(f"the loss became {loss} at step {done}", [Problem(
-                str(run.root), f"last good checkpoint: {kept[-1][1] if kept else 'none'}; "
-                "lower train.lr, or use bf16 instead of fp16")])
+            raise _diverged(f"the loss became {loss}", done, run)
         now = time.perf_counter()
         event = ev.StepDone(done, config.train.steps, loss, instance, prior, lr, now - clock["last"])
         clock["last"] = now
@@ -269,6 +271,13 @@ def _report_steps(records, config: RunConfig, run: RunDir, clock: dict) -> Itera
                             "prior_loss": event.prior_loss, "lr": event.lr, "time": round(now - clock["began"], 4),
                             "memory_mb": _memory_mb()})
         yield event
+
+
+def _diverged(what: str, step: int, run: RunDir) -> TrainingDiverged:
+    """The error for a diverged run, naming the newest checkpoint whose weights are intact."""
+    good = newest_intact(run.checkpoints)
+    return TrainingDiverged(f"{what} at step {step}", [Problem(
+        str(run.root), f"last good checkpoint: {good or 'none'}; lower train.lr, or use bf16 instead of fp16")])
 
 
 def training_step(step, config, components, wrapped, prompts, instances, classes, accelerator, optimizer,
