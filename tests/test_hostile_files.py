@@ -291,6 +291,7 @@ def test_message_truncated_run_config_is_named_corrupt(tmp_path, subject_dir):
         run = tmp_path / f"run{keep}"
         run.mkdir()
         save_config(config, run / "config.yaml")
+        (run / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n')  # a run that got somewhere
         _truncate(run / "config.yaml", keep)
         with pytest.raises(ConfigError) as caught:
             next(train_events(config, run, resume=True))

@@ -190,7 +190,7 @@ def test_a_damaged_run_config_is_named_on_resume(tmp_path, subject_dir, capsys):
     capsys.readouterr()
     assert main(train_args(subject_dir, run, "--resume", steps=2)) == 2
     err = capsys.readouterr().err
-    assert "the run's config" in err and "not valid YAML" in err and "changed configuration" not in err
+    assert "the run's saved configuration" in err and "YAML error" in err and "changed configuration" not in err
 
 
 def test_output_that_is_a_file_is_refused(tmp_path, subject_dir, capsys):

@@ -95,7 +95,7 @@ def test_http_refuses_foreign_hosts_cross_site_posts_and_path_tricks(url):
 @pytest.mark.parametrize("length, status", [("-1", 400), ("abc", 400), (str(200 * 2**20), 413), (None, 411)])
 def test_body_lengths_are_checked_before_reading(url, length, status):
     """A negative, malformed, huge or missing Content-Length is answered at once, body unread."""
-    head = f"POST /api/photosets HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Dreambooth: 1\r\nConnection: close\r\n"
+    head = "POST /api/photosets HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Dreambooth: 1\r\nConnection: close\r\n"
     if length is not None:
         head += f"Content-Length: {length}\r\n"
     answer = raw(url, (head + "\r\n").encode() + b"{}")

@@ -10,8 +10,6 @@ import json
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest

@@ -25,7 +25,7 @@ from ..errors import ConfigError, Problem, TrainingDiverged
 from ..rundir import RunDir
 from . import events as ev
 from .batches import LatentSource, build_batch, latents_cached, step_generator
-from .checkpoints import newest_intact, resume_checkpoint, save_checkpoint, weights_are_finite
+from .checkpoints import list_checkpoints, newest_intact, resume_checkpoint, save_checkpoint, weights_are_finite
 from .fast import FastStep, LossReadout, lower_frozen_weights, prepare_modules, use_fast_path, wants_flat
 from .flat import flatten_modules
 from .losses import add_noise, dreambooth_loss, prediction_target, sample_timesteps

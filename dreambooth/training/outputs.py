@@ -125,8 +125,18 @@ def save_pipeline_folder(components, folder: Path) -> None:
         unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    write_text_encoder(components.text_encoder, folder / "text_encoder")  # in place of transformers 5's layout
+    # fp32 throughout: frozen parts that trained in bf16/fp16 beside fp32 weights would give a folder
+    # that a plain `from_pretrained(folder)` loads with mixed dtypes and fails at the first matmul.
+    parts = (components.unet, components.vae, components.text_encoder)
+    dtypes = [part.dtype for part in parts]
+    for part in parts:
+        part.to(torch.float32)
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+        write_text_encoder(components.text_encoder, folder / "text_encoder")  # in place of transformers 5's layout
+    finally:
+        for part, dtype in zip(parts, dtypes):
+            part.to(dtype)
     copy_tokenizer_files(folder / "tokenizer")
 
 

@@ -82,7 +82,7 @@ class JobStore:
         return sorted(jobs, key=lambda j: j.created)
 
 
-def apply_event(job: Job, event: ev.Event, run_dir: Path) -> None:
+def apply_event(job: Job, event, run_dir: Path) -> None:
     """Fold one training event into the job's visible state."""
     from ..training import events as ev  # here, not at the top: importing training loads torch
     if isinstance(event, ev.Notice):
