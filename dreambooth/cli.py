@@ -1,4 +1,6 @@
-"""`dreambooth` command line: thin wrappers over the library API (names fixed by DESIGN.md)."""
+"""`dreambooth` command line: thin wrappers over the library API.
+
+The command names and exit codes are a stable contract that scripts rely on."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""The fast training step computes what the plain step computes (DESIGN.md, equivalence tests).
+"""The fast training step computes what the plain step computes.
 
 On a CPU in fp32 the two paths must agree bit for bit: same draws, same latents, same loss, same
 weights after several optimizer steps. Run with

@@ -1,7 +1,7 @@
 """Open one subject photo safely: size limit from the header, full decode, EXIF turn, RGB.
 
 Every failure becomes a `Problem` naming the file, so `check_images` can list all bad files at
-once instead of crashing at step 1 of training (DESIGN.md, pain point 6).
+once instead of crashing at step 1 of training.
 """
 from __future__ import annotations
 

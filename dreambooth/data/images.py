@@ -2,7 +2,7 @@
 
 `check_images` runs for `dreambooth check` and at the start of `train`. It reads every file,
 collects every problem, and raises once (`ImageCheckError`) if any is an error, so a user with
-three bad photos hears about all three at once (DESIGN.md, pain point 6; STYLE.md rule 5).
+three bad photos hears about all three at once.
 """
 from __future__ import annotations
 

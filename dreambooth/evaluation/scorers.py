@@ -2,7 +2,7 @@
 
 Both `FeatureScorer` (DINO or stand-in, plus CLIP) and `OracleScorer` take generated images by
 prompt and plain class-prompt images and return an `EvaluationResult`, so `evaluate_run` and
-checkpoint scoring call whichever they are given the same way (STYLE.md #3, #10).
+checkpoint scoring call whichever they are given the same way (one signature, composed rather than subclassed).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A file is converted once into an ordinary diffusers folder cached under
 `cache_root()/single-file/<content hash>`, so every later load takes the diffusers-folder path
-(STYLE.md #7: detect, then load once). Converting needs the architecture's configs, which a bare
+(detect, then load once). Converting needs the architecture's configs, which a bare
 state dict does not carry; they come, in this order, from:
 
 1. an explicit `config=` diffusers folder (or a `<file stem>.config/` folder next to the file),

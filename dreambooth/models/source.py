@@ -1,4 +1,4 @@
-"""Find out what MODEL is, before loading anything (STYLE.md #7: detect, then load once).
+"""Find out what MODEL is, before loading anything: detect, then load once.
 
 MODEL can be a built-in name, a diffusers folder, a single checkpoint file, or a hub id. Each kind
 has exactly one loader; anything else is a `ModelSourceError` that says what was expected.

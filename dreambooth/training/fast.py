@@ -60,7 +60,7 @@ def use_fast_path(config, device: torch.device, num_processes: int, mixed_precis
 
 
 def prepare_modules(components, config, device: torch.device) -> None:
-    """Layout switches that change speed, not math beyond bf16 rounding; CUDA only (STYLE.md #12)."""
+    """Layout switches that change speed, not math beyond bf16 rounding; CUDA only."""
     if device.type != "cuda":
         return
     torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution once

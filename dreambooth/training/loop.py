@@ -1,4 +1,5 @@
-"""The DreamBooth training loop: one readable generator of progress events (STYLE.md #8).
+"""The DreamBooth training loop: one readable generator of progress events, which the CLI
+and the web app render (the loop makes no UI calls).
 
     for event in train_events(config, "runs/dog"):
         print(event)

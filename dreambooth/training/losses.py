@@ -1,4 +1,4 @@
-"""The DreamBooth objective as pure functions on tensors (STYLE.md #2).
+"""The DreamBooth objective as pure functions on tensors.
 
 Ruiz et al. 2023, eq. 2: the usual denoising loss on the subject images plus lambda times the same
 loss on class images that the frozen model generated (prior preservation). Both halves share one
