@@ -26,3 +26,30 @@ def subject_dir(tmp_path_factory):
     for i, context in enumerate(["plain", "plain", "table", "plain", "city"]):
         render_subject("dog", context, seed=i).save(folder / f"dog{i}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, subject_dir):
+    """`train_run(name, preset, overrides)`: a 2-step run on the subject photos, its run directory."""
+    def train_run(name: str, preset: str, overrides: list[str]):
+        from dreambooth.config import load_config
+        from dreambooth.training import train
+
+        cfg = load_config(preset, {"data": {"images": str(subject_dir), "class_noun": "dog"}},
+                          ["train.steps=2", *overrides])
+        run = tmp_path_factory.mktemp(name) / "run"
+        train(cfg, run)
+        return run
+    return train_run
+
+
+@pytest.fixture(scope="module")
+def full_run(train_run):
+    """A full fine-tune on the SD 1-style tiny model."""
+    return train_run("full", "tiny", [])
+
+
+@pytest.fixture(scope="module")
+def full_run_v(train_run):
+    """A full fine-tune on the SD 2-v-style tiny model (v-prediction)."""
+    return train_run("full-v", "tiny", ["model.name=tiny-random-v"])

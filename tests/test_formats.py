@@ -21,32 +21,10 @@ from dreambooth.export import ExportError, export, export_after_training
 PROMPT = "a photo of sks dog"
 
 
-def _train(tmp_path_factory, subject_dir, name, preset, overrides):
-    from dreambooth.config import load_config
-    from dreambooth.training import train
-
-    cfg = load_config(preset, {"data": {"images": str(subject_dir), "class_noun": "dog"}},
-                      ["train.steps=2", *overrides])
-    run = tmp_path_factory.mktemp(name) / "run"
-    train(cfg, run)
-    return run
-
-
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, subject_dir):
-    return _train(tmp_path_factory, subject_dir, "full", "tiny", [])
-
-
-@pytest.fixture(scope="module")
-def full_run_v(tmp_path_factory, subject_dir):
-    return _train(tmp_path_factory, subject_dir, "full-v", "tiny", ["model.name=tiny-random-v"])
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, subject_dir):
+def lora_run(train_run):
     """A LoRA run on UNet and text encoder, alpha 8 / rank 4 (scale 2), with random non-zero lora_B."""
-    run = _train(tmp_path_factory, subject_dir, "lora", "tiny-lora",
-                 ["train.train_text_encoder=true", "train.lora_alpha=8.0"])
+    run = train_run("lora", "tiny-lora", ["train.train_text_encoder=true", "train.lora_alpha=8.0"])
     path = run / "final" / "pytorch_lora_weights.safetensors"
     state = load_file(path)
     gen = torch.Generator().manual_seed(0)

@@ -20,17 +20,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from test_formats import _train
 from test_images import RES, png_header_only, save_set
 
 from dreambooth.cli import main
 from dreambooth.data.images import check_images, load_rgb, prepare_image
 from dreambooth.errors import ImageCheckError
-
-
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory, subject_dir):
-    return _train(tmp_path_factory, subject_dir, "full", "tiny", [])
 
 
 def _partial_write_then(exc):

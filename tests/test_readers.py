@@ -15,25 +15,15 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from test_formats import _image, _train
+from test_formats import _image
 
 from dreambooth.export import export
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, subject_dir):
-    return _train(tmp_path_factory, subject_dir, "full", "tiny", [])
-
-
-@pytest.fixture(scope="module")
-def full_run_v(tmp_path_factory, subject_dir):
-    return _train(tmp_path_factory, subject_dir, "full-v", "tiny", ["model.name=tiny-random-v"])
-
-
-@pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory, subject_dir):
+def lora_runs(train_run):
     """LoRA runs on the SD 1-style and the SD 2-v-style tiny models."""
-    return {name: _train(tmp_path_factory, subject_dir, f"lora-{name}", "tiny-lora", [f"model.name={model}"])
+    return {name: train_run(f"lora-{name}", "tiny-lora", [f"model.name={model}"])
             for name, model in (("sd1", "tiny-random"), ("sd2v", "tiny-random-v"))}
 
 

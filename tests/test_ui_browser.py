@@ -132,8 +132,8 @@ def test_tiny_flow_in_the_browser(app_url, page, shots, subject_dir, tmp_path):
     assert time.perf_counter() - began < 240
 
 
-def test_reload_keeps_the_values_of_the_chosen_preset(app_url, page, subject_dir):
-    """Full quality, then Fast LoRA, then reload: Fast LoRA's values show, and Start trains with them."""
+def _open_tiny_form(page, app_url, subject_dir):
+    """Three photos, class dog, the tiny-random model with the Fast LoRA preset's values shown."""
     from playwright.sync_api import expect
 
     page.goto(app_url)
@@ -144,6 +144,13 @@ def test_reload_keeps_the_values_of_the_chosen_preset(app_url, page, subject_dir
     page.select_option("#model", "tiny-random")
     page.click("#advanced summary")
     expect(page.locator("#steps")).to_have_value("4", timeout=60_000)
+
+
+def test_reload_keeps_the_values_of_the_chosen_preset(app_url, page, subject_dir):
+    """Full quality, then Fast LoRA, then reload: Fast LoRA's values show, and Start trains with them."""
+    from playwright.sync_api import expect
+
+    _open_tiny_form(page, app_url, subject_dir)
     lora_lr = page.input_value("#lr")
     page.check("input[name=preset][value=full]")
     expect(page.locator("#lr")).not_to_have_value(lora_lr)
@@ -165,14 +172,7 @@ def test_cancel_during_class_images_ends_the_job(app_url, page, subject_dir):
     """Needs `priors.ensure_class_images` to honour the stop flag (the label shows the phase either way)."""
     from playwright.sync_api import expect
 
-    page.goto(app_url)
-    page.wait_for_selector("body[data-ready='1']")
-    page.set_input_files("#file-input", [str(p) for p in sorted(subject_dir.glob("*.png"))[:3]])
-    expect(page.locator("#thumbs .thumb")).to_have_count(3)
-    page.fill("#class-noun", "dog")
-    page.select_option("#model", "tiny-random")
-    page.click("#advanced summary")
-    expect(page.locator("#steps")).to_have_value("4", timeout=60_000)
+    _open_tiny_form(page, app_url, subject_dir)
     page.check("#prior")
     page.fill("#class-images", "2000")
     page.press("#class-images", "Tab")
