@@ -47,8 +47,9 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     run = RunDir(Path(output))
     run.check_target()
     config = with_local_model_resolved(config)
-    fresh_resume = resume and run.config.exists() and not run.started()
-    if resume and not fresh_resume and run.config.exists():
+    saved = resume and run.config.exists()
+    fresh_resume = saved and not run.started()
+    if saved and not fresh_resume:
         config = resume_config(with_local_model_resolved(read_run_config(run.config)), config)
     run.check_target(config.data.images)
     check_before_loading(config)
