@@ -108,10 +108,10 @@ def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int
     the rate is then that of profiled batches)."""
     from dreambooth.config import RunConfig
     from dreambooth.models import load_components
-    from dreambooth.pipelines import make_pipeline
+    from dreambooth.sampling import make_pipeline
     from dreambooth.priors import ensure_class_images
     from dreambooth.training.fast import prepare_modules
-    from dreambooth.training.outputs import class_image_key
+    from dreambooth.priors import class_image_key
 
     config = run_config(model, out, "sd15-fast", [f"prior.sampler={sampler}", f"prior.steps={steps}",
                                                   f"prior.batch_size={batch}", f"prior.cache={out}"])
@@ -144,7 +144,7 @@ def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int
 
 def _evals_per_image(components, sampler: str, steps: int) -> int:
     """UNet evaluations per image with classifier-free guidance (two per sampler step)."""
-    from dreambooth.pipelines import make_scheduler
+    from dreambooth.sampling import make_scheduler
 
     scheduler = make_scheduler(sampler, components.noise_scheduler.config)
     scheduler.set_timesteps(steps)

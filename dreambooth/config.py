@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from .config_ranges import MANY, SEED_MAX, bound_problems, field_range, range_text
-from .errors import ConfigError, Problem
+from dreambooth.config_ranges import MANY, SEED_MAX, bound_problems, field_range, range_text
+from dreambooth.errors import ConfigError, Problem
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 

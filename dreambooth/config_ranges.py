@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 
-from .errors import Problem
+from dreambooth.errors import Problem
 
 SEED_MAX = 2**32 - 1  # numpy and most samplers take 32-bit seeds
 MANY = 1_000_000  # the cap on step counts and intervals: far past any DreamBooth run

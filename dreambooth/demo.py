@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import Problem, RunDirError
-from .grid import make_grid
+from dreambooth.errors import Problem, RunDirError
+from dreambooth.sampling import make_grid
 
 MARKER = "demo.json"
 PHOTO_CONTEXTS = ("plain", "table", "city", "plain", "city")  # varied, as real photos are; none of NEW_CONTEXTS
@@ -40,7 +40,7 @@ def prepare_output(output: Path) -> None:
 
 
 def write_subject_photos(folder: Path, subject: str) -> list[Path]:
-    from .toyworld import render_subject
+    from dreambooth.toyworld import render_subject
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -52,14 +52,14 @@ def write_subject_photos(folder: Path, subject: str) -> list[Path]:
 
 
 def toy_available() -> bool:
-    from .models.builtin import TOY_WEIGHTS
+    from dreambooth.models.builtin import TOY_WEIGHTS
 
     return (TOY_WEIGHTS / "model_index.json").exists()
 
 
 def demo_config(photos: Path, model: str, subject: str, steps: int | None, extra: list[str]):
-    from .config import load_config
-    from .toyworld.render import SUBJECT_SPECS
+    from dreambooth.config import load_config
+    from dreambooth.toyworld.render import SUBJECT_SPECS
 
     preset = "toy" if model == "toy" else "tiny"
     overrides = {"data": {"images": str(photos), "identifier": "sks",
@@ -72,7 +72,7 @@ def demo_config(photos: Path, model: str, subject: str, steps: int | None, extra
 def run_demo(output: str | Path, *, model: str | None = None, steps: int | None = None, subject: str = "dog",
              render=None, extra: list[str] = (), prior: bool = True) -> dict:
     """Train, render before/after, score with the oracle, write gallery.png/index.html/figures.json."""
-    from .training import train_events
+    from dreambooth.training import train_events
 
     began = time.perf_counter()
     out = Path(output)
@@ -85,7 +85,7 @@ def run_demo(output: str | Path, *, model: str | None = None, steps: int | None 
     config = demo_config(out / "photos", model, subject, steps, extra)
     events = train_events(config, out / "run")
     last = render(events) if render else _drain(events)
-    from .rundir import RunDir
+    from dreambooth.rundir import RunDir
 
     info = RunDir(out / "run").run_info()
     figures = {"model": model, "subject": subject, "prior_preservation": prior, "steps": config.train.steps,
@@ -109,12 +109,13 @@ def _drain(events):
 
 def before_after(out: Path, config, model: str, subject: str, photos: list[Path]) -> dict:
     """Images of the same prompts and seeds from the base model and the trained one, and scores."""
-    from .generate import load_for_generation, make_generation_pipeline, GenerationSettings
-    from .pipelines import sample_images
-    from .training.outputs import fill_prompt
+    from dreambooth.generate import load_for_generation, make_generation_pipeline, GenerationSettings
+    from dreambooth.sampling import sample_images
+    from dreambooth.prompts import fill_prompt
 
-    prompts = [fill_prompt("a photo of {identifier} {class} " + _phrase(c), config) for c in NEW_CONTEXTS]
-    plain = fill_prompt("a photo of a {class}", config)
+    d = config.data
+    prompts = [fill_prompt("a photo of {identifier} {class} " + _phrase(c), d.identifier, d.class_noun) for c in NEW_CONTEXTS]
+    plain = fill_prompt("a photo of a {class}", d.identifier, d.class_noun)
     settings = GenerationSettings(steps=config.output.sample_steps, guidance=GUIDANCE)
     images = {}
     for name, source in (("before", model), ("after", out / "run")):
@@ -129,15 +130,15 @@ def before_after(out: Path, config, model: str, subject: str, photos: list[Path]
 
 
 def _phrase(context: str) -> str:
-    from .toyworld.render import context_phrase
+    from dreambooth.toyworld.render import context_phrase
 
     return context_phrase(context)
 
 
 def _class_images(config) -> list:
-    from .models import detect_source, model_folder
-    from .priors import cached_class_images
-    from .training.outputs import class_image_key
+    from dreambooth.models import detect_source, model_folder
+    from dreambooth.priors import cached_class_images
+    from dreambooth.priors import class_image_key
 
     if not config.prior.enabled:
         return []
@@ -147,8 +148,8 @@ def _class_images(config) -> list:
 
 def score(images: dict, prompts: list[str], plain: str, subject: str, photos: list[Path]) -> dict:
     """Oracle figures before and after training (toy world only; None elsewhere)."""
-    from .errors import ModelSourceError
-    from .evaluation import OracleScorer, load_toy_oracle
+    from dreambooth.errors import ModelSourceError
+    from dreambooth.evaluation import OracleScorer, load_toy_oracle
 
     try:
         scorer = OracleScorer(load_toy_oracle(), subject, real=[Image.open(p) for p in photos])

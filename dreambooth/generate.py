@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, Problem
-from .grid import make_grid
-from .rundir import RunDir, is_run_dir
+from dreambooth.errors import ConfigError, Problem
+from dreambooth.prompts import fill_from_run_info
+from dreambooth.sampling import make_grid
+from dreambooth.rundir import RunDir, is_run_dir
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -39,8 +40,8 @@ class Loaded:
 
 def load_for_generation(model: str | Path, lora: str | Path | None = None, *, device=None) -> Loaded:
     """Components ready to sample, with the run's LoRA or the given LoRA file applied."""
-    from .models import load_components
-    from .pipelines import default_device
+    from dreambooth.models import load_components
+    from dreambooth.sampling import default_device
 
     device = device or default_device()
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
@@ -59,25 +60,14 @@ def load_for_generation(model: str | Path, lora: str | Path | None = None, *, de
 
 
 def make_generation_pipeline(loaded: Loaded, settings: GenerationSettings):
-    from .pipelines import make_pipeline
+    from dreambooth.sampling import make_pipeline
 
     pipe = make_pipeline(loaded.components, settings.sampler)
     if loaded.lora is not None:
-        from .lora_files import load_lora_into_pipeline
+        from dreambooth.formats.lora import load_lora_into_pipeline
 
         load_lora_into_pipeline(pipe, loaded.lora, scale=settings.lora_scale)
     return pipe
-
-
-def fill_placeholders(prompt: str, info: dict | None) -> str:
-    if "{identifier}" not in prompt and "{class}" not in prompt:
-        return prompt
-    if info is None:
-        raise ConfigError("prompt has placeholders but MODEL is not a run directory", [
-            Problem(prompt, "write the identifier and class noun out, or pass a run directory as --model")])
-    from .identifier import fill_prompt
-
-    return fill_prompt(prompt, info["identifier"], info["class_noun"])
 
 
 def generate(model: str | Path, prompts: list[str], output: str | Path, *, num: int = 4, seed: int = 0,
@@ -85,12 +75,12 @@ def generate(model: str | Path, prompts: list[str], output: str | Path, *, num: 
              loaded: Loaded | None = None) -> list[Path]:
     """Write num images per prompt (seeds seed..seed+num-1 for every prompt), their settings JSON
     and a grid (one row per prompt). Existing files in `output` are never overwritten."""
-    from .pipelines import sample_images
+    from dreambooth.sampling import sample_images
 
     if not prompts:
         raise ConfigError("no prompt given", [Problem("--prompt", "give at least one prompt or a prompt file")])
     loaded = loaded or load_for_generation(model, lora)
-    filled = [fill_placeholders(p, loaded.info) for p in prompts]
+    filled = [fill_from_run_info(p, loaded.info) for p in prompts]
     resolution = settings.resolution or (loaded.info or {}).get("resolution") or loaded.components.resolution
     pipe = make_generation_pipeline(loaded, settings)
     seeds = [seed + j for _ in filled for j in range(num)]
@@ -123,7 +113,7 @@ def _slug(text: str, limit: int = 48) -> str:
 
 
 def read_prompts(prompts: list[str], prompt_file: str | Path | None) -> list[str]:
-    """--prompt values, then the file's prompts; placeholders stay for `fill_placeholders`."""
-    from .evaluation.prompts import read_prompt_lines
+    """--prompt values, then the file's prompts; placeholders stay for `fill_from_run_info`."""
+    from dreambooth.prompts import read_prompt_lines
 
     return list(prompts) + ([text for _, text in read_prompt_lines(prompt_file)] if prompt_file else [])

@@ -21,11 +21,6 @@ from typing import Protocol
 from dreambooth.errors import Problem
 
 
-def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
-    """Replace `{identifier}` and `{class}` in a prompt: the one rule every command uses."""
-    return template.replace("{identifier}", identifier).replace("{class}", class_noun)
-
-
 WORD_LIST = Path(__file__).resolve().parent / "assets" / "words" / "english.txt.gz"
 END_OF_WORD = "</w>"  # CLIP BPE marks the last piece of a word with this suffix
 SHORT_LETTERS = re.compile(r"[a-z]{1,3}")

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .models.builtin import cache_root
+from dreambooth.models.builtin import cache_root
+from dreambooth.prompts import fill_prompt
 
 MANIFEST = "manifest.json"
 
@@ -108,7 +109,7 @@ def class_image_progress(
     `paths` lists all `num` images only in the last tuple, when done == total; a set `stop`
     ends the iteration early (done < total), keeping every image finished so far.
     """
-    from .pipelines import sample_images
+    from dreambooth.sampling import sample_images
 
     folder = class_image_folder(key, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,3 +157,15 @@ def _write_manifest(folder: Path, key: ClassImageKey, names: list[str]) -> None:
     tmp = folder / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"key": asdict(key), "images": names}, indent=1))
     os.replace(tmp, folder / MANIFEST)
+
+
+def class_image_key(model_folder: Path, config) -> ClassImageKey:
+    """The cache key of the run's class images; needs the model's files, not its loaded weights."""
+    from dreambooth.models import model_identity
+
+    prior, data = config.prior, config.data
+    return ClassImageKey(
+        model=model_identity(model_folder), prompt=fill_prompt(data.class_prompt, data.identifier, data.class_noun),
+        negative_prompt=prior.negative_prompt, sampler=prior.sampler, steps=prior.steps,
+        guidance=prior.guidance, resolution=data.resolution, seed=prior.seed,
+    )

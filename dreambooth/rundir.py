@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Problem, RunDirError
+from dreambooth.errors import Problem, RunDirError
 
 RUN_INFO = "dreambooth.json"  # in final/: what the model is and how to use it
 MARKER = ".dreambooth-run"

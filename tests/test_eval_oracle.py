@@ -107,7 +107,7 @@ def real_oracle():
 
     if not ORACLE_PATH.is_file():
         pytest.skip(f"toy-world oracle weights not present yet ({ORACLE_PATH}); "
-                    "they come from python -m dreambooth.toyworld.pretrain")
+                    "they come from python scripts/pretrain_toyworld.py")
     return load_toy_oracle()
 
 

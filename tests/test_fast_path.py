@@ -241,7 +241,7 @@ def test_cached_posteriors_match_encoding_one_image_at_a_time(photos):
 def test_compiled_modules_cache_under_the_tool_cache(tmp_path, monkeypatch):
     """Inductor's cache (what makes a second compile cheap) goes to cache_root()/inductor, unless
     the user set TORCHINDUCTOR_CACHE_DIR."""
-    from dreambooth.compiling import compiled
+    from dreambooth.sampling import compiled
 
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)

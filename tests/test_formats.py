@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dreambooth.errors import ConfigError, ModelSourceError, UnsafeCheckpointError
-from dreambooth.export import ExportError, export, export_after_training
+from dreambooth.formats.exporters import ExportError, export, export_after_training
 
 PROMPT = "a photo of sks dog"
 
@@ -50,7 +50,7 @@ def _from_single_file(path, tmp_path):
     """diffusers' own single-file loader, with the config folder our reader derives (offline)."""
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.models.single_file import read_header, write_config_folder
+    from dreambooth.formats.single_file import read_header, write_config_folder
 
     shapes, metadata = read_header(path)
     write_config_folder(tmp_path / "cfg", shapes, metadata, str(path))
@@ -128,7 +128,7 @@ def test_kohya_lora_equals_peft_lora(lora_run, tmp_path):
     base = json.loads((lora_run / "final" / "dreambooth.json").read_text())["base_model"]
     from dreambooth.models import builtin_path
 
-    from dreambooth.lora_files import load_lora_into_pipeline
+    from dreambooth.formats.lora import load_lora_into_pipeline
 
     pipes = {"peft": _pipe(builtin_path(base)), "kohya": _pipe(builtin_path(base))}
     pipes["peft"].load_lora_weights(str(peft.parent), weight_name=peft.name)
@@ -257,7 +257,7 @@ def test_shipped_configs_are_the_published_architectures():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth.models.single_file import SHIPPED_CONFIGS, match_shipped_config
+    from dreambooth.formats.single_file import SHIPPED_CONFIGS, match_shipped_config
 
     expected = {"sd15": (859_520_964, 83_653_863, 123_060_480), "sd21": (865_910_724, 83_653_863, 340_387_840)}
     for name, counts in expected.items():

@@ -8,9 +8,9 @@ import torch
 
 from dreambooth.config import load_config
 from dreambooth.generate import LORA_FILE
-from dreambooth.lora_files import load_lora_into_pipeline
+from dreambooth.formats.lora import load_lora_into_pipeline
 from dreambooth.models import load_components
-from dreambooth.pipelines import make_pipeline, sample_images
+from dreambooth.sampling import make_pipeline, sample_images
 from dreambooth.training.outputs import save_lora_weights
 from dreambooth.training.setup import mark_trainable
 

@@ -15,7 +15,7 @@ from dreambooth.evaluation.metrics import (
     weighted_mean,
     within_set_diversity,
 )
-from dreambooth.evaluation.prompts import (
+from dreambooth.prompts import (
     LIVE_SUBJECT_PROMPTS,
     OBJECT_PROMPTS,
     class_prompt_for,

@@ -17,7 +17,7 @@ import yaml
 from safetensors import safe_open
 from test_formats import _image
 
-from dreambooth.export import export
+from dreambooth.formats.exporters import export
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_v_prediction_single_file_has_the_config_a1111_reads(full_run, full_run_
 # --- 6. kohya is the default LoRA layout --------------------------------------------------------------
 
 def test_lora_default_format_is_kohya(lora_runs, tmp_path):
-    from dreambooth.export import export_after_training
+    from dreambooth.formats.exporters import export_after_training
 
     path = export(lora_runs["sd1"], "lora", tmp_path / "default.safetensors")
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in _keys(path))

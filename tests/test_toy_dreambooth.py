@@ -11,7 +11,7 @@ from dreambooth.config import load_config
 from dreambooth.demo import write_subject_photos
 from dreambooth.evaluation import OracleScorer, load_toy_oracle
 from dreambooth.generate import GenerationSettings, load_for_generation, make_generation_pipeline
-from dreambooth.pipelines import sample_images
+from dreambooth.sampling import sample_images
 from dreambooth.training import events as ev
 from dreambooth.training import train
 

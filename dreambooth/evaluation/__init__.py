@@ -31,7 +31,7 @@ from dreambooth.evaluation.metrics import (
     mean_self_similarity,
     within_set_diversity,
 )
-from dreambooth.evaluation.prompts import (
+from dreambooth.prompts import (
     LIVE_SUBJECT_PROMPTS,
     OBJECT_PROMPTS,
     class_prompt,

@@ -16,9 +16,9 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
-from dreambooth.identifier import fill_prompt
+from dreambooth.prompts import fill_prompt
 from dreambooth.evaluation.oracle_scoring import OracleScorer, load_toy_oracle, toy_prompts
-from dreambooth.evaluation.prompts import class_prompt, prompts_for
+from dreambooth.prompts import class_prompt, prompts_for
 from dreambooth.evaluation.run import load_real_images, sample_by_prompt
 from dreambooth.evaluation.scorers import FeatureScorer, Scorer, load_extractors
 from dreambooth.evaluation.scoring import selection_scores
@@ -76,7 +76,7 @@ def score_checkpoint(components, config, step: int, *, scorer: Scorer, prompts: 
     `{identifier}`/`{class}` in prompts are filled from the config; steps defaults to
     config.output.sample_steps. The seeds are the same at every step, so rows compare.
     """
-    from dreambooth.pipelines import make_pipeline
+    from dreambooth.sampling import make_pipeline
 
     began = time.perf_counter()
     data = config.data

@@ -51,7 +51,7 @@ def load_toy_oracle(path: str | Path | None = None):
     if not weights.is_file():
         raise ModelSourceError("Cannot load the toy-world oracle", [Problem(
             str(weights), "no such file; the oracle weights ship with the toy world "
-            "(python -m dreambooth.toyworld.pretrain makes them)")])
+            "(python scripts/pretrain_toyworld.py makes them)")])
     return toy_oracle.load_oracle(weights)
 
 

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 from PIL import Image
 
 from dreambooth.evaluation.metrics import METRIC_DEFINITIONS
-from dreambooth.grid import make_grid as tile_images
+from dreambooth.sampling import make_grid as tile_images
 from dreambooth.evaluation.scoring import EvaluationResult
 
 THUMB_WIDTH = 512  # px width of the inlined grid thumbnails
@@ -25,7 +25,7 @@ THUMB_WIDTH = 512  # px width of the inlined grid thumbnails
 
 def make_grid(images: Sequence[Image.Image], cols: int, *, pad: int = 4,
               background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """`dreambooth.grid.make_grid` with at most `cols` columns and never an empty column.
+    """`dreambooth.sampling.make_grid` with at most `cols` columns and never an empty column.
 
     A prompt with fewer images than `cols` gets a narrower grid, so the report's thumbnails
     carry no blank cells.

@@ -17,12 +17,12 @@ from typing import Callable, Sequence
 from PIL import Image
 
 from dreambooth.evaluation.oracle_scoring import OracleScorer, context_of, toy_prompts
-from dreambooth.evaluation.prompts import class_prompt, prompts_for, read_prompt_file
+from dreambooth.prompts import class_prompt, prompts_for, read_prompt_file
 from dreambooth.evaluation.report import make_grid, write_report
 from dreambooth.evaluation.scorers import Extractors, FeatureScorer, load_extractors
 from dreambooth.evaluation.scoring import EvaluationResult
 from dreambooth.generate import GenerationSettings
-from dreambooth.identifier import fill_prompt
+from dreambooth.prompts import fill_prompt
 
 PromptSource = str | Path | Sequence[str] | None  # a prompt file, a list of prompts, or the default
 
@@ -31,7 +31,7 @@ def sample_by_prompt(pipe, prompts: Sequence[str], *, num_per_prompt: int, seed:
                      guidance: float, resolution: int, negative_prompt: str = "") -> dict[str, list[Image.Image]]:
     """prompt -> its images, seeds seed..seed+N-1 for every prompt (image k of each prompt shares
     its starting noise, so differences between prompts come from the prompt)."""
-    from dreambooth.pipelines import sample_images
+    from dreambooth.sampling import sample_images
 
     prompts = list(dict.fromkeys(prompts))  # a repeated prompt would only repeat its images
     seeds = [seed + k for _ in prompts for k in range(num_per_prompt)]

@@ -21,7 +21,7 @@ from dreambooth.evaluation.metrics import (
     weighted_mean,
     within_set_diversity,
 )
-from dreambooth.evaluation.prompts import class_prompt_for
+from dreambooth.prompts import class_prompt_for
 
 PAPER = "Ruiz et al., DreamBooth, CVPR 2023, sec. 4.1"
 

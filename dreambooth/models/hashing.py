@@ -5,7 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .builtin import cache_root
+from dreambooth.models.builtin import cache_root
 
 
 def file_digest(path: Path) -> str:

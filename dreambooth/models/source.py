@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..errors import ModelSourceError, Problem
-from .builtin import BUILTIN_NAMES, builtin_path
+from dreambooth.errors import ModelSourceError, Problem
+from dreambooth.models.builtin import BUILTIN_NAMES, builtin_path
 
 SourceKind = Literal["builtin", "diffusers", "single_file", "hub"]
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -50,7 +50,7 @@ def detect_source(spec: str, *, revision: str | None = None) -> ModelSource:
         )
     if path.is_file():
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-            from .single_file import check_single_file
+            from dreambooth.formats.single_file import check_single_file
 
             check_single_file(path)  # the loader's rules now, so a check (the web app's) agrees with it
             return ModelSource(spec, "single_file", path)

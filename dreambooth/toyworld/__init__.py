@@ -6,7 +6,7 @@ small SD-architecture model pretrained from scratch on this world (see MODEL_CAR
 
 from pathlib import Path
 
-from .render import (CLASSES, CONTEXTS, SCENES, SUBJECTS, Spec, caption, identity_of, random_spec, render,
+from dreambooth.toyworld.render import (CLASSES, CONTEXTS, SCENES, SUBJECTS, Spec, caption, identity_of, random_spec, render,
                      render_subject)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"

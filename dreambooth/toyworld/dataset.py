@@ -14,7 +14,7 @@ from multiprocessing import get_context
 import numpy as np
 from PIL import Image
 
-from .render import CLASSES, CONTEXTS, SUBJECTS, caption, identity_of, random_spec, render
+from dreambooth.toyworld.render import CLASSES, CONTEXTS, SUBJECTS, caption, identity_of, random_spec, render
 
 ORACLE_CLASSES: tuple[str, ...] = CLASSES + ("none",)
 IDENTITIES: tuple[str, ...] = tuple(SUBJECTS) + ("other",)

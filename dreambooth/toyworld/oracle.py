@@ -19,8 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from .dataset import IDENTITIES, ORACLE_CLASSES
-from .render import CONTEXTS
+from dreambooth.toyworld.dataset import IDENTITIES, ORACLE_CLASSES
+from dreambooth.toyworld.render import CONTEXTS
 
 ORACLE_PATH = Path(__file__).parent / "oracle.safetensors"
 

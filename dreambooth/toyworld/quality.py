@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .oracle import Oracle
-from .render import CLASSES, CONTEXTS, context_phrase
+from dreambooth.toyworld.oracle import Oracle
+from dreambooth.toyworld.render import CLASSES, CONTEXTS, context_phrase
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from .objects import CLASS_PAINTERS, LAYER, draw_object
-from .scenes import CONTEXT_PAINTERS, GROUND_LINE, RENDER_SIZE, draw_context
+from dreambooth.toyworld.objects import CLASS_PAINTERS, LAYER, draw_object
+from dreambooth.toyworld.scenes import CONTEXT_PAINTERS, GROUND_LINE, RENDER_SIZE, draw_context
 
 IMAGE_SIZE = 64  # output resolution; drawn at 128 and box-downsampled 2x for anti-aliasing
 

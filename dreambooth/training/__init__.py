@@ -1,4 +1,4 @@
 """Training: pure losses, batches, the loop, checkpoints and resume, progress events."""
-from .loop import train, train_events
+from dreambooth.training.loop import train, train_events
 
 __all__ = ["train", "train_events"]

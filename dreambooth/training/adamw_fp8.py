@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from .flat import is_dense
+from dreambooth.training.flat import is_dense
 
 BLOCK = 256
 FP8 = torch.float8_e4m3fn

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.images import prepare_image
+from dreambooth.data.images import prepare_image
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:

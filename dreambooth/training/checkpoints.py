@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import Problem, RunDirError
+from dreambooth.errors import Problem, RunDirError
 
 _STEP_DIR = re.compile(r"^step-(\d{5,})$")
 

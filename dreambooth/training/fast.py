@@ -32,8 +32,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .batches import LatentSource, latents_cached, pick, step_generator
-from .losses import LossParts, add_noise, prediction_target, sample_timesteps
+from dreambooth.training.batches import LatentSource, latents_cached, pick, step_generator
+from dreambooth.training.losses import LossParts, add_noise, prediction_target, sample_timesteps
 
 
 def fast_path_problems(config, device: torch.device, num_processes: int, mixed_precision: str) -> list[str]:
@@ -85,7 +85,7 @@ def lower_frozen_weights(modules: dict[str, torch.nn.Module], dtype: torch.dtype
 
 def takes_grad_scale(optimizer) -> bool:
     """Fused AdamW and our AdamWFp8 divide each gradient by `optimizer.grad_scale` as they read it."""
-    from .adamw_fp8 import AdamWFp8
+    from dreambooth.training.adamw_fp8 import AdamWFp8
 
     fused = isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
     return fused or isinstance(optimizer, AdamWFp8)
@@ -183,7 +183,7 @@ class FastStep:
         mode = self.config.train.compile
         if mode == "none" or self.device.type != "cuda":
             return unet
-        from ..compiling import compiled
+        from dreambooth.sampling import compiled
 
         return compiled(unet, mode=None if mode == "default" else mode)
 

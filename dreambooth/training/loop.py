@@ -20,20 +20,21 @@ from typing import Iterator
 
 import torch
 
-from ..config import RunConfig, read_run_config, save_config
-from ..data.images import check_images, load_rgb
-from ..errors import ConfigError, Problem, TrainingDiverged
-from ..rundir import RunDir
-from . import events as ev
-from .batches import LatentSource, build_batch, latents_cached, step_generator
-from .checkpoints import list_checkpoints, newest_intact, resume_checkpoint, save_checkpoint, weights_are_finite
-from .fast import FastStep, LossReadout, lower_frozen_weights, prepare_modules, use_fast_path, wants_flat
-from .flat import flatten_modules
-from .losses import add_noise, dreambooth_loss, prediction_target, sample_timesteps
-from .preflight import check_before_loading, with_local_model_resolved
-from .outputs import fill_prompt, prepare_class_images, save_final, write_samples
-from .scoring import CheckpointScoring
-from .setup import count_trainable, make_lr_schedule, make_optimizer, mark_trainable
+from dreambooth.config import RunConfig, read_run_config, save_config
+from dreambooth.data.images import check_images, load_rgb
+from dreambooth.errors import ConfigError, Problem, TrainingDiverged
+from dreambooth.rundir import RunDir
+from dreambooth.training import events as ev
+from dreambooth.training.batches import LatentSource, build_batch, latents_cached, step_generator
+from dreambooth.training.checkpoints import list_checkpoints, newest_intact, resume_checkpoint, save_checkpoint, weights_are_finite
+from dreambooth.training.fast import FastStep, LossReadout, lower_frozen_weights, prepare_modules, use_fast_path, wants_flat
+from dreambooth.training.flat import flatten_modules
+from dreambooth.training.losses import add_noise, dreambooth_loss, prediction_target, sample_timesteps
+from dreambooth.training.preflight import check_before_loading, with_local_model_resolved
+from dreambooth.prompts import fill_prompt
+from dreambooth.training.outputs import prepare_class_images, save_final, write_samples
+from dreambooth.training.scoring import CheckpointScoring
+from dreambooth.training.setup import count_trainable, make_lr_schedule, make_optimizer, mark_trainable
 
 
 def train_events(config: RunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -67,8 +68,8 @@ def _train(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Iterat
     """Load the model, make class images, then train (the run directory is prepared and locked)."""
     from accelerate import Accelerator
 
-    from ..identifier import check_identifier
-    from ..models import load_components
+    from dreambooth.identifier import check_identifier
+    from dreambooth.models import load_components
 
     components = load_components(config.model.name, prediction_type=config.model.prediction_type)
     for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
@@ -320,7 +321,9 @@ class PromptEmbeddings:
 
     def __init__(self, components, config: RunConfig, device: torch.device):
         tok = components.tokenizer
-        texts = [fill_prompt(config.data.instance_prompt, config), fill_prompt(config.data.class_prompt, config)]
+        data = config.data
+        texts = [fill_prompt(data.instance_prompt, data.identifier, data.class_noun),
+                 fill_prompt(data.class_prompt, data.identifier, data.class_noun)]
         self.ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                        return_tensors="pt").input_ids.to(device)  # (2, 77)
         self.frozen = None
@@ -346,7 +349,7 @@ def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:
                     "drop the change or start a new run") for d in diffs])
     merged = dict(a, output=b["output"], eval=b["eval"])
     merged["train"] = dict(a["train"], steps=b["train"]["steps"])
-    from ..config import build_config
+    from dreambooth.config import build_config
 
     return build_config(merged)
 

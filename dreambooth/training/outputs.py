@@ -9,29 +9,11 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig
-from ..grid import make_grid
-from ..rundir import RUN_INFO, RunDir
-
-
-def fill_prompt(template: str, config: RunConfig) -> str:
-    """Replace {identifier} and {class} with the run's values."""
-    from ..identifier import fill_prompt as fill
-
-    return fill(template, config.data.identifier, config.data.class_noun)
-
-
-def class_image_key(model_folder: Path, config: RunConfig):
-    """The cache key of the run's class images; needs the model's files, not its loaded weights."""
-    from ..models import model_identity
-    from ..priors import ClassImageKey
-
-    prior = config.prior
-    return ClassImageKey(
-        model=model_identity(model_folder), prompt=fill_prompt(config.data.class_prompt, config),
-        negative_prompt=prior.negative_prompt, sampler=prior.sampler, steps=prior.steps,
-        guidance=prior.guidance, resolution=config.data.resolution, seed=prior.seed,
-    )
+from dreambooth.config import RunConfig
+from dreambooth.priors import class_image_key
+from dreambooth.prompts import fill_prompt
+from dreambooth.sampling import make_grid
+from dreambooth.rundir import RUN_INFO, RunDir
 
 
 def prepare_class_images(components, config: RunConfig, device, stop=None):
@@ -39,8 +21,8 @@ def prepare_class_images(components, config: RunConfig, device, stop=None):
 
     A set `stop` ends the iteration early, with the finished images kept in the cache.
     """
-    from ..pipelines import make_pipeline
-    from ..priors import class_image_progress
+    from dreambooth.sampling import make_pipeline
+    from dreambooth.priors import class_image_progress
 
     yield from class_image_progress(
         class_image_key(components.folder, config), config.prior.num_images,
@@ -53,10 +35,10 @@ def prepare_class_images(components, config: RunConfig, device, stop=None):
 @torch.no_grad()
 def write_samples(components, config: RunConfig, run: RunDir, step: int) -> Path:
     """A validation grid: one row per prompt, fixed seeds, so grids of different steps compare."""
-    from ..pipelines import make_pipeline, sample_images
+    from dreambooth.sampling import make_pipeline, sample_images
 
     out = config.output
-    prompts = [fill_prompt(p, config) for p in out.sample_prompts]
+    prompts = [fill_prompt(p, config.data.identifier, config.data.class_noun) for p in out.sample_prompts]
     pipe = make_pipeline(components, "dpmpp")
     was_training = {m: m.training for m in (components.unet, components.text_encoder)}
     components.unet.eval()
@@ -72,14 +54,14 @@ def write_samples(components, config: RunConfig, run: RunDir, step: int) -> Path
 
 
 def run_info(components, config: RunConfig) -> dict:
-    from ..models import model_identity
+    from dreambooth.models import model_identity
 
     return {
         "format": "dreambooth-run/1",
         "mode": config.train.mode,
         "identifier": config.data.identifier,
         "class_noun": config.data.class_noun,
-        "instance_prompt": fill_prompt(config.data.instance_prompt, config),
+        "instance_prompt": fill_prompt(config.data.instance_prompt, config.data.identifier, config.data.class_noun),
         "base_model": config.model.name,
         "base_model_identity": model_identity(components.folder),
         "prediction_type": components.prediction_type,
@@ -115,7 +97,7 @@ def save_pipeline_folder(components, folder: Path) -> None:
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    from ..models.builtin import copy_tokenizer_files
+    from dreambooth.models.builtin import copy_tokenizer_files
 
     base = diffusers.DDPMScheduler.load_config(components.folder, subfolder="scheduler")
     scheduler = getattr(diffusers, base["_class_name"]).from_config(base)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import RunConfig
-from ..errors import ConfigError, Problem
+from dreambooth.config import RunConfig
+from dreambooth.errors import ConfigError, Problem
 
 
 def with_local_model_resolved(config: RunConfig) -> RunConfig:
     """A local model path made absolute, so the run (and `generate` on it) works from any folder."""
-    from ..models.builtin import BUILTIN_NAMES
+    from dreambooth.models.builtin import BUILTIN_NAMES
 
     name = config.model.name
     path = Path(name).expanduser()
@@ -24,8 +24,8 @@ def check_before_loading(config: RunConfig) -> None:
     """Refuse a model that cannot be found and a precision this machine lacks, before anything is written."""
     import torch
 
-    from ..models import detect_source
-    from ..models.builtin import BUILTIN_NAMES
+    from dreambooth.models import detect_source
+    from dreambooth.models.builtin import BUILTIN_NAMES
 
     if config.model.name not in BUILTIN_NAMES:
         detect_source(config.model.name, revision=config.model.revision)  # raises ModelSourceError

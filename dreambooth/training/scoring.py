@@ -11,14 +11,14 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from ..config import RunConfig
-from ..rundir import RunDir
-from .checkpoints import module_part, trainable_state
+from dreambooth.config import RunConfig
+from dreambooth.rundir import RunDir
+from dreambooth.training.checkpoints import module_part, trainable_state
 
 
 class CheckpointScoring:
     def __init__(self, components, config: RunConfig, run: RunDir):
-        from ..evaluation import build_checkpoint_scorer, checkpoint_prompts
+        from dreambooth.evaluation import build_checkpoint_scorer, checkpoint_prompts
 
         ev = config.eval
         oracle = ev.scorer == "oracle"
@@ -35,7 +35,7 @@ class CheckpointScoring:
         return step % self.config.eval.every == 0 or step == self.config.train.steps
 
     def score(self, step: int, modules: dict) -> dict:
-        from ..evaluation import score_checkpoint
+        from dreambooth.evaluation import score_checkpoint
 
         row = score_checkpoint(self.components, self.config, step, scorer=self.scorer, prompts=self.prompts,
                                num_per_prompt=self.config.eval.num_per_prompt, seed=self.config.train.seed)
@@ -50,7 +50,7 @@ class CheckpointScoring:
 
     def finish(self, modules: dict) -> tuple[int, str] | None:
         """Choose (select=best) and load the chosen weights; write the score plot. None if unscored."""
-        from ..evaluation import plot_scores, select_and_explain
+        from dreambooth.evaluation import plot_scores, select_and_explain
 
         if not self.rows:
             return None

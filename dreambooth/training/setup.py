@@ -7,8 +7,8 @@ import math
 import torch
 import torch.utils.checkpoint
 
-from ..config import TrainConfig
-from ..errors import ConfigError, Problem
+from dreambooth.config import TrainConfig
+from dreambooth.errors import ConfigError, Problem
 
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -97,7 +97,7 @@ def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, devi
                               [Problem("train.optimizer", "pip install 'dreambooth[bnb]' (CUDA only), or use adamw")]) from e
         return bnb.optim.AdamW8bit(groups, **kwargs)
     if train.optimizer == "adamwfp8":
-        from .adamw_fp8 import AdamWFp8
+        from dreambooth.training.adamw_fp8 import AdamWFp8
 
         return AdamWFp8(groups, **kwargs)
     if train.optimizer in TORCHAO_OPTIMIZERS:
@@ -137,7 +137,7 @@ def torchao_adamw(name: str, groups: list[dict], kwargs: dict):
                           [Problem("train.optimizer", "pip install 'dreambooth[lean]', or use adamw")]) from e
     finally:
         quiet.setLevel(level)
-    from ..compiling import use_tool_cache
+    from dreambooth.sampling import use_tool_cache
 
     use_tool_cache()  # its kernel compiles on the first step: 17 s cold, 5 s from the cache (H100, 8-bit)
     return getattr(torchao.optim, TORCHAO_OPTIMIZERS[name])(groups, **kwargs)

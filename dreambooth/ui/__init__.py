@@ -15,12 +15,12 @@ def serve(host: str = "127.0.0.1", port: int = 7860, workspace=None, allow_hosts
 
     missing = [name for name in ("starlette", "uvicorn", "multipart") if find_spec(name) is None]
     if missing:
-        from ..errors import DreamboothError, Problem
+        from dreambooth.errors import DreamboothError, Problem
 
         raise DreamboothError("the web app needs the ui extra", [Problem(
             ", ".join(missing), 'not installed; run: pip install "dreambooth[ui]" (or pip install -e ".[ui]" '
             "in a checkout)")])
-    from .server import serve as run
+    from dreambooth.ui.server import serve as run
 
     return run(host, port, workspace, allow_hosts=allow_hosts)
 

@@ -10,10 +10,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import DreamboothError
-from . import outputs, settings
-from .jobs import Job, JobRunner, TrainFn, resumable
-from .uploads import MAX_BYTES, MAX_FILES, MAX_PIXELS, PhotoStore, UploadRejected, display_name
+from dreambooth.errors import DreamboothError
+from dreambooth.ui import outputs, settings
+from dreambooth.ui.jobs import Job, JobRunner, TrainFn, resumable
+from dreambooth.ui.uploads import MAX_BYTES, MAX_FILES, MAX_PIXELS, PhotoStore, UploadRejected, display_name
 
 SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
@@ -46,14 +46,14 @@ def job_name(form: dict) -> str:
 
 def sample_prompts(config: dict) -> list[str]:
     """The filled prompts of the validation grids' rows, so the page can label them."""
-    from ..identifier import fill_prompt
+    from dreambooth.prompts import fill_prompt
 
     data, out = config.get("data", {}), config.get("output", {})
     return [fill_prompt(p, data.get("identifier", ""), data.get("class_noun", "")) for p in out.get("sample_prompts", [])]
 
 
 def default_workspace() -> Path:
-    from ..models.builtin import cache_root
+    from dreambooth.models.builtin import cache_root
 
     return cache_root() / "ui"
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .uploads import ID_PATTERN, new_id
+from dreambooth.ui.uploads import ID_PATTERN, new_id
 
 ACTIVE = ("queued", "running")
 RESUMABLE = ("stopped", "interrupted", "failed")
@@ -84,7 +84,7 @@ class JobStore:
 
 def apply_event(job: Job, event, run_dir: Path) -> None:
     """Fold one training event into the job's visible state."""
-    from ..training import events as ev  # here, not at the top: importing training loads torch
+    from dreambooth.training import events as ev  # here, not at the top: importing training loads torch
     if isinstance(event, ev.Notice):
         job.notices.append(event.message)
     elif isinstance(event, ev.ClassImagesProgress):
@@ -267,8 +267,8 @@ class JobRunner:
                     self._stops.pop(job.id, None)
 
     def _train(self, job: Job, stop: threading.Event) -> None:
-        from ..config import build_config
-        from ..errors import DreamboothError
+        from dreambooth.config import build_config
+        from dreambooth.errors import DreamboothError
 
         run_dir = self.run_dir(job.id)
         try:
@@ -298,7 +298,7 @@ class JobRunner:
 
     def _trainer(self) -> TrainFn:
         if self._train_fn is None:
-            from ..training.loop import train_events
+            from dreambooth.training.loop import train_events
 
             self._train_fn = train_events
         return self._train_fn

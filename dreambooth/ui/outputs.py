@@ -4,7 +4,7 @@ Generation calls the library's `generate` on the job's run directory (which desc
 `{identifier}` and `{class}` fill in). The loaded model of the last run used is kept, because
 reloading a model per click would dominate the time of a small request; a LoRA run's adapter is
 applied to it once, under a name of its own, so later clicks sample with it as it is. Downloads are the formats
-`dreambooth.export` writes (made once per job and format), plus final/ as a zip.
+`dreambooth.formats.exporters` writes (made once per job and format), plus final/ as a zip.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import threading
 import zipfile
 from pathlib import Path
 
-from .jobs import JobRunner
+from dreambooth.ui.jobs import JobRunner
 
 # Picked from the paper's benchmark lists by phrase, so the chips stay in step with prompts.py.
 EXAMPLE_PHRASES = ("in the snow", "on the beach", "in the jungle", "wearing a santa hat", "in a chef outfit",
@@ -32,10 +32,10 @@ MAX_IMAGES_PER_CLICK = 8
 
 def example_prompts(class_noun: str) -> list[str]:
     """Example prompts with `{identifier}` and `{class}` placeholders, for one-click use."""
-    from ..evaluation.prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS, is_live_class
+    from dreambooth.prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS, is_live_class
 
     source = LIVE_SUBJECT_PROMPTS if is_live_class(class_noun.strip().lower()) else OBJECT_PROMPTS
-    templates = [t.format("{identifier}", "{class}") for t in source]
+    templates = list(source)
     picked = [next(t for t in templates if phrase in t) for phrase in EXAMPLE_PHRASES
               if any(phrase in t for t in templates)]
     return [MOON] + picked
@@ -50,7 +50,8 @@ class Generator:
         self._loaded: tuple[str, object] | None = None
 
     def generate(self, job_id: str, prompt: str, *, num: int, seed: int, steps: int) -> list[dict]:
-        from ..generate import GenerationSettings, fill_placeholders, generate, load_for_generation
+        from dreambooth.generate import GenerationSettings, generate, load_for_generation
+        from dreambooth.prompts import fill_from_run_info
 
         job = self.runner.get(job_id)
         if job.status != "finished":
@@ -67,7 +68,7 @@ class Generator:
             loaded = self._loaded[1]
             paths = generate(run_dir, [prompt], out, num=num, seed=int(seed),
                              settings=GenerationSettings(steps=max(1, min(int(steps), 150))), loaded=loaded)
-            filled = fill_placeholders(prompt, loaded.info)
+            filled = fill_from_run_info(prompt, loaded.info)
         batch = len({g.get("batch") for g in job.generated})  # one batch per click, newest shown first
         items = [{"file": p.name, "prompt": filled, "seed": int(seed) + k, "batch": batch} for k, p in enumerate(paths)]
         self.runner.update(job_id, lambda j: j.generated.extend(items))
@@ -81,8 +82,8 @@ def with_adapter(loaded, name: str):
         return loaded
     from dataclasses import replace
 
-    from ..lora_files import load_lora_into_pipeline
-    from ..pipelines import make_pipeline
+    from dreambooth.formats.lora import load_lora_into_pipeline
+    from dreambooth.sampling import make_pipeline
 
     load_lora_into_pipeline(make_pipeline(loaded.components), loaded.lora, adapter_name=name)
     return replace(loaded, lora=None)
@@ -114,7 +115,7 @@ def export_file(runner: JobRunner, job_id: str, fmt: str) -> Path:
     folder = runner.folder(job_id) / "exports" / fmt
     target = folder / EXPORT_NAMES[fmt]
     if not target.exists():
-        from dreambooth.export import export
+        from dreambooth.formats.exporters import export
 
         folder.mkdir(parents=True, exist_ok=True)
         export(runner.run_dir(job_id), fmt, target)

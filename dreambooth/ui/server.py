@@ -23,10 +23,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from . import api
-from .guard import Guard, Policy, is_loopback, make_policy
-from .jobs import ACTIVE
-from .uploads import MAX_BYTES
+from dreambooth.ui import api
+from dreambooth.ui.guard import Guard, Policy, is_loopback, make_policy
+from dreambooth.ui.jobs import ACTIVE
+from dreambooth.ui.uploads import MAX_BYTES
 
 STATIC = Path(__file__).resolve().parent / "static"
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")

@@ -11,7 +11,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from ..errors import DreamboothError, Problem
+from dreambooth.errors import DreamboothError, Problem
 
 # purpose -> (preset for tiny-random, preset for the toy model, preset for SD-class models)
 PRESETS = {
@@ -27,7 +27,7 @@ TOY_NOTE = ("toy knows only its toy world (six classes such as dog, cat and teap
 
 def model_options() -> list[dict]:
     """Built-in models the page lists; `toy` only once its weights are shipped in this install."""
-    from ..models.builtin import TOY_WEIGHTS
+    from dreambooth.models.builtin import TOY_WEIGHTS
 
     options = [{"value": "tiny-random", "label": "tiny-random (smoke test: random weights, learns nothing)"}]
     if (TOY_WEIGHTS / "model_index.json").exists():
@@ -41,7 +41,7 @@ def hub_online() -> bool:
 
 def preset_for(purpose: str, model: str) -> str:
     """The YAML preset for a purpose and base model; falls back to the SD 1.5 one."""
-    from ..config import list_presets
+    from dreambooth.config import list_presets
 
     if purpose not in PRESETS:
         raise DreamboothError("unknown preset", [Problem("preset", f"{purpose!r}: use {', '.join(PRESETS)}")])
@@ -52,7 +52,7 @@ def preset_for(purpose: str, model: str) -> str:
 
 def preset_defaults(purpose: str, model: str) -> dict:
     """The values the advanced section starts from, read from the preset itself."""
-    from ..config import load_config
+    from dreambooth.config import load_config
 
     config = load_config(preset_for(purpose, model), {"data": {"class_noun": "placeholder"}})  # needed by validation
     return {"preset": preset_for(purpose, model), "steps": config.train.steps, "lr": config.train.lr,
@@ -62,7 +62,7 @@ def preset_defaults(purpose: str, model: str) -> dict:
 
 def model_problems(model: str) -> list[Problem]:
     """Check MODEL without loading weights: built-in, local folder or file, or hub id when online."""
-    from ..models import detect_source
+    from dreambooth.models import detect_source
 
     try:
         source = detect_source(model.strip())
@@ -134,8 +134,8 @@ def _parse(value, kind):
 def build_run_config(form: dict, images_dir: Path):
     """The form's values as a `RunConfig`, validated only by the library's `load_config` (as the CLI
     is); raises `ConfigError` listing every bad field, in the page's words."""
-    from ..config import load_config
-    from ..errors import ConfigError
+    from dreambooth.config import load_config
+    from dreambooth.errors import ConfigError
 
     model = str(form.get("model") or "tiny-random").strip()
     overrides, problems = form_overrides(form)
@@ -166,13 +166,13 @@ def _tokenizer():
     """The CLIP BPE tokenizer shipped with the package (the vocabulary of SD 1.x and 2.x)."""
     from transformers import CLIPTokenizer
 
-    from ..models.builtin import TOKENIZER_DIR
+    from dreambooth.models.builtin import TOKENIZER_DIR
 
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 def identifier_problems(identifier: str, class_noun: str) -> list[Problem]:
-    from ..identifier import check_identifier
+    from dreambooth.identifier import check_identifier
 
     limit = TEXT_LIMITS["identifier"][1]
     if len(identifier.strip()) > limit:  # the tokenizer is never fed a huge string
@@ -182,14 +182,14 @@ def identifier_problems(identifier: str, class_noun: str) -> list[Problem]:
 
 
 def suggest(count: int = 6, seed: int = 0) -> list[str]:
-    from ..identifier import suggest_identifiers
+    from dreambooth.identifier import suggest_identifiers
 
     return suggest_identifiers(_tokenizer(), count, seed=seed)
 
 
 def photo_problems(images_dir: Path, photos: list, resolution: int) -> list[dict]:
     """The library's folder checks (small, duplicate, too few, ...), each tied to a photo id if any."""
-    from ..data.images import check_images
+    from dreambooth.data.images import check_images
 
     if not images_dir.is_dir() or not photos:
         return [{"photo": None, "severity": "warning", "message": "no photos yet; add 3-10 photos of your subject"}]

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 
-from .errors import DreamboothError
+from dreambooth.errors import DreamboothError
 
 EXIT_BAD_INPUT = 2
 MAX_IMAGES = 1000  # generate --num: images per prompt
@@ -100,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """export, evaluate and ui live in their own modules; each registers its own options."""
-    from . import cli_more
+    from dreambooth.cli import commands
 
-    cli_more.register(sub)
+    commands.register(sub)
 
 
 class _HelpConfig(argparse.Action):
@@ -110,7 +110,7 @@ class _HelpConfig(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from .config import describe_config
+        from dreambooth.config import describe_config
 
         print(describe_config())
         parser.exit()
@@ -119,8 +119,8 @@ class _HelpConfig(argparse.Action):
 def check_flags(checks: list[tuple[tuple, object, str]]) -> None:
     """Check command-line numbers, (bounds, value, flag) each; `bounds_of` gives the bounds of the
     config field a flag feeds, so the CLI and the config accept the same values."""
-    from .config_ranges import value_problems
-    from .errors import ConfigError
+    from dreambooth.config_ranges import value_problems
+    from dreambooth.errors import ConfigError
 
     problems = [p for bounds, value, flag in checks if value is not None for p in value_problems(flag, value, bounds)]
     if problems:
@@ -128,16 +128,16 @@ def check_flags(checks: list[tuple[tuple, object, str]]) -> None:
 
 
 def cmd_check(args) -> int:
-    from .config import DataConfig
-    from .config_ranges import bounds_of
-    from .data.images import check_images
+    from dreambooth.config import DataConfig
+    from dreambooth.config_ranges import bounds_of
+    from dreambooth.data.images import check_images
 
     check_flags([(bounds_of(DataConfig, "resolution"), args.resolution, "--resolution")])
     report = check_images(args.images, args.resolution)
     print(report.summary())
     if args.identifier:
-        from .identifier import check_identifier
-        from .models.builtin import TOKENIZER_DIR
+        from dreambooth.identifier import check_identifier
+        from dreambooth.models.builtin import TOKENIZER_DIR
         from transformers import CLIPTokenizer
 
         problems = check_identifier(CLIPTokenizer.from_pretrained(TOKENIZER_DIR), args.identifier,
@@ -152,8 +152,8 @@ def cmd_check(args) -> int:
 def cmd_token(args) -> int:
     from transformers import CLIPTokenizer
 
-    from .identifier import suggest_identifiers
-    from .models.builtin import TOKENIZER_DIR
+    from dreambooth.identifier import suggest_identifiers
+    from dreambooth.models.builtin import TOKENIZER_DIR
 
     for word in suggest_identifiers(CLIPTokenizer.from_pretrained(TOKENIZER_DIR), args.count, seed=args.seed):
         print(word)
@@ -163,11 +163,11 @@ def cmd_token(args) -> int:
 def cmd_priors(args) -> int:
     import dataclasses
 
-    from .config import load_config
-    from .models import load_components
-    from .pipelines import default_device, make_pipeline
-    from .priors import ensure_class_images
-    from .training.outputs import class_image_key
+    from dreambooth.config import load_config
+    from dreambooth.models import load_components
+    from dreambooth.sampling import default_device, make_pipeline
+    from dreambooth.priors import ensure_class_images
+    from dreambooth.priors import class_image_key
 
     overrides = {"model": {"name": args.model}, "prior": {"num_images": args.num},
                  "data": {"class_noun": args.class_noun, "class_prompt": args.prompt,
@@ -191,9 +191,9 @@ def cmd_priors(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .training import train_events
-    from .training.loop import stop_on_signals
+    from dreambooth.config import load_config
+    from dreambooth.training import train_events
+    from dreambooth.training.loop import stop_on_signals
 
     overrides = {"data": {"images": args.images, "identifier": args.identifier, "class_noun": args.class_noun}}
     if args.model:
@@ -204,19 +204,19 @@ def cmd_train(args) -> int:
     config = load_config(args.preset, overrides, args.overrides)
     formats = [f.strip() for f in args.export.split(",") if f.strip()]
     if formats:
-        from .export import check_formats
+        from dreambooth.formats.exporters import check_formats
 
         check_formats(formats, config.train.mode)  # a typo fails now, not after an hour of training
     stop = threading.Event()
     with stop_on_signals(stop) as caught:
         last = render_training(train_events(config, args.output, resume=args.resume,
                                             overwrite=args.overwrite, stop=stop))
-    from .training import events as ev
+    from dreambooth.training import events as ev
 
     if isinstance(last, ev.Stopped):  # a distinct status, so scripts do not take it for a finished run
         return 128 + caught[0] if caught else EXIT_STOPPED
     if formats and isinstance(last, ev.Finished):
-        from .export import export_after_training
+        from dreambooth.formats.exporters import export_after_training
 
         for path in export_after_training(args.output, formats):
             print(f"exported {path}")
@@ -225,7 +225,7 @@ def cmd_train(args) -> int:
 
 def render_training(events):
     """Print notices, show progress bars for class images and steps; return the last event."""
-    from .training import events as ev
+    from dreambooth.training import events as ev
 
     bars, last = {}, None
     for last in events:
@@ -263,9 +263,9 @@ def render_training(events):
 
 
 def cmd_generate(args) -> int:
-    from .config import DataConfig, PriorConfig, TrainConfig
-    from .config_ranges import bounds_of
-    from .generate import GenerationSettings, generate, read_prompts
+    from dreambooth.config import DataConfig, PriorConfig, TrainConfig
+    from dreambooth.config_ranges import bounds_of
+    from dreambooth.generate import GenerationSettings, generate, read_prompts
 
     check_flags([((1, MAX_IMAGES, False, None), args.num, "--num"),
                  (bounds_of(DataConfig, "resolution"), args.resolution, "--resolution"),
@@ -281,7 +281,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from dreambooth.demo import run_demo
 
     run_demo(args.output, model=args.model, steps=args.steps, render=render_training)
     return 0

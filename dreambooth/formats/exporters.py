@@ -10,8 +10,8 @@
                   only diffusers reads this layout
 
 A LoRA run exported as diffusers or single-file has its LoRA merged into the base weights. Every
-export describes itself (export_meta.py), is written under a temporary name and moved into place
-when complete (export_io.py), and never replaces an existing path. All exporters share one
+export describes itself (`formats.metadata`), is written under a temporary name and moved into place
+when complete (`formats.writing`), and never replaces an existing path. All exporters share one
 signature: `(source: ExportSource, output: Path, dtype: torch.dtype) -> Path`.
 """
 from __future__ import annotations
@@ -24,11 +24,12 @@ from typing import Callable
 import torch
 import yaml
 
-from .errors import ConfigError, Problem, raise_if_errors
-from .export_io import ExportError  # noqa: F401  (re-exported: callers of export() catch it here)
-from .export_io import named_write_errors, prune_stale_temporaries, write_file_atomically, write_folder_atomically
-from .export_meta import STABILITY_IMPL, export_metadata, kohya_metadata, ldm_inference_config
-from .rundir import RUN_INFO, RunDir
+from dreambooth.errors import ConfigError, Problem, raise_if_errors
+from dreambooth.formats.writing import ExportError  # noqa: F401  (re-exported: callers of export() catch it here)
+from dreambooth.atomic import prune_stale_temporaries
+from dreambooth.formats.writing import named_write_errors, write_file_atomically, write_folder_atomically
+from dreambooth.formats.metadata import STABILITY_IMPL, export_metadata, kohya_metadata, ldm_inference_config
+from dreambooth.rundir import RUN_INFO, RunDir
 
 FORMATS = ("diffusers", "single-file", "lora-kohya", "lora-peft")
 ALIASES = {"lora": "lora-kohya"}  # the LoRA layout every reader loads
@@ -58,7 +59,7 @@ class ExportSource:
         return {"unet": alpha, "text_encoder": alpha}  # training uses one alpha for both parts
 
     def text_encoder_config(self) -> dict:
-        from .models import detect_source, model_folder
+        from dreambooth.models import detect_source, model_folder
 
         folder = self.run.final if not self.is_lora else model_folder(detect_source(str(self.info["base_model"])))
         return json.loads((folder / "text_encoder" / "config.json").read_text())
@@ -137,8 +138,8 @@ def _check_request(source: ExportSource, fmt: str, output: Path | None, dtype: s
 
 def merged_components(source: ExportSource):
     """The run's networks in fp32, with a LoRA run's adapters merged into its base weights."""
-    from .lora_files import merge_lora, read_lora_file
-    from .models import load_components
+    from dreambooth.formats.lora import merge_lora, read_lora_file
+    from dreambooth.models import load_components
 
     if not source.is_lora:
         return load_components(str(source.run.final))
@@ -152,7 +153,7 @@ def merged_components(source: ExportSource):
 
 def _rank(state: dict[str, torch.Tensor], part: str) -> float:
     """Fallback alpha (= rank, scale 1) when a run's config does not record lora_alpha."""
-    from .lora_files import to_peft_layout
+    from dreambooth.formats.lora import to_peft_layout
 
     downs = [v for k, v in to_peft_layout(state).items() if k.startswith(part + ".") and k.endswith(".lora_A.weight")]
     return float(downs[0].shape[0]) if downs else 1.0
@@ -164,7 +165,7 @@ def export_diffusers(source: ExportSource, output: Path, dtype: torch.dtype) -> 
     The main weights are fp32 so that a plain `from_pretrained(folder)` gets one dtype everywhere
     (mixed dtypes fail at the first matrix product); fp16/bf16 is written as a diffusers variant
     (`*.fp16.safetensors`, loaded with `variant="fp16"`, and preferred by ComfyUI's loader)."""
-    from .training.outputs import save_pipeline_folder, write_text_encoder
+    from dreambooth.training.outputs import save_pipeline_folder, write_text_encoder
 
     components = merged_components(source).to("cpu", torch.float32)
     variant = VARIANTS.get(dtype)
@@ -196,8 +197,8 @@ def export_single_file(source: ExportSource, output: Path, dtype: torch.dtype) -
     """One .safetensors in the original layout, with the component configs in its metadata so this
     tool (and anyone reading the metadata) can reload it without guessing the architecture. A
     v-prediction model also gets its LDM config beside it, the one signal of `v` A1111 reads."""
-    from .export_layout import pipeline_to_original
-    from .models.single_file import CONFIGS_METADATA_KEY
+    from dreambooth.formats.layout import pipeline_to_original
+    from dreambooth.formats.single_file import CONFIGS_METADATA_KEY
 
     c = merged_components(source)
     configs = {"unet": dict(c.unet.config), "vae": dict(c.vae.config), "text_encoder": c.text_encoder.config.to_dict()}
@@ -229,7 +230,7 @@ def component_configs(components) -> dict:
 
 
 def export_lora_peft(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
-    from .lora_files import adapter_metadata, read_lora_file, to_peft_layout
+    from dreambooth.formats.lora import adapter_metadata, read_lora_file, to_peft_layout
 
     state = to_peft_layout(read_lora_file(source.lora_file)[0])
     metadata = dict(source.lora_metadata(output, "diffusers"), format="pt", **adapter_metadata(state, source.alphas()))
@@ -237,7 +238,7 @@ def export_lora_peft(source: ExportSource, output: Path, dtype: torch.dtype) -> 
 
 
 def export_lora_kohya(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
-    from .lora_files import peft_to_kohya, read_lora_file
+    from dreambooth.formats.lora import peft_to_kohya, read_lora_file
 
     state = peft_to_kohya(read_lora_file(source.lora_file)[0], source.alphas())
     rank = next(v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight"))

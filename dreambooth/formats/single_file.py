@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelSourceError, Problem, UnsafeCheckpointError
-from .builtin import TOKENIZER_DIR, _write_atomically, cache_root, copy_tokenizer_files
-from .hashing import file_digest
+from dreambooth.errors import ModelSourceError, Problem, UnsafeCheckpointError
+from dreambooth.models.builtin import TOKENIZER_DIR, _write_atomically, cache_root, copy_tokenizer_files
+from dreambooth.models.hashing import file_digest
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "single_file_configs"
 CONFIGS_METADATA_KEY = "dreambooth.diffusers_configs"

@@ -1,14 +1,15 @@
-"""Evaluation prompts: the DreamBooth benchmark lists, user prompt files, and CLIP-T rewriting.
+"""Prompts: placeholder filling (the one rule every command uses), the DreamBooth benchmark lists,
+user prompt files, and the class version of a prompt that CLIP-T scores against.
 
 Ruiz et al. (CVPR 2023, sec. 4.1) evaluate each subject on 25 prompts: one list for objects
 (mostly recontextualization and property changes) and one for live subjects (dogs and cats, which
 also get accessorization prompts such as outfits and hats). Templates use `{0}` for the unique
-identifier and `{1}` for the class noun, as in the benchmark's `prompts_and_classes.txt`.
+identifier and `{1}` for the class noun, as in the benchmark's `prompts_and_classes.txt`; the
+exported lists use the tool's own `{identifier}` and `{class}` placeholders.
 """
 from __future__ import annotations
 
 import re
-import string
 from pathlib import Path
 
 from dreambooth.errors import ConfigError, Problem, raise_if_errors
@@ -61,8 +62,14 @@ _PROPERTIES = (
     "a wet {0} {1}",
     "a cube shaped {0} {1}",
 )
-OBJECT_PROMPTS: tuple[str, ...] = _SHARED_CONTEXTS + _OBJECT_CONTEXTS + _PROPERTIES
-LIVE_SUBJECT_PROMPTS: tuple[str, ...] = _SHARED_CONTEXTS + _LIVE_ACCESSORIES + _PROPERTIES
+
+
+def _user_placeholders(templates: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(t.format("{identifier}", "{class}") for t in templates)
+
+
+OBJECT_PROMPTS: tuple[str, ...] = _user_placeholders(_SHARED_CONTEXTS + _OBJECT_CONTEXTS + _PROPERTIES)
+LIVE_SUBJECT_PROMPTS: tuple[str, ...] = _user_placeholders(_SHARED_CONTEXTS + _LIVE_ACCESSORIES + _PROPERTIES)
 
 # The 30 benchmark subjects and their class nouns (same source file): subject folder -> class.
 BENCHMARK_CLASSES: dict[str, str] = {
@@ -90,6 +97,23 @@ EXTRA_LIVE_CLASSES: frozenset[str] = frozenset({
 LIVE_CLASSES: frozenset[str] = PAPER_LIVE_CLASSES | EXTRA_LIVE_CLASSES
 
 USER_PLACEHOLDERS = ("identifier", "class")
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
+    """Replace `{identifier}` and `{class}` in a prompt; any other text, braces included, stays."""
+    return template.replace("{identifier}", identifier).replace("{class}", class_noun)
+
+
+def fill_from_run_info(prompt: str, info: dict | None) -> str:
+    """`fill_prompt` with a run's identifier and class noun (`info`: its dreambooth.json, or None
+    for a plain model, where a prompt with placeholders is an error)."""
+    if "{identifier}" not in prompt and "{class}" not in prompt:
+        return prompt
+    if info is None:
+        raise ConfigError("prompt has placeholders but MODEL is not a run directory", [
+            Problem(prompt, "write the identifier and class noun out, or pass a run directory as --model")])
+    return fill_prompt(prompt, info["identifier"], info["class_noun"])
 
 
 def is_live_class(class_noun: str) -> bool:
@@ -104,7 +128,7 @@ def prompts_for(identifier: str, class_noun: str) -> list[str]:
     recontextualization prompts that objects get.
     """
     templates = LIVE_SUBJECT_PROMPTS if is_live_class(class_noun) else OBJECT_PROMPTS
-    return [t.format(identifier, class_noun) for t in templates]
+    return [fill_prompt(t, identifier, class_noun) for t in templates]
 
 
 def class_prompt(class_noun: str) -> str:
@@ -127,10 +151,7 @@ def class_prompt_for(prompt: str, identifier: str, class_noun: str) -> str:
 
 def _placeholder_problems(line: str, where: str) -> list[Problem]:
     """Problems with one user prompt line: unknown placeholders, or no `{identifier}`."""
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(line) if name is not None]
-    except ValueError as err:
-        return [Problem(where, f"cannot parse placeholders ({err}); write braces as {{{{ and }}}}")]
+    names = _PLACEHOLDER.findall(line)
     problems = [
         Problem(where, f"unknown placeholder {{{n}}}; use {{identifier}} and {{class}} only")
         for n in names if n not in USER_PLACEHOLDERS
@@ -160,4 +181,4 @@ def read_prompt_file(path: Path | str, identifier: str, class_noun: str) -> list
     if not numbered:
         problems.append(Problem(str(path), "no prompts found; write one prompt per line"))
     raise_if_errors(f"Cannot use prompt file {path}", problems, ConfigError)
-    return [ln.format(identifier=identifier, **{"class": class_noun}) for _, ln in numbered]
+    return [fill_prompt(ln, identifier, class_noun) for _, ln in numbered]

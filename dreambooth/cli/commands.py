@@ -52,7 +52,7 @@ def _not_ready(what: str) -> int:
 
 def cmd_export(args) -> int:
     """Errors (existing output, LoRA format of a full run, ...) are DreamboothErrors: cli.main reports them."""
-    from .export import export
+    from dreambooth.formats.exporters import export
 
     path = export(args.run_dir, args.format, args.output, dtype=args.dtype)
     print(f"wrote {path}")
@@ -63,9 +63,9 @@ def cmd_evaluate(args) -> int:
     """Generate the benchmark images, score them, print the overall scores and the report path."""
     from functools import partial
 
-    from .evaluation.oracle_scoring import load_toy_oracle
-    from .evaluation.run import evaluate_run
-    from .evaluation.scorers import load_extractors
+    from dreambooth.evaluation.oracle_scoring import load_toy_oracle
+    from dreambooth.evaluation.run import evaluate_run
+    from dreambooth.evaluation.scorers import load_extractors
 
     # Loaders, not models: evaluate_run checks the photos and prompts before loading anything.
     oracle = load_toy_oracle if args.oracle else None
@@ -82,6 +82,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_ui(args) -> int:
-    from .ui import serve
+    from dreambooth.ui import serve
 
     return serve(args.host, args.port, args.workspace, allow_hosts=tuple(args.allow_host))

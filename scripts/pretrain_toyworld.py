@@ -7,7 +7,7 @@ Stages, all inside one wall-clock budget so that a device lease never ends empty
   4. train UNet + text encoder with the SD objective (epsilon, 10% caption dropout, EMA);
   5. sample every (class, context) prompt, score the samples with the oracle, save grids.
 Weights are written as fp16, tarred and split into < 16 MiB parts under --out, after the VAE and
-oracle stages and every --save-every seconds. Run: ``python -m dreambooth.toyworld.pretrain``.
+oracle stages and every --save-every seconds. Run: ``python scripts/pretrain_toyworld.py``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .architecture import TOKENIZER_DIR, build_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
-from .dataset import render_dataset
-from .oracle import Oracle, OracleNet, augment
+from dreambooth.toyworld.architecture import TOKENIZER_DIR, build_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
+from dreambooth.toyworld.dataset import render_dataset
+from dreambooth.toyworld.oracle import Oracle, OracleNet, augment
 
 PART_BYTES = 15 * 2**20  # $OUT takes files up to 16 MiB
 
@@ -289,7 +289,7 @@ def evaluate(run: Run, vae, unet, text_encoder, oracle_net: OracleNet) -> None:
     """Sample all (class, context) prompts with 25 DDIM steps at guidance 6; oracle accuracy and grids."""
     from diffusers import StableDiffusionPipeline
 
-    from .quality import evaluate_base_model, grid
+    from dreambooth.toyworld.quality import evaluate_base_model, grid
 
     pipe = StableDiffusionPipeline(vae=vae, unet=unet.eval(), text_encoder=text_encoder.eval(),
                                    tokenizer=load_tokenizer(), scheduler=build_scheduler(),

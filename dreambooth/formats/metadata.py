@@ -14,7 +14,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .export_layout import text_family
+from dreambooth.formats.layout import text_family
 
 STABILITY_IMPL = "https://github.com/Stability-AI/generative-models"
 
@@ -86,7 +86,7 @@ def kohya_metadata(info: dict, config: dict, text_encoder_config: dict, output_n
 
 def _count_images(folder: Path) -> int:
     """Photos in the run's image folder; 1 when it is gone (the count only orders tags in the UIs)."""
-    from .data.decode import image_extensions
+    from dreambooth.data.decode import image_extensions
 
     try:
         return max(1, sum(1 for p in folder.iterdir() if p.suffix.lower() in image_extensions()))

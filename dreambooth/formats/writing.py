@@ -1,8 +1,8 @@
 """Writing exports so that nothing half-written is ever left at, or next to, the target.
 
-Every export is built under a hidden temporary name beside its target, `.<name>.tmp-<pid>-<random>`,
-and moved into place only when complete. An error, Ctrl-C or SIGTERM removes the temporary; a
-process killed outright (SIGKILL, power loss) leaves one behind, so each export first prunes
+Every export is built under a hidden temporary name beside its target (`dreambooth.atomic`) and
+moved into place only when complete, never over an existing file. An error, Ctrl-C or SIGTERM
+removes the temporary; a process killed outright leaves one behind, so each export first prunes
 temporaries whose process no longer runs. Write errors become an `ExportError` that names the
 cause (disk full, read-only folder), which the CLI reports with exit code 2.
 """
@@ -11,17 +11,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import shutil
 import signal
 import threading
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import DreamboothError, Problem
+from dreambooth.atomic import temporary_name
+from dreambooth.errors import DreamboothError, Problem
 
-_TMP = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
 _CAUSES = {errno.ENOSPC: "the disk is full: free space or choose another --output",
            errno.EDQUOT: "the disk quota is exceeded: free space or choose another --output",
            errno.EACCES: "no permission to write here: choose a writable --output folder",
@@ -35,37 +33,6 @@ class ExportError(DreamboothError):
 
 class ExportInterrupted(BaseException):
     """Raised inside an export by SIGTERM, so the same cleanup as for Ctrl-C runs."""
-
-
-def temporary_name(output: Path) -> Path:
-    return output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def prune_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove export temporaries in `folder` left by processes that no longer run; returns them."""
-    removed = []
-    for path in folder.iterdir() if folder.is_dir() else ():
-        match = _TMP.match(path.name)
-        if match is None or _alive(int(match.group(1))):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True  # this process's own temporaries are in use by a running export
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
 
 
 @contextlib.contextmanager

@@ -1,10 +1,21 @@
-"""Build diffusers pipelines from loaded components, with the sampler the user asked for."""
+"""Sampling: diffusers pipelines over loaded components with the sampler the user asked for,
+seeded batches of images, `torch.compile` with a persistent cache, and contact-sheet grids.
+
+Inductor caches compiled graphs in `$TMPDIR/torchinductor_<user>` unless told otherwise, which a
+reboot (or a fresh notebook) empties; its cache is what makes the second compile of the same UNet
+cheap, so it lives under `cache_root()/inductor`. A `TORCHINDUCTOR_CACHE_DIR` set by the user wins.
+"""
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import threading
 
 import torch
+from PIL import Image
+
+from dreambooth.models import cache_root
 
 SAMPLER_CLASSES = {
     "dpmpp": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
@@ -31,8 +42,6 @@ def make_pipeline(components, sampler: str = "dpmpp", *, device: torch.device | 
     `compile_unet`: sample through `torch.compile(unet)` (the module itself stays as it is).
     """
     from diffusers import StableDiffusionPipeline
-
-    from .compiling import compiled
 
     pipe = StableDiffusionPipeline(
         vae=components.vae,
@@ -116,3 +125,32 @@ def _interrupt_when(stop: threading.Event):
         return tensors
 
     return callback
+
+
+def use_tool_cache() -> None:
+    """Point inductor's on-disk cache at the tool's cache (for code that calls torch.compile itself)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
+def compiled(module: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """`torch.compile(module, mode=mode)`; the module itself is left as it is."""
+    use_tool_cache()
+    return torch.compile(module, mode=mode)
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None, *, pad: int = 2,
+              background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Tile images row by row (all resized to the first one's size) with `pad` pixels between."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), background)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        tile = image.convert("RGB")
+        if tile.size != (w, h):
+            tile = tile.resize((w, h), Image.Resampling.LANCZOS)
+        sheet.paste(tile, (pad + c * (w + pad), pad + r * (h + pad)))
+    return sheet

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelSourceError, Problem
+from dreambooth.errors import ModelSourceError, Problem
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' load_lora_weights reads
 _DOWN_UP = {".lora.down.weight": ".lora_A.weight", ".lora.up.weight": ".lora_B.weight",
