@@ -22,7 +22,7 @@ MARKER = "demo.json"
 PHOTO_CONTEXTS = ("plain", "table", "city", "plain", "city")  # varied, as real photos are; none of NEW_CONTEXTS
 NEW_CONTEXTS = ("beach", "moon", "snow", "jungle", "underwater", "red_carpet")
 SEEDS = (0, 1, 2, 3)
-GUIDANCE = 7.5  # the same scale as checkpoint scoring (evaluation.score_checkpoint), so figures compare
+GUIDANCE = 7.5  # the same scale as checkpoint scoring (training.scoring.score_checkpoint), so figures compare
 # The demo scores checkpoints with the oracle and keeps the best (issue 5); the `toy` preset itself
 # leaves this off, since the oracle only knows the toy world's subjects.
 DEMO_EVAL = ["eval.every=150", "eval.scorer=oracle", "eval.num_per_prompt=4", "eval.select=best",

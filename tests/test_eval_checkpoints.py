@@ -4,15 +4,9 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from dreambooth.evaluation import (
-    EvaluationResult,
-    PromptScores,
-    checkpoint_prompts,
-    plot_scores,
-    score_checkpoint,
-    select_and_explain,
-)
+from dreambooth.evaluation import EvaluationResult, PromptScores, plot_scores, select_and_explain
 from dreambooth.evaluation.plot import SERIES
+from dreambooth.training.scoring import checkpoint_prompts, score_checkpoint
 
 
 def row(step, fidelity, prompt_fidelity, drift):

@@ -10,7 +10,7 @@ from PIL import Image
 
 from dreambooth.errors import ConfigError, ModelSourceError
 from dreambooth.evaluation import OracleScorer, selection_scores, toy_prompts
-from dreambooth.evaluation.oracle_scoring import context_of, load_toy_oracle
+from dreambooth.evaluation.scorers import context_of, load_toy_oracle
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,8 @@ def test_oracle_scorer_counts_shares():
 
 
 def test_oracle_scorer_explicit_contexts_and_no_class_images():
-    result = OracleScorer(FakeOracle(), "dog").score(
-        {"my prompt": [img(context="snow")]}, contexts={"my prompt": "snow"})
+    result = OracleScorer(FakeOracle(), "dog", contexts={"my prompt": "snow"}).score(
+        {"my prompt": [img(context="snow")]})
     assert result.per_prompt[0].metrics["prompt_fidelity"] == 1.0
     assert result.overall["language_drift"] is None
     assert result.overall["subject_fidelity_real_images"] is None

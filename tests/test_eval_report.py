@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from dreambooth.evaluation.report import make_grid, safe_file_name, write_report
-from dreambooth.evaluation.scoring import EvaluationResult, PromptScores
+from dreambooth.evaluation.results import EvaluationResult, PromptScores
 
 PROMPTS = ["a sks dog in the snow", "a sks dog wearing a <b>hat</b> / cape?"]
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dreambooth.cli import main
-from dreambooth.evaluation import evaluate_run
+from dreambooth.evaluation.command import evaluate_run
 from dreambooth.evaluation.scorers import load_extractors
 from test_eval_oracle import FakeOracle
 from test_features import tiny_clip_dir, tiny_dino_dir  # noqa: F401  (module fixtures)

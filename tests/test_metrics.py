@@ -22,16 +22,9 @@ from dreambooth.prompts import (
     prompts_for,
     read_prompt_file,
 )
-from dreambooth.evaluation.scoring import (
-    DINO_KEYS,
-    STANDIN_KEYS,
-    PromptScores,
-    aggregate,
-    score_images,
-    score_prompt,
-    selection_scores,
-)
-from dreambooth.evaluation.selection import select_checkpoint
+from dreambooth.evaluation.results import DINO_KEYS, STANDIN_KEYS, PromptScores, aggregate
+from dreambooth.evaluation.scorers import score_images, score_prompt
+from dreambooth.evaluation.selection import select_checkpoint, selection_scores
 
 S = 1 / math.sqrt(2)
 

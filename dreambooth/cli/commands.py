@@ -63,9 +63,8 @@ def cmd_evaluate(args) -> int:
     """Generate the benchmark images, score them, print the overall scores and the report path."""
     from functools import partial
 
-    from dreambooth.evaluation.oracle_scoring import load_toy_oracle
-    from dreambooth.evaluation.run import evaluate_run
-    from dreambooth.evaluation.scorers import load_extractors
+    from dreambooth.evaluation.command import evaluate_run
+    from dreambooth.evaluation.scorers import load_extractors, load_toy_oracle
 
     # Loaders, not models: evaluate_run checks the photos and prompts before loading anything.
     oracle = load_toy_oracle if args.oracle else None

@@ -11,6 +11,8 @@ from typing import Mapping, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from dreambooth.atomic import replace_file
+
 SERIES: dict[str, tuple[str, tuple[int, int, int]]] = {  # row key -> (legend label, colour)
     "fidelity": ("subject fidelity", (31, 119, 180)),
     "prompt_fidelity": ("prompt fidelity", (44, 160, 44)),
@@ -152,5 +154,4 @@ def plot_scores(rows: Sequence[Mapping], path: str | Path, *, chosen_step: int |
     draw.text((MARGIN[0], 10), title, fill=INK, font=font)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    return out
+    return replace_file(out, lambda tmp: image.save(tmp, format="PNG"))

@@ -16,9 +16,10 @@ from typing import Mapping, Sequence
 
 from PIL import Image
 
+from dreambooth.atomic import replace_file, write_text
 from dreambooth.evaluation.metrics import METRIC_DEFINITIONS
+from dreambooth.evaluation.results import EvaluationResult
 from dreambooth.sampling import make_grid as tile_images
-from dreambooth.evaluation.scoring import EvaluationResult
 
 THUMB_WIDTH = 512  # px width of the inlined grid thumbnails
 
@@ -62,13 +63,11 @@ def write_report(
     grid_files = {}
     for i, (prompt, grid) in enumerate(grids_by_prompt.items()):
         name = safe_file_name(prompt, i)
-        grid.save(out / "grids" / name)
+        replace_file(out / "grids" / name, lambda tmp, grid=grid: grid.save(tmp, format="PNG"))
         grid_files[prompt] = f"grids/{name}"
     data["grids"] = grid_files
-    (out / "metrics.json").write_text(json.dumps(data, indent=2, allow_nan=False), encoding="utf-8")
-    page = out / "report.html"
-    page.write_text(render_html(data, grids_by_prompt, title=title), encoding="utf-8")
-    return page
+    write_text(out / "metrics.json", json.dumps(data, indent=2, allow_nan=False))
+    return write_text(out / "report.html", render_html(data, grids_by_prompt, title=title))
 
 
 def _fmt(value: float | None) -> str:

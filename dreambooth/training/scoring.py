@@ -1,25 +1,50 @@
 """Checkpoint scoring during training (`--eval-every N`) and the choice of the final one (`--select best`).
 
-The scores come from dreambooth.evaluation (toy oracle, DINO/CLIP, or the labelled stand-in); this
-module only decides when to score, keeps a snapshot of the weights of each scored step while
-`select=best`, and at the end loads the chosen snapshot back so final/ holds it.
+The scores come from dreambooth.evaluation's scorers (toy oracle, DINO/CLIP, or the labelled
+stand-in); this module decides when to score, samples a small prompt set from the in-memory
+model with the same seeds at every scored step (so rows compare), keeps a snapshot of the weights
+of each scored step while `select=best`, and at the end loads the chosen snapshot back so final/
+holds it.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
+import time
 from pathlib import Path
+from typing import Iterator, Sequence
 
+import torch
 from safetensors.torch import load_file, save_file
 
+from dreambooth.atomic import replace_file
 from dreambooth.config import RunConfig
+from dreambooth.evaluation.plot import plot_scores
+from dreambooth.evaluation.scorers import (
+    FeatureScorer,
+    OracleScorer,
+    Scorer,
+    load_extractors,
+    load_real_images,
+    load_toy_oracle,
+    sample_by_prompt,
+    toy_prompts,
+)
+from dreambooth.evaluation.selection import select_and_explain, selection_scores
+from dreambooth.prompts import class_prompt, fill_prompt, prompts_for
 from dreambooth.rundir import RunDir
+from dreambooth.sampling import make_pipeline
 from dreambooth.training.checkpoints import module_part, trainable_state
+
+# Prompts for checkpoint scoring: a few contexts, so that scoring every N steps stays cheap.
+TOY_CHECKPOINT_CONTEXTS = ("beach", "moon", "snow", "underwater")  # new contexts only: "plain" is free
+CHECKPOINT_PROMPT_COUNT = 4
 
 
 class CheckpointScoring:
-    def __init__(self, components, config: RunConfig, run: RunDir):
-        from dreambooth.evaluation import build_checkpoint_scorer, checkpoint_prompts
+    """Scores the model every `eval.every` steps, logs the rows, and picks the final weights."""
 
+    def __init__(self, components, config: RunConfig, run: RunDir):
         ev = config.eval
         oracle = ev.scorer == "oracle"
         self.scorer = build_checkpoint_scorer(config, oracle=oracle, subject=ev.subject or None,
@@ -35,23 +60,18 @@ class CheckpointScoring:
         return step % self.config.eval.every == 0 or step == self.config.train.steps
 
     def score(self, step: int, modules: dict) -> dict:
-        from dreambooth.evaluation import score_checkpoint
-
         row = score_checkpoint(self.components, self.config, step, scorer=self.scorer, prompts=self.prompts,
                                num_per_prompt=self.config.eval.num_per_prompt, seed=self.config.train.seed)
         self.rows = [r for r in self.rows if r["step"] != step] + [row]
         self.run.append_log({"step": step, "eval": row})
         if self.config.eval.select == "best":
             self.snapshots.mkdir(parents=True, exist_ok=True)
-            tmp = self.snapshots / f".step-{step:05d}.tmp"
-            save_file(trainable_state(modules), tmp)
-            tmp.replace(self.snapshots / f"step-{step:05d}.safetensors")
+            replace_file(self.snapshots / f"step-{step:05d}.safetensors",
+                         lambda tmp: save_file(trainable_state(modules), tmp))
         return row
 
     def finish(self, modules: dict) -> tuple[int, str] | None:
         """Choose (select=best) and load the chosen weights; write the score plot. None if unscored."""
-        from dreambooth.evaluation import plot_scores, select_and_explain
-
         if not self.rows:
             return None
         ev = self.config.eval
@@ -74,3 +94,63 @@ def load_snapshot(path: Path, modules: dict) -> None:
     state = load_file(path)
     for prefix, module in modules.items():
         module.load_state_dict(module_part(state, prefix), strict=False)
+
+
+def checkpoint_prompts(identifier: str, class_noun: str, *, toy: bool = False,
+                       count: int = CHECKPOINT_PROMPT_COUNT) -> list[str]:
+    """A small prompt set for scoring checkpoints: toy contexts, or the first of the paper's prompts."""
+    if toy:
+        return list(toy_prompts(identifier, class_noun, TOY_CHECKPOINT_CONTEXTS[:count]))
+    return prompts_for(identifier, class_noun)[:count]
+
+
+def build_checkpoint_scorer(config: RunConfig, *, oracle: bool = False, subject: str | None = None,
+                            dino: str | Path | None = None, clip: str | Path | None = None,
+                            standin: bool = False) -> Scorer:
+    """The scorer for a run: the toy oracle (`subject` defaults to the class noun), or DINO/CLIP
+    (or stand-in) against the run's subject photos. Build it once, before training, so a missing
+    model fails before the first step."""
+    real = load_real_images(config.data.images)
+    if oracle:
+        return OracleScorer(load_toy_oracle(), subject or config.data.class_noun, real=real)
+    return FeatureScorer(load_extractors(dino, clip, standin=standin), real,
+                         identifier=config.data.identifier, class_noun=config.data.class_noun)
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Put modules in eval mode for sampling and restore each one's mode afterwards."""
+    before = [(m, m.training) for m in modules]
+    for m, _ in before:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in before:
+            m.train(training)
+
+
+@torch.no_grad()
+def score_checkpoint(components, config: RunConfig, step: int, *, scorer: Scorer, prompts: Sequence[str],
+                     num_per_prompt: int = 2, seed: int = 0, steps: int | None = None,
+                     guidance: float = 7.5, sampler: str = "dpmpp") -> dict:
+    """Generate `prompts` (and the plain class prompt) from the in-memory model and score them.
+
+    Returns one JSON-ready row: step, fidelity, prompt_fidelity, drift (the keys
+    `select_and_explain` uses), every overall metric of the scorer, and seconds taken.
+    `{identifier}`/`{class}` in prompts are filled from the config; steps defaults to
+    config.output.sample_steps. The seeds are the same at every step, so rows compare.
+    """
+    began = time.perf_counter()
+    data = config.data
+    filled = [fill_prompt(p, data.identifier, data.class_noun) for p in prompts]
+    plain = class_prompt(data.class_noun)
+    common = dict(num_per_prompt=num_per_prompt, seed=seed, guidance=guidance,
+                  steps=steps or config.output.sample_steps, resolution=data.resolution)
+    pipe = make_pipeline(components, sampler)
+    with _eval_mode(components.unet, components.text_encoder):
+        generated = sample_by_prompt(pipe, filled, **common)
+        class_images = sample_by_prompt(pipe, [plain], **common)[plain]
+    result = scorer.score(generated, class_images)
+    return {**result.overall, **selection_scores(result, step),
+            "seconds": round(time.perf_counter() - began, 3)}

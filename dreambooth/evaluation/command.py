@@ -1,9 +1,12 @@
 """`dreambooth evaluate`: generate the benchmark images from a run and score them.
 
+This is the command's orchestration (load photos and prompts, build a scorer, sample, write
+metrics.json, grids/ and report.html). Only the command line imports it; library code uses the
+scorers, results and selection modules directly.
+
 Protocol (Ruiz et al., CVPR 2023, sec. 4.1): the subject's 25 prompts (or the user's), N images
 per prompt with fixed seeds (the same seeds for every prompt, so prompts compare), plus images of
-the plain class prompt ("a dog") for PRES. Outputs: metrics.json, grids/ (one grid per prompt)
-and report.html in the output folder.
+the plain class prompt ("a dog") for PRES.
 
 Order of work: check the photos, read the prompts and load the scorer's models first, so a bad
 input or a missing DINO fails in seconds, before the diffusion model is loaded.
@@ -16,29 +19,23 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from dreambooth.evaluation.oracle_scoring import OracleScorer, context_of, toy_prompts
-from dreambooth.prompts import class_prompt, prompts_for, read_prompt_file
 from dreambooth.evaluation.report import make_grid, write_report
-from dreambooth.evaluation.scorers import Extractors, FeatureScorer, load_extractors
-from dreambooth.evaluation.scoring import EvaluationResult
-from dreambooth.generate import GenerationSettings
-from dreambooth.prompts import fill_prompt
+from dreambooth.evaluation.results import EvaluationResult
+from dreambooth.evaluation.scorers import (
+    Extractors,
+    FeatureScorer,
+    OracleScorer,
+    Scorer,
+    context_of,
+    load_extractors,
+    load_real_images,
+    sample_by_prompt,
+    toy_prompts,
+)
+from dreambooth.generate import GenerationSettings, load_for_generation, make_generation_pipeline
+from dreambooth.prompts import class_prompt, fill_prompt, prompts_for, read_prompt_file
 
 PromptSource = str | Path | Sequence[str] | None  # a prompt file, a list of prompts, or the default
-
-
-def sample_by_prompt(pipe, prompts: Sequence[str], *, num_per_prompt: int, seed: int, steps: int,
-                     guidance: float, resolution: int, negative_prompt: str = "") -> dict[str, list[Image.Image]]:
-    """prompt -> its images, seeds seed..seed+N-1 for every prompt (image k of each prompt shares
-    its starting noise, so differences between prompts come from the prompt)."""
-    from dreambooth.sampling import sample_images
-
-    prompts = list(dict.fromkeys(prompts))  # a repeated prompt would only repeat its images
-    seeds = [seed + k for _ in prompts for k in range(num_per_prompt)]
-    images = sample_images(pipe, [p for p in prompts for _ in range(num_per_prompt)], seeds,
-                           steps=steps, guidance=guidance, resolution=resolution,
-                           negative_prompt=negative_prompt)
-    return {p: images[i * num_per_prompt:(i + 1) * num_per_prompt] for i, p in enumerate(prompts)}
 
 
 def resolve_prompts(prompts: PromptSource, identifier: str, class_noun: str, *,
@@ -58,14 +55,6 @@ def resolve_prompts(prompts: PromptSource, identifier: str, class_noun: str, *,
     else:
         chosen = [fill_prompt(p, identifier, class_noun) for p in prompts]
     return {p: context_of(p) if toy else None for p in chosen}
-
-
-def load_real_images(images_dir: str | Path) -> list[Image.Image]:
-    """The subject photos, validated the way training validates them (every bad file named)."""
-    from dreambooth.data.images import check_images, load_rgb
-
-    report = check_images(images_dir, resolution=1)  # no size warnings: scoring resizes anyway
-    return [load_rgb(image.path) for image in report.images]
 
 
 def evaluate_run(
@@ -98,8 +87,9 @@ def evaluate_run(
         raise ValueError(f"num_per_prompt must be >= 1, got {num_per_prompt}")
     real = load_real_images(images_dir)
     by_prompt = resolve_prompts(prompts, identifier, class_noun, toy=oracle is not None)
+    scorer: Scorer
     if oracle is not None:
-        scorer = OracleScorer(_loaded(oracle), subject or class_noun, real=real)
+        scorer = OracleScorer(_loaded(oracle), subject or class_noun, real=real, contexts=by_prompt)
     else:
         scorer = FeatureScorer(_loaded(extractors or load_extractors), real,
                                identifier=identifier, class_noun=class_noun)
@@ -107,10 +97,7 @@ def evaluate_run(
     generated, class_images, record = _generate(model, list(by_prompt), class_prompt(class_noun),
                                                 num_per_prompt, num_class_images or num_per_prompt,
                                                 seed, settings, device)
-    if oracle is not None:
-        result = scorer.score(generated, class_images, contexts=by_prompt)
-    else:
-        result = scorer.score(generated, class_images)
+    result = scorer.score(generated, class_images)
     notes = result.notes + _run_mismatch_notes(record.pop("run_info"), identifier, class_noun)
     result = replace(result, notes=notes, settings=record)
     grids = {p: make_grid(ims, num_per_prompt) for p, ims in generated.items()}
@@ -127,8 +114,6 @@ def _loaded(thing):
 def _generate(model, prompts: list[str], plain: str, num: int, num_class: int, seed: int,
               settings: GenerationSettings, device) -> tuple[dict, list[Image.Image], dict]:
     """Images of the prompts and of the plain class prompt, and a record of how they were made."""
-    from dreambooth.generate import load_for_generation, make_generation_pipeline
-
     loaded = load_for_generation(model, device=device)
     resolution = settings.resolution or (loaded.info or {}).get("resolution") or loaded.components.resolution
     pipe = make_generation_pipeline(loaded, settings)
