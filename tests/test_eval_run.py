@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,13 @@ def test_bad_prompt_file_fails_before_any_model_loads(subject_dir, tmp_path):
         evaluate_run("no-such-model", subject_dir, "sks", "dog", tmp_path / "o", prompts=bad,
                      extractors=lambda: loaded.append(1) or load_extractors(standin=True))
     assert loaded == []
+
+
+def test_library_code_does_not_import_the_evaluate_command():
+    """The command's orchestration (the module defining evaluate_run) is for the CLI only: importing
+    the evaluation package or training must not load it."""
+    code = ("import sys, dreambooth.evaluation, dreambooth.training, dreambooth.training.scoring; "
+            "print([n for n, m in list(sys.modules.items()) "
+            "if n.startswith('dreambooth') and hasattr(m, 'evaluate_run')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
