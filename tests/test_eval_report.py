@@ -60,7 +60,8 @@ def test_write_report_files(tmp_path):
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 2  # self-contained thumbnails
     assert "&lt;b&gt;hat&lt;/b&gt;" in text and "<b>hat</b>" not in text  # prompts escaped
-    assert "a dog in the snow" in text and "n/a" in text and "not LPIPS" in text
+    assert "a dog in the snow" in text and "not LPIPS" in text
+    assert "<td>not measured</td>" in text and "n/a" not in text  # None reads as everywhere else
 
 
 def test_write_report_accepts_dict_and_missing_grids(tmp_path):

@@ -64,6 +64,7 @@ def cmd_evaluate(args) -> int:
     from functools import partial
 
     from dreambooth.evaluation.command import evaluate_run
+    from dreambooth.evaluation.results import format_score
     from dreambooth.evaluation.scorers import load_extractors, load_toy_oracle
 
     # Loaders, not models: evaluate_run checks the photos and prompts before loading anything.
@@ -73,7 +74,7 @@ def cmd_evaluate(args) -> int:
                           prompts=args.prompts, num_per_prompt=args.num_per_prompt, seed=args.seed,
                           steps=args.steps, extractors=extractors, oracle=oracle, subject=args.subject)
     for name, value in result.overall.items():
-        print(f"{name:>40}: {'not measured' if value is None else f'{value:.4f}'}")
+        print(f"{name:>40}: {format_score(value, 4)}")
     for note in result.notes:
         print(f"note: {note}")
     print(f"report: {args.output}/report.html")

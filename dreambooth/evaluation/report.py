@@ -18,7 +18,7 @@ from PIL import Image
 
 from dreambooth.atomic import replace_file, write_text
 from dreambooth.evaluation.metrics import METRIC_DEFINITIONS
-from dreambooth.evaluation.results import EvaluationResult
+from dreambooth.evaluation.results import EvaluationResult, format_score
 from dreambooth.sampling import make_grid as tile_images
 
 THUMB_WIDTH = 512  # px width of the inlined grid thumbnails
@@ -70,10 +70,6 @@ def write_report(
     return write_text(out / "report.html", render_html(data, grids_by_prompt, title=title))
 
 
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def _thumbnail_uri(image: Image.Image) -> str:
     """A data: URI of the image scaled to THUMB_WIDTH, so the page needs no other file."""
     thumb = image.convert("RGB")
@@ -86,7 +82,7 @@ def _thumbnail_uri(image: Image.Image) -> str:
 
 def _overall_table(overall: Mapping[str, float | None]) -> str:
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td>"
+        f"<tr><th>{html.escape(k)}</th><td>{format_score(v)}</td>"
         f"<td>{html.escape(METRIC_DEFINITIONS.get(k, ''))}</td></tr>"
         for k, v in overall.items()
     )
@@ -107,7 +103,7 @@ def _prompt_table(per_prompt: Sequence[Mapping], grids: Mapping[str, Image.Image
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = []
     for row in per_prompt:
-        cells = "".join(f"<td>{_fmt(row['metrics'].get(k))}</td>" for k in keys)
+        cells = "".join(f"<td>{format_score(row['metrics'].get(k))}</td>" for k in keys)
         grid = grids.get(row["prompt"])
         img = f'<img src="{_thumbnail_uri(grid)}" alt="grid">' if grid is not None else ""
         body.append(f"<tr><td>{html.escape(row['prompt'])}{_prompt_note(row)}</td>"
