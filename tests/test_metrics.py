@@ -15,6 +15,14 @@ from dreambooth.evaluation.metrics import (
     weighted_mean,
     within_set_diversity,
 )
+from dreambooth.evaluation.results import (
+    DINO_KEYS,
+    STANDIN_KEYS,
+    PromptScores,
+    aggregate,
+)
+from dreambooth.evaluation.scorers import score_images, score_prompt
+from dreambooth.evaluation.selection import select_checkpoint, selection_scores
 from dreambooth.prompts import (
     LIVE_SUBJECT_PROMPTS,
     OBJECT_PROMPTS,
@@ -22,9 +30,6 @@ from dreambooth.prompts import (
     prompts_for,
     read_prompt_file,
 )
-from dreambooth.evaluation.results import DINO_KEYS, STANDIN_KEYS, PromptScores, aggregate
-from dreambooth.evaluation.scorers import score_images, score_prompt
-from dreambooth.evaluation.selection import select_checkpoint, selection_scores
 
 S = 1 / math.sqrt(2)
 

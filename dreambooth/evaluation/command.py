@@ -1,4 +1,4 @@
-"""`dreambooth evaluate`: generate the benchmark images from a run and score them.
+"""`dreambooth evaluate`: generate the paper's evaluation images from a run and score them.
 
 This is the command's orchestration (load photos and prompts, build a scorer, sample, write
 metrics.json, grids/ and report.html). Only the command line imports it; library code uses the

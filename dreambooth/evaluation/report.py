@@ -145,7 +145,8 @@ def render_html(data: Mapping, grids: Mapping[str, Image.Image], *, title: str) 
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
         f"<p>Protocol: {html.escape(data.get('protocol', ''))}. Extractors: {extractors}. "
-        f"Images: {counts}.</p>{_settings_line(data.get('settings', {}))}<h2>Overall</h2>{_overall_table(data['overall'])}"
+        f"Images: {counts}.</p>{_settings_line(data.get('settings', {}))}"
+        f"<h2>Overall</h2>{_overall_table(data['overall'])}"
         f"<ul>{notes}</ul><h2>Per prompt</h2>{_prompt_table(data['per_prompt'], grids)}"
         f"{_other_grids(data['per_prompt'], grids)}</body></html>"
     )
