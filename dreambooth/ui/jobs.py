@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dreambooth.errors import BadRequest, NotFound
 from dreambooth.ui.uploads import ID_PATTERN, new_id
 
 ACTIVE = ("queued", "running")
@@ -62,7 +63,7 @@ class JobStore:
 
     def folder(self, job_id: str) -> Path:
         if not ID_PATTERN.match(job_id or ""):
-            raise KeyError(job_id)
+            raise NotFound("no such job")
         return self.root / job_id
 
     def save(self, job: Job) -> None:
@@ -180,9 +181,7 @@ class JobRunner:
 
     def get(self, job_id: str) -> Job:
         with self._lock:
-            if job_id not in self._jobs:
-                raise KeyError(job_id)
-            return Job(**json.loads(json.dumps(asdict(self._jobs[job_id]))))  # a copy: no torn reads
+            return Job(**json.loads(json.dumps(asdict(self._job(job_id)))))  # a copy: no torn reads
 
     def list(self) -> list[Job]:
         with self._lock:
@@ -210,7 +209,7 @@ class JobRunner:
     def cancel(self, job_id: str) -> Job:
         """Queued: dropped. Running: the stop flag is set; the loop saves a checkpoint and yields Stopped."""
         with self._lock:
-            job = self._jobs[job_id]
+            job = self._job(job_id)
             if job.id in self._queue:
                 self._queue.remove(job.id)
                 job.status, job.ended = "cancelled", time.time()
@@ -224,9 +223,9 @@ class JobRunner:
 
     def resume(self, job_id: str) -> Job:
         with self._lock:
-            job = self._jobs[job_id]
+            job = self._job(job_id)
             if not resumable(job):
-                raise ValueError(f"this {job.status} job cannot be resumed" + (
+                raise BadRequest(f"this {job.status} job cannot be resumed" + (
                     ": its model did not load; start a new training with another model"
                     if job.failed_phase == "loading" else ""))
             job.status, job.error, job.ended, job.failed_phase = "queued", None, None, None
@@ -236,9 +235,15 @@ class JobRunner:
     def update(self, job_id: str, change: Callable[[Job], None]) -> Job:
         """Apply `change` to a job and persist it (used for the generated-images list)."""
         with self._lock:
-            change(self._jobs[job_id])
-            self.store.save(self._jobs[job_id])
+            change(self._job(job_id))
+            self.store.save(self._job(job_id))
             return self.get(job_id)
+
+    def _job(self, job_id: str) -> Job:
+        """The live job (callers hold the lock)."""
+        if job_id not in self._jobs:
+            raise NotFound("no such job")
+        return self._jobs[job_id]
 
     def _enqueue(self, job: Job) -> Job:
         with self._lock:

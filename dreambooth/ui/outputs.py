@@ -12,6 +12,7 @@ import threading
 import zipfile
 from pathlib import Path
 
+from dreambooth.errors import BadRequest, NotFound
 from dreambooth.ui.jobs import JobRunner
 
 # Picked from the paper's benchmark lists by phrase, so the chips stay in step with prompts.py.
@@ -55,9 +56,9 @@ class Generator:
 
         job = self.runner.get(job_id)
         if job.status != "finished":
-            raise ValueError("this job has no finished model yet; generate after training finishes")
+            raise BadRequest("this job has no finished model yet; generate after training finishes")
         if not prompt.strip():
-            raise ValueError("write a prompt, or click one of the examples")
+            raise BadRequest("write a prompt, or click one of the examples")
         num = max(1, min(int(num), MAX_IMAGES_PER_CLICK))
         run_dir = self.runner.run_dir(job_id)
         out = self.runner.folder(job_id) / "generated"
@@ -111,7 +112,7 @@ def export_file(runner: JobRunner, job_id: str, fmt: str) -> Path:
     job = runner.get(job_id)
     mode = job.config.get("train", {}).get("mode", "full")
     if job.status != "finished" or fmt not in EXPORT_FORMATS.get(mode, ()):
-        raise KeyError(fmt)
+        raise NotFound(f"no {fmt} download for this job")
     folder = runner.folder(job_id) / "exports" / fmt
     target = folder / EXPORT_NAMES[fmt]
     if not target.exists():

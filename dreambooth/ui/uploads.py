@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreambooth.errors import BadRequest, NotFound
+
 MAX_FILES = 10  # the method wants 3-10 photos; more is refused, not silently dropped
 MAX_BYTES = 25 * 1024 * 1024  # per file; a phone photo is 2-8 MB
 MAX_PIXELS = 40_000_000  # per file, checked from the header before decoding (decompression bombs)
@@ -32,7 +34,7 @@ SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF"
             "MPO": ".jpg"}
 
 
-class UploadRejected(Exception):
+class UploadRejected(BadRequest):
     """An uploaded file cannot be used; the message says why and is shown to the user."""
 
 
@@ -87,7 +89,7 @@ class PhotoStore:
 
     def folder(self, set_id: str) -> Path:
         if not ID_PATTERN.match(set_id or ""):
-            raise KeyError(set_id)
+            raise NotFound("no such photo set")
         return self.root / set_id
 
     def images_dir(self, set_id: str) -> Path:
@@ -96,7 +98,7 @@ class PhotoStore:
     def get(self, set_id: str) -> PhotoSet:
         path = self.folder(set_id) / "set.json"
         if not path.exists():
-            raise KeyError(set_id)
+            raise NotFound("no such photo set")
         data = json.loads(path.read_text())
         return PhotoSet(data["id"], [Photo(**p) for p in data["photos"]], data.get("rejected", []))
 
@@ -153,10 +155,10 @@ class PhotoStore:
 
     def thumb(self, set_id: str, photo_id: str) -> Path:
         if not ID_PATTERN.match(photo_id or ""):
-            raise KeyError(photo_id)
+            raise NotFound("no such photo")
         path = self.folder(set_id) / "thumbs" / f"{photo_id}.jpg"
         if not path.is_file():
-            raise KeyError(photo_id)
+            raise NotFound("no such photo")
         return path
 
     def copy_images(self, set_id: str, dest: Path) -> PhotoSet:
