@@ -43,13 +43,6 @@ def register(sub) -> None:
     u.set_defaults(func=cmd_ui)
 
 
-def _not_ready(what: str) -> int:
-    import sys
-
-    print(f"error: '{what}' is not available in this version yet", file=sys.stderr)
-    return 2
-
-
 def cmd_export(args) -> int:
     """Errors (existing output, LoRA format of a full run, ...) are DreamboothErrors: cli.main reports them."""
     from dreambooth.formats.exporters import export
