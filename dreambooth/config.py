@@ -13,9 +13,11 @@ from pathlib import Path
 import yaml
 
 from dreambooth.config_ranges import MANY, SEED_MAX, bound_problems, field_range, range_text
+from dreambooth.data.decode import DEFAULT_MAX_PIXELS
 from dreambooth.errors import ConfigError, Problem
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
+SAMPLERS = ("dpmpp", "ddim", "pndm", "euler")  # the names `sampling.SAMPLER_CLASSES` maps to schedulers
 
 
 def _f(default, help: str, lo=None, hi=None, *, above: bool = False, multiple: int | None = None):
@@ -57,7 +59,7 @@ class DataConfig:
     resolution: int = _f(512, "training resolution in pixels (square)", 64, 2048, multiple=8)
     crop: str = _f("center", "center or random crop after resizing the short side")
     flip_prob: float = _f(0.5, "probability of a horizontal flip per example", 0, 1)
-    max_pixels: int = _f(64_000_000, "refuse images with more pixels (decompression bombs)", 0, 1_000_000_000,
+    max_pixels: int = _f(DEFAULT_MAX_PIXELS, "refuse images with more pixels (decompression bombs)", 0, 1_000_000_000,
                           above=True)
 
     def problems(self) -> list[Problem]:
@@ -78,7 +80,7 @@ class PriorConfig:
     negative_prompt: str = _f("", "negative prompt for class-image generation")
     steps: int = _f(25, "sampler steps per class image", 1, 1000)
     guidance: float = _f(7.5, "classifier-free guidance scale for class images", 0, 50)
-    sampler: str = _f("dpmpp", "dpmpp, ddim, pndm or euler")
+    sampler: str = _f("dpmpp", f"one of {', '.join(SAMPLERS)}")
     batch_size: int = _f(4, "class images generated per batch", 1, 256)
     compile: bool = _f(False, "CUDA: torch.compile the UNet for class images (pays off for a few hundred images)")
     seed: int = _f(0, "seed of class image i is derived from (seed, i)", 0, SEED_MAX)
@@ -187,7 +189,6 @@ class EvalConfig:
         ])
 
 
-SAMPLERS = ("dpmpp", "ddim", "pndm", "euler")
 OPTIMIZERS = ("adamw", "adamwfp8", "adamw8bit", "adamw8bit_torchao", "adamwfp8_torchao")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")

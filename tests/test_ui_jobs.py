@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dreambooth.data.decode import decode_image
 from dreambooth.errors import BadRequest, NotFound
 from dreambooth.training import events as ev
 from dreambooth.ui.api import App
@@ -240,6 +241,24 @@ def test_upload_rejects_bombs_non_images_and_pickles(tmp_path):
         store.add(photo_set.id, "cut.png", png_bytes()[:-40])
     assert store.get(photo_set.id).photos == []
     assert not list((tmp_path / photo_set.id / "images").glob("*"))  # nothing rejected stays on disk
+
+
+def test_a_photo_the_training_check_accepts_is_not_refused_by_the_upload(tmp_path):
+    """One pixel limit: a 48 MP phone photo passes the library's decode, so the page takes it too."""
+    photo = png_bytes(size=(8000, 6000), colour=(90, 120, 60))
+    (tmp_path / "phone.png").write_bytes(photo)
+    assert decode_image(tmp_path / "phone.png").image.size == (8000, 6000)
+    store = PhotoStore(tmp_path / "uploads")
+    photo_set = store.create()
+    assert store.add(photo_set.id, "phone.png", photo).width == 8000
+
+
+def test_the_page_offers_only_formats_the_exporters_write():
+    from dreambooth.formats.exporters import FORMATS
+    from dreambooth.ui.outputs import EXPORT_FORMATS, EXPORT_LABELS, EXPORT_NAMES
+
+    offered = {fmt for formats in EXPORT_FORMATS.values() for fmt in formats}
+    assert offered == set(EXPORT_LABELS) == set(EXPORT_NAMES) and offered <= set(FORMATS)
 
 
 def test_upload_names_are_never_paths(tmp_path):

@@ -22,11 +22,14 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreambooth.data.decode import DEFAULT_MAX_PIXELS
 from dreambooth.errors import BadRequest, NotFound
 
 MAX_FILES = 10  # the method wants 3-10 photos; more is refused, not silently dropped
 MAX_BYTES = 25 * 1024 * 1024  # per file; a phone photo is 2-8 MB
-MAX_PIXELS = 40_000_000  # per file, checked from the header before decoding (decompression bombs)
+# per file, checked from the header before decoding (decompression bombs); the training check's limit,
+# so every photo the page accepts also trains
+MAX_PIXELS = DEFAULT_MAX_PIXELS
 THUMB_SIZE = 256
 ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 # Pillow format name -> the suffix we store it under (suffix chosen by content, never by the upload).
