@@ -3,7 +3,8 @@ from dataclasses import fields
 
 import pytest
 
-from dreambooth.config import GROUPS, SAMPLERS, describe_config, list_presets, load_config, read_run_config, save_config
+from dreambooth.config import GROUPS, SAMPLERS, describe_config, load_config, read_run_config, save_config
+from dreambooth.config_files import list_presets
 from dreambooth.errors import ConfigError
 from dreambooth.training.loop import resume_config
 

@@ -41,7 +41,7 @@ def hub_online() -> bool:
 
 def preset_for(purpose: str, model: str) -> str:
     """The YAML preset for a purpose and base model; falls back to the SD 1.5 one."""
-    from dreambooth.config import list_presets
+    from dreambooth.config_files import list_presets
 
     if purpose not in PRESETS:
         raise DreamboothError("unknown preset", [Problem("preset", f"{purpose!r}: use {', '.join(PRESETS)}")])
