@@ -11,6 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dreambooth.errors import BadRequest, DreamboothError, NotFound, Problem
+from dreambooth.models.builtin import cache_root
+from dreambooth.prompts import fill_prompt
 from dreambooth.ui import outputs, settings
 from dreambooth.ui.jobs import Job, JobRunner, TrainFn, resumable
 from dreambooth.ui.uploads import MAX_BYTES, MAX_FILES, MAX_PIXELS, PhotoStore, UploadRejected, display_name
@@ -38,15 +40,11 @@ def job_name(form: dict) -> str:
 
 def sample_prompts(config: dict) -> list[str]:
     """The filled prompts of the validation grids' rows, so the page can label them."""
-    from dreambooth.prompts import fill_prompt
-
     data, out = config.get("data", {}), config.get("output", {})
     return [fill_prompt(p, data.get("identifier", ""), data.get("class_noun", "")) for p in out.get("sample_prompts", [])]
 
 
 def default_workspace() -> Path:
-    from dreambooth.models.builtin import cache_root
-
     return cache_root() / "ui"
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreambooth.atomic import replace_file, temporary_name, write_json
 from dreambooth.data.decode import DEFAULT_MAX_PIXELS
 from dreambooth.errors import BadRequest, NotFound
 
@@ -188,7 +189,7 @@ class PhotoStore:
             raise UploadRejected("is empty")
         folder = self.folder(set_id)
         folder.mkdir(parents=True, exist_ok=True)
-        incoming = folder / f".incoming-{new_id()}"
+        incoming = temporary_name(folder / "incoming")  # private until checked, then renamed into images/
         incoming.write_bytes(data)
         try:
             return (incoming, *verify_image(incoming))
@@ -210,9 +211,7 @@ class PhotoStore:
     def _save(self, photo_set: PhotoSet) -> None:
         folder = self.folder(photo_set.id)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "set.json.tmp"
-        tmp.write_text(json.dumps(asdict(photo_set), indent=1))
-        tmp.replace(folder / "set.json")
+        write_json(folder / "set.json", asdict(photo_set))
 
 
 def verify_image(path: Path) -> tuple[str, Image.Image, bool]:
@@ -252,4 +251,4 @@ def write_thumb(image: Image.Image, path: Path) -> None:
     """An upright JPEG thumbnail, so the page shows the photo the way training will see it."""
     thumb = image.convert("RGB")
     thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
-    thumb.save(path, "JPEG", quality=85)
+    replace_file(path, lambda tmp: thumb.save(tmp, "JPEG", quality=85))
