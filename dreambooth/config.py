@@ -1,7 +1,8 @@
-"""Run configuration: one frozen dataclass per group, YAML presets, dotted `--set` overrides.
+"""Run configuration: one frozen dataclass per group, built from a preset, overrides and `--set` values.
 
 Every check runs before any weights load, and all problems are reported together in one
-`ConfigError` (torchtune's `config.validate` style). Help text sits next to each field.
+`ConfigError` (torchtune's `config.validate` style). Help text sits next to each field; reading
+the YAML side (presets, `--set` strings) is `config_files`.
 """
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from pathlib import Path
 
 import yaml
 
+from dreambooth.atomic import write_text
+from dreambooth.config_files import parse_dotted, read_preset
 from dreambooth.config_ranges import MANY, SEED_MAX, bound_problems, field_range, range_text
+from dreambooth.data.decode import DEFAULT_MAX_PIXELS
 from dreambooth.errors import ConfigError, Problem
 
-PRESET_DIR = Path(__file__).resolve().parent / "configs"
+SAMPLERS = ("dpmpp", "ddim", "pndm", "euler")  # the names `sampling.SAMPLER_CLASSES` maps to schedulers
 
 
 def _f(default, help: str, lo=None, hi=None, *, above: bool = False, multiple: int | None = None):
@@ -57,7 +61,7 @@ class DataConfig:
     resolution: int = _f(512, "training resolution in pixels (square)", 64, 2048, multiple=8)
     crop: str = _f("center", "center or random crop after resizing the short side")
     flip_prob: float = _f(0.5, "probability of a horizontal flip per example", 0, 1)
-    max_pixels: int = _f(64_000_000, "refuse images with more pixels (decompression bombs)", 0, 1_000_000_000,
+    max_pixels: int = _f(DEFAULT_MAX_PIXELS, "refuse images with more pixels (decompression bombs)", 0, 1_000_000_000,
                           above=True)
 
     def problems(self) -> list[Problem]:
@@ -78,7 +82,7 @@ class PriorConfig:
     negative_prompt: str = _f("", "negative prompt for class-image generation")
     steps: int = _f(25, "sampler steps per class image", 1, 1000)
     guidance: float = _f(7.5, "classifier-free guidance scale for class images", 0, 50)
-    sampler: str = _f("dpmpp", "dpmpp, ddim, pndm or euler")
+    sampler: str = _f("dpmpp", f"one of {', '.join(SAMPLERS)}")
     batch_size: int = _f(4, "class images generated per batch", 1, 256)
     compile: bool = _f(False, "CUDA: torch.compile the UNet for class images (pays off for a few hundred images)")
     seed: int = _f(0, "seed of class image i is derived from (seed, i)", 0, SEED_MAX)
@@ -101,10 +105,8 @@ class TrainConfig:
     lr: float = _f(5e-6, "UNet learning rate (paper: 5e-6 full; LoRA wants ~1e-4)", 0, 1, above=True)
     lr_schedule: str = _f("constant", "constant, constant_with_warmup, linear or cosine")
     warmup_steps: int = _f(0, "learning-rate warm-up steps", 0, MANY)
-    optimizer: str = _f("adamw", "adamw; adamwfp8 (FP8 moments in blocks of 256, 1/4 of AdamW's state memory, one "
-                                 "fused Triton kernel on NVIDIA GPUs of compute capability 8.9+, torch ops elsewhere); "
-                                 "adamw8bit (bitsandbytes, bnb extra); adamw8bit_torchao or adamwfp8_torchao (torchao, "
-                                 "lean extra: compiled kernels; its FP8 one needs compute capability 8.9+)")
+    optimizer: str = _f("adamw", "adamw; adamwfp8 (FP8 moments: a quarter of AdamW's state memory); adamw8bit "
+                                 "(bnb extra); adamw8bit_torchao or adamwfp8_torchao (lean extra)")
     weight_decay: float = _f(1e-2, "AdamW weight decay", 0, 1)
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)", 0, 1000)
     train_text_encoder: bool = _f(False, "also fine-tune the text encoder")
@@ -124,9 +126,8 @@ class TrainConfig:
     seed: int = _f(0, "seed of noise, timesteps and data order; step k's randomness depends on (seed, k)",
                    0, SEED_MAX)
     fast: str = _f("auto", "auto (with CUDA), always or never: the static-shape step of training/fast.py, same math")
-    compile: str = _f("none", "torch.compile the UNet in the fast step: none, default, reduce-overhead, "
-                              "max-autotune-no-cudagraphs (H100, default: +31 % full, +50 % LoRA steps/s after 3-4 min "
-                              "of compiling)")
+    compile: str = _f("none", "torch.compile the UNet in the fast step: none, default, reduce-overhead or "
+                              "max-autotune-no-cudagraphs (faster steps after minutes of compiling)")
     cuda_graph: bool = _f(True, "fast step on CUDA: replay forward+backward as one CUDA graph")
     channels_last: bool = _f(True, "CUDA only: UNet and VAE in channels-last memory layout (faster convolutions)")
 
@@ -187,7 +188,6 @@ class EvalConfig:
         ])
 
 
-SAMPLERS = ("dpmpp", "ddim", "pndm", "euler")
 OPTIMIZERS = ("adamw", "adamwfp8", "adamw8bit", "adamw8bit_torchao", "adamwfp8_torchao")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -231,55 +231,6 @@ def load_config(preset: str | Path | None = None, overrides: dict | None = None,
                 data[group] = dict(values)
             # else: not a mapping; build_config names it
     return build_config(data, problems)
-
-
-def read_preset(preset: str | Path) -> dict:
-    path = Path(preset)
-    if not path.exists():
-        path = PRESET_DIR / f"{preset}.yaml"
-    if not path.exists():
-        raise ConfigError(f"unknown preset {preset!r}",
-                          [Problem(str(preset), f"use a YAML file or one of: {', '.join(list_presets())}")])
-    return read_yaml_mapping(path, "the preset")
-
-
-def read_yaml_mapping(path: Path, what: str) -> dict:
-    """A YAML file of `group: {key: value}`; unreadable, malformed or non-mapping YAML is a ConfigError."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {what} {path}", [Problem(str(path), str(e))]) from e
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise ConfigError(f"{what} {path} is not valid YAML", [Problem(str(path), (
-            f"{getattr(e, 'problem', None) or e}{where}; fix the file, or start a new run if it was "
-            "damaged"))]) from e
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path} is not a mapping", [Problem(str(path), (
-            f"holds a {type(data).__name__}; expected groups such as 'train:' with 'key: value' lines"))])
-    return data
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-
-
-def parse_dotted(items, problems: list[Problem]) -> dict:
-    out: dict = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        group, dot, name = key.strip().partition(".")
-        if not sep or not dot:
-            problems.append(Problem(item, "use --set group.key=value, e.g. train.lr=1e-5"))
-            continue
-        try:
-            out.setdefault(group, {})[name] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            problems.append(Problem(key.strip(), f"{raw!r} is not a valid value; quote it or fix the brackets"))
-    return out
 
 
 def build_config(data: dict, problems: list[Problem] | None = None) -> RunConfig:
@@ -351,7 +302,7 @@ def _type_name(hint) -> str:
 
 
 def save_config(config: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def read_run_config(path: Path) -> RunConfig:

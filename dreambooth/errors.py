@@ -60,6 +60,14 @@ class TrainingDiverged(DreamboothError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class BadRequest(DreamboothError):
+    """A web app request the user can fix (a bad number, an unusable upload); answered as 400."""
+
+
+class NotFound(DreamboothError):
+    """A job, photo set, photo or file asked for by id or name that does not exist; answered as 404."""
+
+
 def raise_if_errors(summary: str, problems: list[Problem], error_type: type[DreamboothError]) -> None:
     """Raise `error_type` with all problems when any of them is an error."""
     if any(p.severity == "error" for p in problems):

@@ -122,3 +122,16 @@ def test_train_refuses_unknown_export_format_before_training(tmp_path, subject_d
                  "--output", str(tmp_path / "run"), "--export", "lora-kohya,ckpt"])
     err = capsys.readouterr().err
     assert code == 2 and "ckpt" in err and "lora-kohya" in err and not (tmp_path / "run").exists()
+
+
+def test_help_config_lists_every_key_and_exits(capsys):
+    """The README points users at `train --help-config`: it prints every group.key with its default."""
+    from dreambooth.config import GROUPS
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--help-config"])
+    assert exited.value.code == 0
+    printed = capsys.readouterr().out
+    for group, cls in GROUPS.items():
+        for name in cls.__dataclass_fields__:
+            assert f"{group}.{name} = " in printed

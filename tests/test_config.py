@@ -3,7 +3,8 @@ from dataclasses import fields
 
 import pytest
 
-from dreambooth.config import GROUPS, describe_config, list_presets, load_config, read_run_config, save_config
+from dreambooth.config import GROUPS, SAMPLERS, describe_config, load_config, read_run_config, save_config
+from dreambooth.config_files import list_presets
 from dreambooth.errors import ConfigError
 from dreambooth.training.loop import resume_config
 
@@ -93,3 +94,10 @@ def test_a_whole_float_for_an_int_field_gets_the_range_message():
         load_config("tiny", {**REQUIRED, "prior": {"num_images": 1e9}})
     assert [str(p) for p in info.value.problems] == ["error: prior.num_images: 1000000000: must be in [0, 10000]"]
     assert load_config("tiny", {**REQUIRED, "train": {"steps": 7.0}}).train.steps == 7
+
+
+def test_the_config_offers_exactly_the_samplers_sampling_can_build():
+    """config.SAMPLERS is the light copy the CLI and config validation read (sampling imports torch)."""
+    from dreambooth.sampling import SAMPLER_CLASSES
+
+    assert SAMPLERS == tuple(SAMPLER_CLASSES)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import socket
 import threading
 import urllib.error
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
+from dreambooth.errors import BadRequest, Problem
 from dreambooth.ui.api import App
 from dreambooth.ui.guard import make_policy
 from dreambooth.ui.server import BackgroundServer
@@ -127,6 +129,30 @@ def test_generate_numbers_are_checked_and_named(app, url, body):
     assert status == 400 and json.loads(answer)["error"].startswith(field.pop())
 
 
+def test_a_bug_in_a_handler_is_a_logged_500_and_a_project_error_keeps_its_4xx(app, url, monkeypatch, caplog):
+    """A KeyError from a bug is no 'not found': it answers 500 and leaves its traceback in the log."""
+    def bug():
+        raise KeyError("a bug, not a missing job")
+
+    monkeypatch.setattr(app, "info", bug)
+    with caplog.at_level(logging.ERROR, logger="dreambooth.ui.server"):
+        status, answer, _ = request(url + "/api/info")
+    assert status == 500 and "internal error" in json.loads(answer)["error"]
+    logged = [r for r in caplog.records if r.name == "dreambooth.ui.server"]
+    assert logged and logged[0].exc_info[0] is KeyError and "/api/info" in logged[0].getMessage()
+
+    def refused():
+        raise BadRequest("that cannot be done", [Problem("Steps", "use at most 100")])
+
+    monkeypatch.setattr(app, "info", refused)
+    status, answer, _ = request(url + "/api/info")
+    assert status == 400 and json.loads(answer) == {
+        "error": "that cannot be done", "problems": [{"where": "Steps", "severity": "error", "message": "use at most 100"}]}
+    monkeypatch.setattr(app, "info", lambda: app.runner.get("0123456789ab"))  # a well-formed id of no job
+    status, answer, _ = request(url + "/api/info")
+    assert status == 404 and json.loads(answer)["error"] == "no such job"
+
+
 def test_every_answer_refuses_framing(url):
     for path in ("/", "/api/info", "/api/nothing-here"):
         _, _, headers = request(url + path)
@@ -213,6 +239,7 @@ import sys, time
 from pathlib import Path
 import dreambooth.config
 from dreambooth.training import events as ev
+from dreambooth.errors import BadRequest, Problem
 from dreambooth.ui.api import App
 from dreambooth.ui.server import serve
 

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dreambooth.data.decode import decode_image
+from dreambooth.errors import BadRequest, NotFound
 from dreambooth.training import events as ev
-from dreambooth.ui.api import App, ProblemsError
+from dreambooth.ui.api import App
 from dreambooth.ui.jobs import JobRunner
+from dreambooth.ui.settings import problems_json
 from dreambooth.ui.uploads import MAX_BYTES, MAX_FILES, PhotoStore, UploadRejected
 
 
@@ -141,7 +144,7 @@ def test_a_job_whose_model_did_not_load_offers_no_resume(tmp_path, monkeypatch):
     job = app.runner.submit("sks dog", {}, lambda images: {"train": {"steps": 3}})
     wait_for(lambda: app.runner.get(job.id).status == "failed")
     assert app.job_json(job.id)["resumable"] is False
-    with pytest.raises(ValueError, match="model did not load"):
+    with pytest.raises(BadRequest, match="model did not load"):
         app.resume(job.id)
     app.shutdown()
 
@@ -190,10 +193,10 @@ def test_cancel_real_training_keeps_checkpoint_and_resume_finishes(tmp_path, sub
 def test_submit_lists_every_problem_before_anything_loads(tmp_path):
     app = App(tmp_path).start()
     photo_set = app.photos.create()
-    with pytest.raises(ProblemsError) as raised:
+    with pytest.raises(BadRequest) as raised:
         app.submit({"set_id": photo_set.id, "form": {"identifier": "two words", "class_noun": "",
                                                         "model": "no/such/model/here"}})
-    text = json.dumps(raised.value.problems)
+    text = json.dumps(problems_json(raised.value.problems))
     for expected in ("Class noun", "Identifier", "no/such/model/here", "add 3-10 photos"):
         assert expected in text
     for config_word in ("data.class_noun", "--class-noun"):  # the page speaks the user's words
@@ -240,6 +243,24 @@ def test_upload_rejects_bombs_non_images_and_pickles(tmp_path):
     assert not list((tmp_path / photo_set.id / "images").glob("*"))  # nothing rejected stays on disk
 
 
+def test_a_photo_the_training_check_accepts_is_not_refused_by_the_upload(tmp_path):
+    """One pixel limit: a 48 MP phone photo passes the library's decode, so the page takes it too."""
+    photo = png_bytes(size=(8000, 6000), colour=(90, 120, 60))
+    (tmp_path / "phone.png").write_bytes(photo)
+    assert decode_image(tmp_path / "phone.png").image.size == (8000, 6000)
+    store = PhotoStore(tmp_path / "uploads")
+    photo_set = store.create()
+    assert store.add(photo_set.id, "phone.png", photo).width == 8000
+
+
+def test_the_page_offers_only_formats_the_exporters_write():
+    from dreambooth.formats.exporters import FORMATS
+    from dreambooth.ui.outputs import EXPORT_FORMATS, EXPORT_LABELS, EXPORT_NAMES
+
+    offered = {fmt for formats in EXPORT_FORMATS.values() for fmt in formats}
+    assert offered == set(EXPORT_LABELS) == set(EXPORT_NAMES) and offered <= set(FORMATS)
+
+
 def test_upload_names_are_never_paths(tmp_path):
     store = PhotoStore(tmp_path / "uploads")
     photo_set = store.create()
@@ -250,7 +271,7 @@ def test_upload_names_are_never_paths(tmp_path):
     assert stored == sorted([photo.stored_name, also.stored_name])
     assert all(name.startswith((photo.id, also.id)) and name.endswith(".png") for name in stored)
     assert not (tmp_path / "evil.png").exists() and not list(tmp_path.rglob("evil.png"))
-    with pytest.raises(KeyError):
+    with pytest.raises(NotFound):
         store.images_dir("../x")
 
 
@@ -306,13 +327,13 @@ def test_settings_out_of_range_or_unreadable_are_refused_in_the_pages_words(tmp_
         app.upload(photo_set.id, path.name, path.read_bytes())
     base = {"identifier": "sks", "class_noun": "dog", "model": "tiny-random", "preset": "fast-lora"}
     bad = {"class_images": 1e9, "steps": 1e8, "lr": 1e308, "resolution": 100000}
-    with pytest.raises(ProblemsError) as raised:
+    with pytest.raises(BadRequest) as raised:
         app.submit({"set_id": photo_set.id, "form": dict(base, **bad)})
-    wheres = {p["where"] for p in raised.value.problems}
+    wheres = {p.where for p in raised.value.problems}
     assert {"Class images", "Steps", "Learning rate", "Resolution"} <= wheres
-    with pytest.raises(ProblemsError) as raised:  # a typo is named, never replaced by the preset's value
+    with pytest.raises(BadRequest) as raised:  # a typo is named, never replaced by the preset's value
         app.submit({"set_id": photo_set.id, "form": dict(base, lr="abc", identifier="x" * 10_000)})
-    text = json.dumps(raised.value.problems)
+    text = json.dumps(problems_json(raised.value.problems))
     assert "Learning rate" in text and "'abc' is not a number" in text
     assert "Identifier" in text and "at most 32" in text
     assert app.check_identifier("x" * 10_000, "dog")["problems"][0]["message"].startswith("is 10000 characters")

@@ -1,4 +1,4 @@
-"""The `dreambooth` command: argument parsing in `main`, the larger subcommands in `commands`."""
+"""The `dreambooth` command: the parser and `main` in `cli.main`, the commands in `cli.train` and `cli.commands`."""
 from dreambooth.cli.main import main
 
 __all__ = ["main"]

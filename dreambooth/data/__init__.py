@@ -1,10 +1,5 @@
-"""Subject image loading and validation: EXIF, modes, size, corruption, duplicates."""
-from dreambooth.data.images import (
-    ImageCheckReport,
-    SubjectImage,
-    check_images,
-    load_rgb,
-    prepare_image,
-)
+"""Subject image loading and validation: EXIF, modes, size, corruption, duplicates.
 
-__all__ = ["ImageCheckReport", "SubjectImage", "check_images", "load_rgb", "prepare_image"]
+`decode` opens one photo safely, `images` checks a folder and prepares training images (torch),
+`similarity` finds duplicates. Nothing is imported here, so reading `decode`'s limits stays cheap.
+"""

@@ -10,20 +10,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from dreambooth.errors import DreamboothError
+from dreambooth.errors import BadRequest, DreamboothError, NotFound, Problem
+from dreambooth.models.builtin import cache_root
+from dreambooth.prompts import fill_prompt
 from dreambooth.ui import outputs, settings
 from dreambooth.ui.jobs import Job, JobRunner, TrainFn, resumable
 from dreambooth.ui.uploads import MAX_BYTES, MAX_FILES, MAX_PIXELS, PhotoStore, UploadRejected, display_name
 
 SAFE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
-
-
-class ProblemsError(Exception):
-    """A request the user can fix; the page shows the message and each problem."""
-
-    def __init__(self, message: str, problems: list[dict] | None = None):
-        super().__init__(message)
-        self.message, self.problems = message, problems or []
 
 
 def whole_number(body: dict, key: str, default: int, low: int, high: int) -> int:
@@ -32,7 +26,7 @@ def whole_number(body: dict, key: str, default: int, low: int, high: int) -> int
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ProblemsError(f"{key}: {str(value)[:40]!r} is not a whole number from {low} to {high}")
+        raise BadRequest(f"{key}: {str(value)[:40]!r} is not a whole number from {low} to {high}")
     return value
 
 
@@ -46,15 +40,11 @@ def job_name(form: dict) -> str:
 
 def sample_prompts(config: dict) -> list[str]:
     """The filled prompts of the validation grids' rows, so the page can label them."""
-    from dreambooth.prompts import fill_prompt
-
     data, out = config.get("data", {}), config.get("output", {})
     return [fill_prompt(p, data.get("identifier", ""), data.get("class_noun", "")) for p in out.get("sample_prompts", [])]
 
 
 def default_workspace() -> Path:
-    from dreambooth.models.builtin import cache_root
-
     return cache_root() / "ui"
 
 
@@ -83,10 +73,7 @@ class App:
                 "limits": {"files": MAX_FILES, "bytes": MAX_BYTES, "pixels": MAX_PIXELS}}
 
     def presets(self, purpose: str, model: str) -> dict:
-        try:
-            return settings.preset_defaults(purpose, model)
-        except DreamboothError as err:
-            raise ProblemsError(err.summary, settings.problems_json(err.problems)) from None
+        return settings.preset_defaults(purpose, model)
 
     # --- photos ----------------------------------------------------------------------------------
     def new_set(self) -> dict:
@@ -104,7 +91,7 @@ class App:
         try:
             photo = self.photos.add(set_id, name, data)
         except UploadRejected as rejected:
-            raise ProblemsError(f"{display_name(name)} {rejected}") from None
+            raise BadRequest(f"{display_name(name)} {rejected.summary}") from None
         return {"id": photo.id, "name": photo.original_name}
 
     def delete_photo(self, set_id: str, photo_id: str) -> dict:
@@ -131,15 +118,16 @@ class App:
         set_id, form = str(body.get("set_id", "")), dict(body.get("form") or {})
         photo_set = self.photos.get(set_id)
         problems = settings.model_problems(str(form.get("model", "tiny-random")))
-        blocking = [p for p in self.get_set(set_id)["problems"] if p["severity"] == "error"]
-        if not photo_set.photos:
-            blocking.append({"severity": "error", "message": "add 3-10 photos of your subject first"})
         try:
             settings.build_run_config(form, self.photos.images_dir(set_id))
         except DreamboothError as err:
             problems += err.problems
-        if problems or blocking:
-            raise ProblemsError("fix these before training", settings.problems_json(problems) + blocking)
+        # photo problems are already in the page's words; they name no field, so `where` stays empty
+        problems += [Problem("", p["message"]) for p in self.get_set(set_id)["problems"] if p["severity"] == "error"]
+        if not photo_set.photos:
+            problems.append(Problem("", "add 3-10 photos of your subject first"))
+        if problems:
+            raise BadRequest("fix these before training", problems)
 
         def prepare(images_dir: Path) -> dict:
             frozen = self.photos.copy_images(set_id, images_dir)  # exactly the photos the page shows
@@ -187,10 +175,7 @@ class App:
     def generate(self, job_id: str, body: dict) -> dict:
         numbers = {key: whole_number(body, key, default, low, high) for key, default, low, high in
                    [("num", 4, 1, outputs.MAX_IMAGES_PER_CLICK), ("seed", 0, 0, 2**32 - 1), ("steps", 25, 1, 150)]}
-        try:
-            items = self.generator.generate(job_id, str(body.get("prompt", ""))[:2000], **numbers)
-        except DreamboothError as err:
-            raise ProblemsError(err.summary, settings.problems_json(err.problems)) from None
+        items = self.generator.generate(job_id, str(body.get("prompt", ""))[:2000], **numbers)
         base = f"/api/jobs/{job_id}"
         return {"images": [dict(g, url=f"{base}/generated/{g['file']}") for g in items]}
 
@@ -204,13 +189,13 @@ class App:
 
     def job_file(self, job_id: str, kind: str, name: str) -> Path:
         """A file of a job by kind and plain name; anything else is 'not found'."""
-        if not SAFE_FILE.match(name):
-            raise KeyError(name)
-        folder = {"samples": self.runner.run_dir(job_id) / "samples", "final": self.runner.run_dir(job_id) / "final",
-                  "generated": self.runner.folder(job_id) / "generated"}[kind]
-        path = (folder / name).resolve()
-        if path.parent != folder.resolve() or not path.is_file():
-            raise KeyError(name)
+        folders = {"samples": self.runner.run_dir(job_id) / "samples", "final": self.runner.run_dir(job_id) / "final",
+                   "generated": self.runner.folder(job_id) / "generated"}
+        if not SAFE_FILE.match(name) or kind not in folders:
+            raise NotFound("not found")
+        path = (folders[kind] / name).resolve()
+        if path.parent != folders[kind].resolve() or not path.is_file():
+            raise NotFound("not found")
         return path
 
     def job_zip(self, job_id: str, kind: str) -> Path:
@@ -220,8 +205,5 @@ class App:
         return outputs.generated_zip(self.runner, job_id)
 
     def export(self, job_id: str, fmt: str) -> Path:
-        try:
-            return outputs.export_file(self.runner, job_id, fmt)
-        except DreamboothError as err:
-            raise ProblemsError(err.summary, settings.problems_json(err.problems)) from None
+        return outputs.export_file(self.runner, job_id, fmt)
 

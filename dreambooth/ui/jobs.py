@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dreambooth import config as run_config  # a module reference: tests replace build_config
+from dreambooth.atomic import write_json
+from dreambooth.errors import BadRequest, DreamboothError, NotFound
+from dreambooth.training import events as ev
+from dreambooth.training.loop import train_events
 from dreambooth.ui.uploads import ID_PATTERN, new_id
 
 ACTIVE = ("queued", "running")
@@ -62,16 +67,14 @@ class JobStore:
 
     def folder(self, job_id: str) -> Path:
         if not ID_PATTERN.match(job_id or ""):
-            raise KeyError(job_id)
+            raise NotFound("no such job")
         return self.root / job_id
 
     def save(self, job: Job) -> None:
         self.versions[job.id] = self.versions.get(job.id, 0) + 1  # what the progress streams watch
         folder = self.folder(job.id)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "job.json.tmp"
-        tmp.write_text(json.dumps(asdict(job), indent=1))
-        tmp.replace(folder / "job.json")  # atomic: a crash never leaves half a file
+        write_json(folder / "job.json", asdict(job))  # atomic: a crash never leaves half a file
 
     def load_all(self) -> list[Job]:
         known = set(Job.__dataclass_fields__)
@@ -84,7 +87,6 @@ class JobStore:
 
 def apply_event(job: Job, event, run_dir: Path) -> None:
     """Fold one training event into the job's visible state."""
-    from dreambooth.training import events as ev  # here, not at the top: importing training loads torch
     if isinstance(event, ev.Notice):
         job.notices.append(event.message)
     elif isinstance(event, ev.ClassImagesProgress):
@@ -131,7 +133,7 @@ class JobRunner:
 
     def __init__(self, workspace: Path, train_fn: TrainFn | None = None):
         self.store = JobStore(Path(workspace) / "jobs")
-        self._train_fn = train_fn
+        self._train_fn = train_fn or train_events
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         self._jobs: dict[str, Job] = {}
@@ -180,9 +182,7 @@ class JobRunner:
 
     def get(self, job_id: str) -> Job:
         with self._lock:
-            if job_id not in self._jobs:
-                raise KeyError(job_id)
-            return Job(**json.loads(json.dumps(asdict(self._jobs[job_id]))))  # a copy: no torn reads
+            return Job(**json.loads(json.dumps(asdict(self._job(job_id)))))  # a copy: no torn reads
 
     def list(self) -> list[Job]:
         with self._lock:
@@ -210,7 +210,7 @@ class JobRunner:
     def cancel(self, job_id: str) -> Job:
         """Queued: dropped. Running: the stop flag is set; the loop saves a checkpoint and yields Stopped."""
         with self._lock:
-            job = self._jobs[job_id]
+            job = self._job(job_id)
             if job.id in self._queue:
                 self._queue.remove(job.id)
                 job.status, job.ended = "cancelled", time.time()
@@ -224,9 +224,9 @@ class JobRunner:
 
     def resume(self, job_id: str) -> Job:
         with self._lock:
-            job = self._jobs[job_id]
+            job = self._job(job_id)
             if not resumable(job):
-                raise ValueError(f"this {job.status} job cannot be resumed" + (
+                raise BadRequest(f"this {job.status} job cannot be resumed" + (
                     ": its model did not load; start a new training with another model"
                     if job.failed_phase == "loading" else ""))
             job.status, job.error, job.ended, job.failed_phase = "queued", None, None, None
@@ -236,9 +236,15 @@ class JobRunner:
     def update(self, job_id: str, change: Callable[[Job], None]) -> Job:
         """Apply `change` to a job and persist it (used for the generated-images list)."""
         with self._lock:
-            change(self._jobs[job_id])
-            self.store.save(self._jobs[job_id])
+            change(self._job(job_id))
+            self.store.save(self._job(job_id))
             return self.get(job_id)
+
+    def _job(self, job_id: str) -> Job:
+        """The live job (callers hold the lock)."""
+        if job_id not in self._jobs:
+            raise NotFound("no such job")
+        return self._jobs[job_id]
 
     def _enqueue(self, job: Job) -> Job:
         with self._lock:
@@ -267,14 +273,11 @@ class JobRunner:
                     self._stops.pop(job.id, None)
 
     def _train(self, job: Job, stop: threading.Event) -> None:
-        from dreambooth.config import build_config
-        from dreambooth.errors import DreamboothError
-
         run_dir = self.run_dir(job.id)
         try:
-            config = build_config(job.config)
+            config = run_config.build_config(job.config)
             resume = job.resume_next
-            events = self._trainer()(config, run_dir, resume=resume, overwrite=not resume, stop=stop)
+            events = self._train_fn(config, run_dir, resume=resume, overwrite=not resume, stop=stop)
             for event in events:
                 with self._lock:
                     apply_event(job, event, run_dir)
@@ -295,10 +298,3 @@ class JobRunner:
         with self._lock:
             job.status, job.error, job.eta_seconds, job.failed_phase = "failed", message, None, job.phase
             job.resume_next = (self.run_dir(job.id) / "config.yaml").exists()
-
-    def _trainer(self) -> TrainFn:
-        if self._train_fn is None:
-            from dreambooth.training.loop import train_events
-
-            self._train_fn = train_events
-        return self._train_fn

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import threading
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
+from dreambooth.atomic import replace_file
+from dreambooth.errors import BadRequest, NotFound
+from dreambooth.formats.exporters import export
+from dreambooth.formats.lora import load_lora_into_pipeline
+from dreambooth.generate import GenerationSettings, generate, load_for_generation
+from dreambooth.prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS, fill_from_run_info, is_live_class
+from dreambooth.sampling import make_pipeline
 from dreambooth.ui.jobs import JobRunner
 
 # Picked from the paper's benchmark lists by phrase, so the chips stay in step with prompts.py.
@@ -32,8 +40,6 @@ MAX_IMAGES_PER_CLICK = 8
 
 def example_prompts(class_noun: str) -> list[str]:
     """Example prompts with `{identifier}` and `{class}` placeholders, for one-click use."""
-    from dreambooth.prompts import LIVE_SUBJECT_PROMPTS, OBJECT_PROMPTS, is_live_class
-
     source = LIVE_SUBJECT_PROMPTS if is_live_class(class_noun.strip().lower()) else OBJECT_PROMPTS
     templates = list(source)
     picked = [next(t for t in templates if phrase in t) for phrase in EXAMPLE_PHRASES
@@ -50,14 +56,11 @@ class Generator:
         self._loaded: tuple[str, object] | None = None
 
     def generate(self, job_id: str, prompt: str, *, num: int, seed: int, steps: int) -> list[dict]:
-        from dreambooth.generate import GenerationSettings, generate, load_for_generation
-        from dreambooth.prompts import fill_from_run_info
-
         job = self.runner.get(job_id)
         if job.status != "finished":
-            raise ValueError("this job has no finished model yet; generate after training finishes")
+            raise BadRequest("this job has no finished model yet; generate after training finishes")
         if not prompt.strip():
-            raise ValueError("write a prompt, or click one of the examples")
+            raise BadRequest("write a prompt, or click one of the examples")
         num = max(1, min(int(num), MAX_IMAGES_PER_CLICK))
         run_dir = self.runner.run_dir(job_id)
         out = self.runner.folder(job_id) / "generated"
@@ -80,11 +83,6 @@ def with_adapter(loaded, name: str):
     file, so `generate` does not load the adapter into the same UNet again on the next click."""
     if loaded.lora is None:
         return loaded
-    from dataclasses import replace
-
-    from dreambooth.formats.lora import load_lora_into_pipeline
-    from dreambooth.sampling import make_pipeline
-
     load_lora_into_pipeline(make_pipeline(loaded.components), loaded.lora, adapter_name=name)
     return replace(loaded, lora=None)
 
@@ -111,12 +109,10 @@ def export_file(runner: JobRunner, job_id: str, fmt: str) -> Path:
     job = runner.get(job_id)
     mode = job.config.get("train", {}).get("mode", "full")
     if job.status != "finished" or fmt not in EXPORT_FORMATS.get(mode, ()):
-        raise KeyError(fmt)
+        raise NotFound(f"no {fmt} download for this job")
     folder = runner.folder(job_id) / "exports" / fmt
     target = folder / EXPORT_NAMES[fmt]
     if not target.exists():
-        from dreambooth.formats.exporters import export
-
         folder.mkdir(parents=True, exist_ok=True)
         export(runner.run_dir(job_id), fmt, target)
     return zip_folder(target, folder / f"{fmt}.zip") if target.is_dir() else target
@@ -124,13 +120,13 @@ def export_file(runner: JobRunner, job_id: str, fmt: str) -> Path:
 
 def zip_folder(folder: Path, target: Path, only: set[str] | None = None) -> Path:
     """Zip `folder` (or the named files in it); written beside, then renamed, so readers never see half."""
-    tmp = target.with_suffix(".zip.tmp")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted(folder.rglob("*")):
-            if path.is_file() and (only is None or path.name in only):
-                archive.write(path, path.relative_to(folder).as_posix())
-    tmp.replace(target)
-    return target
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(folder.rglob("*")):
+                if path.is_file() and (only is None or path.name in only):
+                    archive.write(path, path.relative_to(folder).as_posix())
+
+    return replace_file(target, write)
 
 
 def generated_zip(runner: JobRunner, job_id: str) -> Path:

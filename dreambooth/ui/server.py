@@ -4,14 +4,18 @@ Every decision lives in `api.App`; this module only routes, parses and streams. 
 (image checks, training commands, generation) runs in Starlette's thread pool so the event loop keeps
 answering. The safety rules (Host check, access token, CSRF header, body limits, headers) are the
 `guard.Guard` middleware in front of everything; files are only served by id and checked name.
+
+Only the project's own errors become answers the page shows: `NotFound` a 404, any other
+`DreamboothError` a 400 with its problems. Anything else is a bug: logged with its traceback and
+answered as a 500, never disguised as the user's mistake.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import math
-import re
 import socket
 import sys
 import threading
@@ -19,24 +23,20 @@ from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from dreambooth.ui import api
+from dreambooth.errors import BadRequest, DreamboothError, NotFound
+from dreambooth.ui import api, settings
 from dreambooth.ui.guard import Guard, Policy, is_loopback, make_policy
 from dreambooth.ui.jobs import ACTIVE
 from dreambooth.ui.uploads import MAX_BYTES
 
 STATIC = Path(__file__).resolve().parent / "static"
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 KEEP_ALIVE_SECONDS = 15.0
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, message: str, problems: list | None = None):
-        super().__init__(message)
-        self.status, self.message, self.problems = status, message, problems or []
+logger = logging.getLogger(__name__)
 
 
 def parse_json(raw: bytes) -> dict:
@@ -53,11 +53,11 @@ def parse_json(raw: bytes) -> dict:
     try:
         data = json.loads(raw or b"{}", parse_float=finite, parse_constant=constant)
     except RecursionError:
-        raise HttpError(400, "the request's JSON is nested too deeply") from None
+        raise BadRequest("the request's JSON is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as err:
-        raise HttpError(400, f"the request is not valid JSON: {err}") from None
+        raise BadRequest(f"the request is not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise HttpError(400, "expected a JSON object")
+        raise BadRequest("expected a JSON object")
     return data
 
 
@@ -80,8 +80,8 @@ def build_app(app: api.App, policy: Policy | None = None, on_shutdown=None) -> G
 
     async def static(request: Request):
         name = request.path_params["name"]
-        if not SAFE_NAME.match(name) or not (STATIC / name).is_file():
-            raise KeyError(name)
+        if not api.SAFE_FILE.match(name) or not (STATIC / name).is_file():
+            raise NotFound("not found")
         return FileResponse(STATIC / name)
 
     async def favicon(request: Request):
@@ -100,7 +100,7 @@ def build_app(app: api.App, policy: Policy | None = None, on_shutdown=None) -> G
         async with request.form(max_files=1, max_fields=1) as form:
             photo = form.get("photo")
             if photo is None or isinstance(photo, str):
-                raise HttpError(400, "send the photo as the multipart field 'photo'")
+                raise BadRequest("send the photo as the multipart field 'photo'")
             data = await photo.read(MAX_BYTES + 1)
         return JSONResponse(await run_in_threadpool(app.upload, set_id, photo.filename or "", data), 201)
 
@@ -164,32 +164,49 @@ def build_app(app: api.App, policy: Policy | None = None, on_shutdown=None) -> G
         if on_shutdown is not None:  # uvicorn stopped on a signal: let the running job save a checkpoint
             await run_in_threadpool(on_shutdown)
 
-    handlers = {HttpError: _http_error, api.ProblemsError: _problems_error, KeyError: _not_found,
-                FileNotFoundError: _not_found, ValueError: _bad_request, TypeError: _bad_request}
-    return Guard(Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan), policy or make_policy("127.0.0.1"))
+    starlette = Starlette(routes=routes, exception_handlers={DreamboothError: _project_error}, lifespan=lifespan,
+                          middleware=[Middleware(ServerErrors)])
+    return Guard(starlette, policy or make_policy("127.0.0.1"))
 
 
 def _int_query(request: Request, key: str, default: int) -> int:
     try:
         return int(request.query_params.get(key, default))
     except ValueError:
-        raise HttpError(400, f"{key} must be a whole number") from None
+        raise BadRequest(f"{key} must be a whole number") from None
 
 
-async def _http_error(request, err: HttpError):
-    return JSONResponse({"error": err.message, "problems": err.problems}, err.status)
+async def _project_error(request, err: DreamboothError):
+    """The project's own errors, which the user can act on: the summary and every problem."""
+    status = 404 if isinstance(err, NotFound) else 400
+    return JSONResponse({"error": err.summary, "problems": settings.problems_json(err.problems)}, status)
 
 
-async def _problems_error(request, err: api.ProblemsError):
-    return JSONResponse({"error": err.message, "problems": err.problems}, 400)
+class ServerErrors:
+    """ASGI middleware: an exception no handler answered is a bug, so it is logged with its traceback
+    and answered as a JSON 500 (the page shows the error; the server keeps serving)."""
 
+    def __init__(self, app):
+        self.app = app
 
-async def _not_found(request, err):
-    return JSONResponse({"error": "not found", "problems": []}, 404)
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
 
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
 
-async def _bad_request(request, err):
-    return JSONResponse({"error": str(err), "problems": []}, 400)
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            logger.exception("unexpected error answering %s %s", scope["method"], scope["path"])
+            if started:  # half an answer went out: only closing the connection is left
+                raise
+            await JSONResponse({"error": "internal error: the server log has the details", "problems": []},
+                               500)(scope, receive, send)
 
 
 async def _job_stream(app: api.App, job_id: str):

@@ -11,7 +11,15 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from dreambooth.errors import DreamboothError, Problem
+from transformers import CLIPTokenizer
+
+from dreambooth.config import load_config
+from dreambooth.config_files import list_presets
+from dreambooth.data.images import check_images
+from dreambooth.errors import ConfigError, DreamboothError, Problem
+from dreambooth.identifier import check_identifier, suggest_identifiers
+from dreambooth.models import detect_source
+from dreambooth.models.builtin import TOKENIZER_DIR, TOY_WEIGHTS
 
 # purpose -> (preset for tiny-random, preset for the toy model, preset for SD-class models)
 PRESETS = {
@@ -27,8 +35,6 @@ TOY_NOTE = ("toy knows only its toy world (six classes such as dog, cat and teap
 
 def model_options() -> list[dict]:
     """Built-in models the page lists; `toy` only once its weights are shipped in this install."""
-    from dreambooth.models.builtin import TOY_WEIGHTS
-
     options = [{"value": "tiny-random", "label": "tiny-random (smoke test: random weights, learns nothing)"}]
     if (TOY_WEIGHTS / "model_index.json").exists():
         options.insert(0, {"value": "toy", "label": "toy (built-in toy-world model)"})
@@ -41,8 +47,6 @@ def hub_online() -> bool:
 
 def preset_for(purpose: str, model: str) -> str:
     """The YAML preset for a purpose and base model; falls back to the SD 1.5 one."""
-    from dreambooth.config import list_presets
-
     if purpose not in PRESETS:
         raise DreamboothError("unknown preset", [Problem("preset", f"{purpose!r}: use {', '.join(PRESETS)}")])
     tiny, toy, sd = PRESETS[purpose]
@@ -52,8 +56,6 @@ def preset_for(purpose: str, model: str) -> str:
 
 def preset_defaults(purpose: str, model: str) -> dict:
     """The values the advanced section starts from, read from the preset itself."""
-    from dreambooth.config import load_config
-
     config = load_config(preset_for(purpose, model), {"data": {"class_noun": "placeholder"}})  # needed by validation
     return {"preset": preset_for(purpose, model), "steps": config.train.steps, "lr": config.train.lr,
             "prior": config.prior.enabled, "class_images": config.prior.num_images,
@@ -62,8 +64,6 @@ def preset_defaults(purpose: str, model: str) -> dict:
 
 def model_problems(model: str) -> list[Problem]:
     """Check MODEL without loading weights: built-in, local folder or file, or hub id when online."""
-    from dreambooth.models import detect_source
-
     try:
         source = detect_source(model.strip())
     except DreamboothError as err:
@@ -134,9 +134,6 @@ def _parse(value, kind):
 def build_run_config(form: dict, images_dir: Path):
     """The form's values as a `RunConfig`, validated only by the library's `load_config` (as the CLI
     is); raises `ConfigError` listing every bad field, in the page's words."""
-    from dreambooth.config import load_config
-    from dreambooth.errors import ConfigError
-
     model = str(form.get("model") or "tiny-random").strip()
     overrides, problems = form_overrides(form)
     overrides["model"] = {"name": model}
@@ -164,16 +161,10 @@ def in_user_words(problem: Problem) -> Problem:
 @lru_cache(maxsize=1)
 def _tokenizer():
     """The CLIP BPE tokenizer shipped with the package (the vocabulary of SD 1.x and 2.x)."""
-    from transformers import CLIPTokenizer
-
-    from dreambooth.models.builtin import TOKENIZER_DIR
-
     return CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
 def identifier_problems(identifier: str, class_noun: str) -> list[Problem]:
-    from dreambooth.identifier import check_identifier
-
     limit = TEXT_LIMITS["identifier"][1]
     if len(identifier.strip()) > limit:  # the tokenizer is never fed a huge string
         return [Problem("Identifier", f"is {len(identifier.strip())} characters long; use 1-{limit} "
@@ -182,15 +173,11 @@ def identifier_problems(identifier: str, class_noun: str) -> list[Problem]:
 
 
 def suggest(count: int = 6, seed: int = 0) -> list[str]:
-    from dreambooth.identifier import suggest_identifiers
-
     return suggest_identifiers(_tokenizer(), count, seed=seed)
 
 
 def photo_problems(images_dir: Path, photos: list, resolution: int) -> list[dict]:
     """The library's folder checks (small, duplicate, too few, ...), each tied to a photo id if any."""
-    from dreambooth.data.images import check_images
-
     if not images_dir.is_dir() or not photos:
         return [{"photo": None, "severity": "warning", "message": "no photos yet; add 3-10 photos of your subject"}]
     try:

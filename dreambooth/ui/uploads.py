@@ -22,9 +22,15 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from dreambooth.atomic import replace_file, temporary_name, write_json
+from dreambooth.data.decode import DEFAULT_MAX_PIXELS
+from dreambooth.errors import BadRequest, NotFound
+
 MAX_FILES = 10  # the method wants 3-10 photos; more is refused, not silently dropped
 MAX_BYTES = 25 * 1024 * 1024  # per file; a phone photo is 2-8 MB
-MAX_PIXELS = 40_000_000  # per file, checked from the header before decoding (decompression bombs)
+# per file, checked from the header before decoding (decompression bombs); the training check's limit,
+# so every photo the page accepts also trains
+MAX_PIXELS = DEFAULT_MAX_PIXELS
 THUMB_SIZE = 256
 ID_PATTERN = re.compile(r"^[0-9a-f]{12}$")
 # Pillow format name -> the suffix we store it under (suffix chosen by content, never by the upload).
@@ -32,7 +38,7 @@ SUFFIXES = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF"
             "MPO": ".jpg"}
 
 
-class UploadRejected(Exception):
+class UploadRejected(BadRequest):
     """An uploaded file cannot be used; the message says why and is shown to the user."""
 
 
@@ -87,7 +93,7 @@ class PhotoStore:
 
     def folder(self, set_id: str) -> Path:
         if not ID_PATTERN.match(set_id or ""):
-            raise KeyError(set_id)
+            raise NotFound("no such photo set")
         return self.root / set_id
 
     def images_dir(self, set_id: str) -> Path:
@@ -96,7 +102,7 @@ class PhotoStore:
     def get(self, set_id: str) -> PhotoSet:
         path = self.folder(set_id) / "set.json"
         if not path.exists():
-            raise KeyError(set_id)
+            raise NotFound("no such photo set")
         data = json.loads(path.read_text())
         return PhotoSet(data["id"], [Photo(**p) for p in data["photos"]], data.get("rejected", []))
 
@@ -153,10 +159,10 @@ class PhotoStore:
 
     def thumb(self, set_id: str, photo_id: str) -> Path:
         if not ID_PATTERN.match(photo_id or ""):
-            raise KeyError(photo_id)
+            raise NotFound("no such photo")
         path = self.folder(set_id) / "thumbs" / f"{photo_id}.jpg"
         if not path.is_file():
-            raise KeyError(photo_id)
+            raise NotFound("no such photo")
         return path
 
     def copy_images(self, set_id: str, dest: Path) -> PhotoSet:
@@ -183,7 +189,7 @@ class PhotoStore:
             raise UploadRejected("is empty")
         folder = self.folder(set_id)
         folder.mkdir(parents=True, exist_ok=True)
-        incoming = folder / f".incoming-{new_id()}"
+        incoming = temporary_name(folder / "incoming")  # private until checked, then renamed into images/
         incoming.write_bytes(data)
         try:
             return (incoming, *verify_image(incoming))
@@ -205,9 +211,7 @@ class PhotoStore:
     def _save(self, photo_set: PhotoSet) -> None:
         folder = self.folder(photo_set.id)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / "set.json.tmp"
-        tmp.write_text(json.dumps(asdict(photo_set), indent=1))
-        tmp.replace(folder / "set.json")
+        write_json(folder / "set.json", asdict(photo_set))
 
 
 def verify_image(path: Path) -> tuple[str, Image.Image, bool]:
@@ -247,4 +251,4 @@ def write_thumb(image: Image.Image, path: Path) -> None:
     """An upright JPEG thumbnail, so the page shows the photo the way training will see it."""
     thumb = image.convert("RGB")
     thumb.thumbnail((THUMB_SIZE, THUMB_SIZE))
-    thumb.save(path, "JPEG", quality=85)
+    replace_file(path, lambda tmp: thumb.save(tmp, "JPEG", quality=85))
