@@ -100,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_optional_commands(sub) -> None:
     """export, evaluate and ui live in their own modules; each registers its own options."""
-    from dreambooth.cli import commands
+    from dreambooth.cli import commands, plan
 
     commands.register(sub)
+    plan.register(sub)
 
 
 class _HelpConfig(argparse.Action):
