@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also answer to this host name (e.g. the machine's name on the LAN); repeatable")
     u.set_defaults(run="commands.cmd_ui")
+
+    pl = sub.add_parser("plan", help="read the GPU, list the tier presets for MODEL that fit it, pick the best")
+    pl.add_argument("--model", required=True, help="MODEL: hub id, diffusers folder, single file, or a built-in")
+    pl.add_argument("--gpu-memory", default=None, metavar="SIZE",
+                    help="plan for this much GPU memory (e.g. 16GB) instead of the card's own, or without a GPU")
+    pl.add_argument("--family", default=None, choices=["sd15", "sd21", "tiny", "toy"],
+                    help="the model's family when it cannot be told offline (e.g. an uncached hub id)")
+    pl.set_defaults(run="plan.cmd_plan")
     return p
 
 

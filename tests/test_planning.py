@@ -1,0 +1,165 @@
+"""Tier presets and the planner: which preset fits which card, told from fake cards."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dreambooth.cli.main import main
+from dreambooth.config import list_presets, load_config
+from dreambooth.errors import ConfigError
+from dreambooth.model_family import model_family
+from dreambooth.planning import FAMILIES, Card, load_tiers, parse_memory, pick_preset, plan, read_card
+
+# Memory as torch.cuda reports it (total_memory / 1e9), not the number on the box.
+T4 = Card("Tesla T4", 15.84, (7, 5))
+RTX3060 = Card("NVIDIA GeForce RTX 3060", 12.88, (8, 6))
+RTX3070 = Card("NVIDIA GeForce RTX 3070", 8.59, (8, 6))
+RTX4090 = Card("NVIDIA GeForce RTX 4090", 25.38, (8, 9))
+H100 = Card("NVIDIA H100 80GB HBM3", 85.03, (9, 0))
+CPU = Card("CPU", None, None)
+
+
+@pytest.mark.parametrize("card,sd15,sd21,precision", [
+    (T4, "sd15-12gb", "sd21-16gb", "fp16"),
+    (RTX3060, "sd15-12gb", "sd21-lora-8gb", "bf16"),
+    (RTX3070, "sd15-8gb", "sd21-lora-8gb", "bf16"),
+    (RTX4090, "sd15-24gb", "sd21-16gb", "bf16"),
+    (H100, "sd15-24gb", "sd21-16gb", "bf16"),
+])
+def test_plan_picks_the_largest_preset_that_fits_each_card(card, sd15, sd21, precision):
+    for family, expected in (("sd15", sd15), ("sd21", sd21)):
+        result = plan(family, card)
+        assert result.best == expected
+        assert {r.tier.family for r in result.rows} == {family}
+        fitting = [r.tier.target_gb for r in result.rows if r.fits]
+        assert max(fitting) == next(r.tier.target_gb for r in result.rows if r.tier.preset == expected)
+        assert all(r.precision == precision for r in result.rows)  # the presets all say mixed_precision auto
+    if not card.bf16:
+        assert any("fp16" in n for n in plan("sd21", card).notes)
+
+
+def test_cpu_plans_for_the_tiny_models_only():
+    assert plan("sd15", CPU).best is None
+    assert all(not r.fits and "needs a CUDA GPU" in r.why for r in plan("sd21", CPU).rows)
+    tiny = plan("tiny", CPU)
+    assert tiny.best == "tiny" and all(r.fits and r.precision == "fp32" for r in tiny.rows)
+    assert any("no GPU" in n for n in tiny.notes)
+
+
+def test_a_card_below_every_target_gets_none_and_the_smallest_preset_named():
+    result = plan("sd15", Card("GTX 1660", 6.2, (7, 5)))
+    assert result.best is None and not any(r.fits for r in result.rows)
+    assert any("sd15-8gb" in n for n in result.notes)
+
+
+def test_a_measured_peak_decides_the_fit_instead_of_the_target():
+    tiers = load_tiers()
+    t4_tier = next(t for t in tiers if t.preset == "sd21-16gb")
+    assert plan("sd21", T4).best == "sd21-16gb"  # on its target
+    over = dataclasses.replace(t4_tier, measured_peak_gb=15.6, measured_steps_per_s=1.5, measured_on="H200, 15 GB cap")
+    result = plan("sd21", T4, tuple(over if t is t4_tier else t for t in tiers))
+    assert result.best == "sd21-lora-8gb"
+    assert "measured peak 15.6 GB" in next(r.why for r in result.rows if r.tier.preset == "sd21-16gb")
+
+
+def test_a_bf16_preset_does_not_fit_a_card_without_native_bf16():
+    tiers = tuple(dataclasses.replace(t, mixed_precision="bf16") if t.preset == "sd15-12gb" else t
+                  for t in load_tiers())
+    assert plan("sd15", T4, tiers).best == "sd15-8gb"
+    assert plan("sd15", RTX3060, tiers).best == "sd15-12gb"
+
+
+def test_tier_table_names_valid_presets_and_holds_no_invented_measurements():
+    tiers = load_tiers()
+    assert {"sd15-8gb", "sd15-12gb", "sd15-24gb", "sd21-16gb", "sd21-lora-8gb"} <= {t.preset for t in tiers}
+    for t in tiers:
+        assert t.preset in list_presets() and t.family in FAMILIES
+        config = load_config(t.preset, {"data": {"class_noun": "dog"}})  # the preset itself is valid
+        assert (config.data.resolution, config.train.mixed_precision) == (t.resolution, t.mixed_precision)
+        assert t.target_gb <= t.card_gb
+        measured = (t.measured_peak_gb, t.measured_steps_per_s, t.measured_on)
+        assert all(v is None for v in measured) or all(v is not None for v in measured)
+    sd21 = load_config("sd21-16gb", {"data": {"class_noun": "dog"}})
+    assert (sd21.model.prediction_type, sd21.data.resolution, sd21.train.mode, sd21.prior.enabled) == (
+        "v_prediction", 768, "full", True)
+
+
+@pytest.mark.parametrize("text,gb", [("16GB", 16.0), ("16", 16.0), ("11.5g", 11.5), ("16GiB", 17.179869184),
+                                     ("12000MB", 12.0)])
+def test_parse_memory(text, gb):
+    assert parse_memory(text) == pytest.approx(gb)
+
+
+@pytest.mark.parametrize("text", ["", "16TB", "-3GB", "0", "lots"])
+def test_parse_memory_refuses_what_it_cannot_read(text):
+    with pytest.raises(ConfigError, match="memory size"):
+        parse_memory(text)
+
+
+def test_read_card_reads_the_gpu_and_the_override_keeps_its_capability(monkeypatch):
+    props = SimpleNamespace(name="Tesla T4", total_memory=15_835_398_144, major=7, minor=5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    card = read_card()
+    assert (card.name, round(card.memory_gb, 2), card.capability, card.bf16) == ("Tesla T4", 15.84, (7, 5), False)
+    assert read_card("8GB") == Card("Tesla T4", 8.0, (7, 5))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert read_card() == CPU
+    assert read_card("16GB").memory_gb == 16.0 and read_card("16GB").capability is None
+
+
+def test_model_family_without_loading_weights(tmp_path):
+    assert model_family("tiny-random").family == "tiny" and model_family("toy").family == "toy"
+    assert model_family("stabilityai/stable-diffusion-2-1").family == "sd21"
+    assert model_family("stable-diffusion-v1-5/stable-diffusion-v1-5").resolution == 512
+    assert model_family("nobody/not-cached-model").family == "unknown"
+    for cross, family in ((768, "sd15"), (1024, "sd21"), (2048, "other")):
+        folder = tmp_path / f"model-{cross}"
+        (folder / "unet").mkdir(parents=True)
+        (folder / "model_index.json").write_text("{}")
+        (folder / "unet" / "config.json").write_text(json.dumps(
+            {"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": cross, "sample_size": 96}))
+        found = model_family(str(folder))
+        assert (found.family, found.resolution) == (family, 768)
+
+
+def test_model_family_of_a_single_file_from_its_tensor_shapes(tmp_path):
+    from safetensors.torch import save_file
+
+    unet = "model.diffusion_model."
+    shape = lambda *size: torch.empty(size, dtype=torch.uint8)  # only the shapes are read
+    for cross, family in ((768, "sd15"), (1024, "sd21")):
+        path = tmp_path / f"model-{cross}.safetensors"
+        text = ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" if cross == 768
+                else "cond_stage_model.model.token_embedding.weight")
+        save_file({unet + "input_blocks.0.0.weight": shape(320, 4, 3, 3),
+                   unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": shape(320, cross),
+                   "first_stage_model.encoder.conv_in.weight": shape(128, 3, 3, 3),
+                   text: shape(49408, cross)}, str(path))
+        assert model_family(str(path)).family == family
+
+
+def test_pick_preset_for_train_preset_auto():
+    assert pick_preset("tiny-random", CPU) == "tiny"
+    assert pick_preset("stabilityai/stable-diffusion-2-1", T4) == "sd21-16gb"
+    with pytest.raises(ConfigError, match="no tier preset fits"):
+        pick_preset("stable-diffusion-v1-5/stable-diffusion-v1-5", CPU)
+
+
+def test_plan_command_prints_the_table_and_the_pick(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["plan", "--model", "stabilityai/stable-diffusion-2-1", "--gpu-memory", "16GB"]) == 0
+    out = capsys.readouterr().out
+    assert "best preset: sd21-16gb" in out and "not measured" in out
+    assert "sd21-lora-8gb" in out and "sd15-12gb" not in out
+    assert main(["plan", "--model", "tiny-random"]) == 0
+    out = capsys.readouterr().out
+    assert "no GPU found" in out and "best preset: tiny" in out
+    assert main(["plan", "--model", "stabilityai/stable-diffusion-2-1"]) == 1  # CPU: nothing fits
+    assert "best preset: none" in capsys.readouterr().out
+    assert main(["plan", "--model", "nobody/uncached", "--gpu-memory", "12GB", "--family", "sd15"]) == 0
+    assert "best preset: sd15-12gb" in capsys.readouterr().out
