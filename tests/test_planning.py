@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dreambooth.cli.main import main
-from dreambooth.config import list_presets, load_config
+from dreambooth.config import load_config
+from dreambooth.config_files import list_presets
 from dreambooth.errors import ConfigError
 from dreambooth.model_family import model_family
 from dreambooth.planning import FAMILIES, Card, load_tiers, parse_memory, pick_preset, plan, read_card
