@@ -197,8 +197,8 @@ def export_single_file(source: ExportSource, output: Path, dtype: torch.dtype) -
     """One .safetensors in the original layout, with the component configs in its metadata so this
     tool (and anyone reading the metadata) can reload it without guessing the architecture. A
     v-prediction model also gets its LDM config beside it, the one signal of `v` A1111 reads."""
-    from dreambooth.formats.layout import pipeline_to_original
-    from dreambooth.formats.single_file import CONFIGS_METADATA_KEY
+    from dreambooth.formats.config_folders import CONFIGS_METADATA_KEY
+    from dreambooth.formats.single_file import pipeline_to_original
 
     c = merged_components(source)
     configs = {"unet": dict(c.unet.config), "vae": dict(c.vae.config), "text_encoder": c.text_encoder.config.to_dict()}

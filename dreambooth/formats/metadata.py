@@ -14,7 +14,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dreambooth.formats.layout import text_family
+from dreambooth.formats.single_file import text_family
 
 STABILITY_IMPL = "https://github.com/Stability-AI/generative-models"
 

@@ -90,7 +90,7 @@ def check_weight_files(folder: Path, spec: str) -> None:
     The libraries' own errors ("Unable to load weights from checkpoint file") come as a traceback
     and stop at the first bad file; the header read costs milliseconds.
     """
-    from dreambooth.formats.single_file import read_header
+    from dreambooth.formats.tensor_files import read_header
 
     problems = []
     for path in sorted(Path(folder).glob("*/*.safetensors")):
