@@ -110,7 +110,7 @@ def _drain(events):
 def before_after(out: Path, config, model: str, subject: str, photos: list[Path]) -> dict:
     """Images of the same prompts and seeds from the base model and the trained one, and scores."""
     from dreambooth.generate import load_for_generation, make_generation_pipeline, GenerationSettings
-    from dreambooth.sampling import sample_images
+    from dreambooth.sampling import sample_per_prompt
     from dreambooth.prompts import fill_prompt
 
     d = config.data
@@ -122,9 +122,9 @@ def before_after(out: Path, config, model: str, subject: str, photos: list[Path]
         loaded = load_for_generation(str(source))
         pipe = make_generation_pipeline(loaded, settings)
         every = prompts + [plain]
-        flat = sample_images(pipe, [p for p in every for _ in SEEDS], [s for _ in every for s in SEEDS],
-                             steps=settings.steps, guidance=settings.guidance, resolution=config.data.resolution)
-        images[name] = {p: flat[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, p in enumerate(every)}
+        rows = sample_per_prompt(pipe, every, list(SEEDS), steps=settings.steps, guidance=settings.guidance,
+                                 resolution=config.data.resolution)
+        images[name] = dict(zip(every, rows))
     write_gallery(out, [Image.open(p) for p in photos], _class_images(config), images, prompts, plain)
     return score(images, prompts, plain, subject, photos)
 

@@ -15,7 +15,7 @@ import torch
 
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.prompts import fill_from_run_info
-from dreambooth.sampling import make_grid
+from dreambooth.sampling import make_grid, sample_per_prompt
 from dreambooth.rundir import RunDir, is_run_dir
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -75,24 +75,22 @@ def generate(model: str | Path, prompts: list[str], output: str | Path, *, num: 
              loaded: Loaded | None = None) -> list[Path]:
     """Write num images per prompt (seeds seed..seed+num-1 for every prompt), their settings JSON
     and a grid (one row per prompt). Existing files in `output` are never overwritten."""
-    from dreambooth.sampling import sample_images
-
     if not prompts:
         raise ConfigError("no prompt given", [Problem("--prompt", "give at least one prompt or a prompt file")])
     loaded = loaded or load_for_generation(model, lora)
     filled = [fill_from_run_info(p, loaded.info) for p in prompts]
     resolution = settings.resolution or (loaded.info or {}).get("resolution") or loaded.components.resolution
     pipe = make_generation_pipeline(loaded, settings)
-    seeds = [seed + j for _ in filled for j in range(num)]
-    images = sample_images(pipe, [p for p in filled for _ in range(num)], seeds, steps=settings.steps,
-                           guidance=settings.guidance, resolution=resolution,
-                           negative_prompt=settings.negative_prompt)
+    seeds = [seed + j for j in range(num)]
+    rows = sample_per_prompt(pipe, filled, seeds, steps=settings.steps, guidance=settings.guidance,
+                             resolution=resolution, negative_prompt=settings.negative_prompt)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     first = _next_index(out)
+    images = [image for row in rows for image in row]
     paths = []
-    for k, (image, s) in enumerate(zip(images, seeds)):
-        prompt = filled[k // num]
+    for k, image in enumerate(images):
+        prompt, s = filled[k // num], seeds[k % num]
         path = out / f"{first + k:04d}-{_slug(prompt)}-seed{s}.png"
         image.save(path)
         record = dict(asdict(settings), prompt=prompt, seed=s, resolution=resolution, model=str(model),

@@ -1,5 +1,5 @@
 """Sampling: diffusers pipelines over loaded components with the sampler the user asked for,
-seeded batches of images, `torch.compile` with a persistent cache, and contact-sheet grids.
+seeded batches of images (per prompt), `torch.compile` with a persistent cache, and contact-sheet grids.
 
 Inductor caches compiled graphs in `$TMPDIR/torchinductor_<user>` unless told otherwise, which a
 reboot (or a fresh notebook) empties; its cache is what makes the second compile of the same UNet
@@ -114,6 +114,17 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
             break
         images.extend(out.images)
     return images
+
+
+def sample_per_prompt(pipe, prompts: list[str], seeds: list[int], **options) -> list[list]:
+    """Every prompt with every seed: one list of images per prompt, in the order of `seeds`.
+
+    The same (prompt, seed) pair gives the same image in any call, so rows from two models or two
+    steps compare image by image. `options` are those of `sample_images`.
+    """
+    flat = sample_images(pipe, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], **options)
+    n = len(seeds)
+    return [flat[i * n:(i + 1) * n] for i in range(len(flat) // n if n else 0)]
 
 
 def _interrupt_when(stop: threading.Event):
