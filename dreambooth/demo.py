@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from dreambooth.atomic import write_json, write_text
 from dreambooth.errors import Problem, RunDirError
 from dreambooth.sampling import make_grid
 
@@ -77,7 +78,7 @@ def run_demo(output: str | Path, *, model: str | None = None, steps: int | None 
     began = time.perf_counter()
     out = Path(output)
     prepare_output(out)
-    (out / MARKER).write_text(json.dumps({"status": "running"}))
+    write_json(out / MARKER, {"status": "running"}, indent=None)
     model = model or ("toy" if toy_available() else "tiny-random")
     photos = write_subject_photos(out / "photos", subject)
     evaluation = DEMO_EVAL + [f"eval.subject={subject}"] if model == "toy" else []
@@ -94,9 +95,9 @@ def run_demo(output: str | Path, *, model: str | None = None, steps: int | None 
                "train_seconds": round(getattr(last, "seconds", 0.0), 1)}
     figures.update(before_after(out, config, model, subject, photos))
     figures["total_seconds"] = round(time.perf_counter() - began, 1)
-    (out / "figures.json").write_text(json.dumps(figures, indent=2))
+    write_json(out / "figures.json", figures, indent=2)
     write_html(out, figures)
-    (out / MARKER).write_text(json.dumps({"status": "done", **figures}))
+    write_json(out / MARKER, {"status": "done", **figures}, indent=None)
     return figures
 
 
@@ -181,7 +182,7 @@ def write_gallery(out: Path, photos: list, class_images: list, images: dict, pro
 def write_html(out: Path, figures: dict) -> None:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v))}</td></tr>"
                    for k, v in figures.items())
-    (out / "index.html").write_text(
+    write_text(out / "index.html",
         "<!doctype html><meta charset=utf-8><title>dreambooth demo</title>"
         "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}img{image-rendering:pixelated;"
         "width:100%}td,th{text-align:left;padding:.2em .6em;border-bottom:1px solid #ddd}</style>"

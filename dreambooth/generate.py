@@ -6,13 +6,13 @@ in prompts are filled from the run.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from dreambooth.atomic import write_json
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.prompts import fill_from_run_info
 from dreambooth.sampling import make_grid, sample_per_prompt
@@ -95,7 +95,7 @@ def generate(model: str | Path, prompts: list[str], output: str | Path, *, num: 
         image.save(path)
         record = dict(asdict(settings), prompt=prompt, seed=s, resolution=resolution, model=str(model),
                       lora=str(loaded.lora) if loaded.lora else None)
-        path.with_suffix(".json").write_text(json.dumps(record, indent=2))
+        write_json(path.with_suffix(".json"), record, indent=2)
         paths.append(path)
     make_grid(images, cols=num).save(out / f"grid-{first:04d}.png")
     return paths

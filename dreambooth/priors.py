@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dreambooth.atomic import replace_file, write_json
 from dreambooth.models.builtin import cache_root
 from dreambooth.prompts import fill_prompt
 
@@ -141,9 +141,7 @@ def _name(index: int) -> str:
 
 
 def _save_png_atomically(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -154,9 +152,7 @@ def _read_manifest(folder: Path) -> dict | None:
 
 
 def _write_manifest(folder: Path, key: ClassImageKey, names: list[str]) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"key": asdict(key), "images": names}, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+    write_json(folder / MANIFEST, {"key": asdict(key), "images": names})
 
 
 def class_image_key(model_folder: Path, config) -> ClassImageKey:

@@ -337,3 +337,20 @@ def test_cli_export_and_export_after_training(lora_run, tmp_path, capsys):
     paths = export_after_training(lora_run, ["lora-kohya", "lora-peft"])
     assert [p.name for p in paths] == ["sks-dog-lora-kohya.safetensors", "sks-dog-lora-peft.safetensors"]
     assert all(p.parent == lora_run / "export" and p.is_file() for p in paths)
+
+
+def test_folder_export_never_replaces_a_folder_that_appeared_meanwhile(tmp_path):
+    from dreambooth.formats.writing import write_folder_atomically
+
+    target = tmp_path / "model-diffusers"
+
+    def write(tmp):
+        (tmp / "model_index.json").write_text("{}")
+        target.mkdir()  # another export finished first
+        (target / "theirs.json").write_text("keep me")
+
+    with pytest.raises(ExportError, match="already exists"):
+        write_folder_atomically(target, write)
+    assert [p.name for p in tmp_path.iterdir()] == ["model-diffusers"]  # no temporary left
+    assert [p.name for p in target.iterdir()] == ["theirs.json"]
+    assert write_folder_atomically(tmp_path / "new", lambda tmp: (tmp / "a.json").write_text("{}")).is_dir()
