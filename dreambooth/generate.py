@@ -15,7 +15,7 @@ import torch
 from dreambooth.atomic import write_json
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.prompts import fill_from_run_info
-from dreambooth.sampling import make_grid, sample_per_prompt
+from dreambooth.sampling import DEFAULT_SAMPLER, make_grid, sample_per_prompt
 from dreambooth.rundir import RunDir, is_run_dir
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -26,7 +26,7 @@ class GenerationSettings:
     steps: int = 25
     guidance: float = 7.5
     negative_prompt: str = ""
-    sampler: str = "dpmpp"
+    sampler: str = DEFAULT_SAMPLER
     resolution: int | None = None  # default: the run's or the model's native size
     lora_scale: float = 1.0
 

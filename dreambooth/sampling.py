@@ -23,6 +23,8 @@ SAMPLER_CLASSES = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "euler": ("EulerDiscreteScheduler", {}),
 }
+SAMPLERS = tuple(SAMPLER_CLASSES)
+DEFAULT_SAMPLER = "dpmpp"
 
 
 def make_scheduler(name: str, base_config: dict):
@@ -35,7 +37,7 @@ def make_scheduler(name: str, base_config: dict):
     return getattr(diffusers, cls_name).from_config(dict(base_config), **extra)
 
 
-def make_pipeline(components, sampler: str = "dpmpp", *, device: torch.device | str | None = None,
+def make_pipeline(components, sampler: str = DEFAULT_SAMPLER, *, device: torch.device | str | None = None,
                   compile_unet: bool = False):
     """A StableDiffusionPipeline over the given (possibly LoRA-wrapped) components; no copies made.
 

@@ -33,7 +33,9 @@ from dreambooth.rundir import RUN_INFO, RunDir
 
 FORMATS = ("diffusers", "single-file", "lora-kohya", "lora-peft")
 ALIASES = {"lora": "lora-kohya"}  # the LoRA layout every reader loads
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMAT_CHOICES = FORMATS + tuple(ALIASES)  # every name `export` accepts
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # name -> weights dtype
+DEFAULT_DTYPE = "fp16"
 VARIANTS = {torch.float16: "fp16", torch.bfloat16: "bf16"}  # diffusers variant names of the folder export
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what training writes in final/ for LoRA runs
 
@@ -81,7 +83,7 @@ def open_run(run_dir: str | Path) -> ExportSource:
     return ExportSource(run, info, config or {})
 
 
-def export(run_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "fp16") -> Path:
+def export(run_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = DEFAULT_DTYPE) -> Path:
     """Write RUN_DIR's model as `fmt` to `output`; returns the written path. Write failures (disk
     full, read-only folder, Ctrl-C, SIGTERM) raise ExportError and leave nothing behind."""
     source = open_run(run_dir)
@@ -93,7 +95,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "f
         return EXPORTERS[fmt](source, output, DTYPES[dtype])
 
 
-def export_after_training(run_dir: str | Path, formats: list[str], dtype: str = "fp16") -> list[Path]:
+def export_after_training(run_dir: str | Path, formats: list[str], dtype: str = DEFAULT_DTYPE) -> list[Path]:
     """`train --export a,b`: write each format into RUN_DIR/export/ under a descriptive name.
     Every request is checked before the first is written, so a bad one fails fast."""
     source = open_run(run_dir)
