@@ -14,9 +14,11 @@ import torch
 
 from dreambooth.atomic import write_json
 from dreambooth.errors import ConfigError, Problem
-from dreambooth.prompts import fill_from_run_info
-from dreambooth.sampling import DEFAULT_SAMPLER, make_grid, sample_per_prompt
+from dreambooth.formats.lora import load_lora_into_pipeline
+from dreambooth.models import load_components
+from dreambooth.prompts import fill_from_run_info, read_prompt_lines
 from dreambooth.rundir import RunDir, is_run_dir
+from dreambooth.sampling import DEFAULT_SAMPLER, default_device, make_grid, make_pipeline, sample_per_prompt
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -40,9 +42,6 @@ class Loaded:
 
 def load_for_generation(model: str | Path, lora: str | Path | None = None, *, device=None) -> Loaded:
     """Components ready to sample, with the run's LoRA or the given LoRA file applied."""
-    from dreambooth.models import load_components
-    from dreambooth.sampling import default_device
-
     device = device or default_device()
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     info = None
@@ -60,12 +59,8 @@ def load_for_generation(model: str | Path, lora: str | Path | None = None, *, de
 
 
 def make_generation_pipeline(loaded: Loaded, settings: GenerationSettings):
-    from dreambooth.sampling import make_pipeline
-
     pipe = make_pipeline(loaded.components, settings.sampler)
     if loaded.lora is not None:
-        from dreambooth.formats.lora import load_lora_into_pipeline
-
         load_lora_into_pipeline(pipe, loaded.lora, scale=settings.lora_scale)
     return pipe
 
@@ -112,6 +107,4 @@ def _slug(text: str, limit: int = 48) -> str:
 
 def read_prompts(prompts: list[str], prompt_file: str | Path | None) -> list[str]:
     """--prompt values, then the file's prompts; placeholders stay for `fill_from_run_info`."""
-    from dreambooth.prompts import read_prompt_lines
-
     return list(prompts) + ([text for _, text in read_prompt_lines(prompt_file)] if prompt_file else [])

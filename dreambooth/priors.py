@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from dreambooth.atomic import replace_file, write_json
-from dreambooth.models.builtin import cache_root
+from dreambooth.models import cache_root, model_identity
 from dreambooth.prompts import fill_prompt
+from dreambooth.sampling import sample_images
 
 MANIFEST = "manifest.json"
 
@@ -109,8 +110,6 @@ def class_image_progress(
     `paths` lists all `num` images only in the last tuple, when done == total; a set `stop`
     ends the iteration early (done < total), keeping every image finished so far.
     """
-    from dreambooth.sampling import sample_images
-
     folder = class_image_folder(key, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     done = {p.name for p in cached_class_images(key, cache_dir)}
@@ -157,8 +156,6 @@ def _write_manifest(folder: Path, key: ClassImageKey, names: list[str]) -> None:
 
 def class_image_key(model_folder: Path, config) -> ClassImageKey:
     """The cache key of the run's class images; needs the model's files, not its loaded weights."""
-    from dreambooth.models import model_identity
-
     prior, data = config.prior, config.data
     return ClassImageKey(
         model=model_identity(model_folder), prompt=fill_prompt(data.class_prompt, data.identifier, data.class_noun),

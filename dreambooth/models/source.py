@@ -50,6 +50,8 @@ def detect_source(spec: str, *, revision: str | None = None) -> ModelSource:
         )
     if path.is_file():
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            # imported here: formats.single_file imports dreambooth.models.builtin, whose package
+            # __init__ imports this module
             from dreambooth.formats.single_file import check_single_file
 
             check_single_file(path)  # the loader's rules now, so a check (the web app's) agrees with it
