@@ -35,7 +35,7 @@ PHOTO_CONTEXTS = ("plain", "table", "city", "plain", "city")  # varied, as real 
 NEW_CONTEXTS = ("beach", "moon", "snow", "jungle", "underwater", "red_carpet")
 SEEDS = (0, 1, 2, 3)
 GUIDANCE = 7.5  # the same scale as checkpoint scoring (evaluation.score_checkpoint), so figures compare
-# The demo scores checkpoints with the oracle and keeps the best (issue 5); the `toy` preset itself
+# The demo scores checkpoints with the oracle and keeps the best; the `toy` preset itself
 # leaves this off, since the oracle only knows the toy world's subjects.
 DEMO_EVAL = ["eval.every=150", "eval.scorer=oracle", "eval.num_per_prompt=4", "eval.select=best",
              "eval.min_prompt_fidelity=0.75", "eval.max_drift=0.1"]
