@@ -15,15 +15,27 @@ from pathlib import Path
 
 from PIL import Image
 
-from dreambooth.errors import Problem, RunDirError
-from dreambooth.sampling import make_grid
+from dreambooth.atomic import write_json, write_text
+from dreambooth.config import load_config
+from dreambooth.errors import ModelSourceError, Problem, RunDirError
+from dreambooth.evaluation import OracleScorer, load_toy_oracle
+from dreambooth.generate import GenerationSettings, load_for_generation, make_generation_pipeline
+from dreambooth.models import detect_source, model_folder
+from dreambooth.models.builtin import TOY_WEIGHTS
+from dreambooth.priors import cached_class_images, class_image_key
+from dreambooth.prompts import fill_prompt
+from dreambooth.rundir import RunDir
+from dreambooth.sampling import make_grid, sample_per_prompt
+from dreambooth.toyworld import render_subject
+from dreambooth.toyworld.render import SUBJECT_SPECS, context_phrase
+from dreambooth.training import train_events
 
 MARKER = "demo.json"
 PHOTO_CONTEXTS = ("plain", "table", "city", "plain", "city")  # varied, as real photos are; none of NEW_CONTEXTS
 NEW_CONTEXTS = ("beach", "moon", "snow", "jungle", "underwater", "red_carpet")
 SEEDS = (0, 1, 2, 3)
 GUIDANCE = 7.5  # the same scale as checkpoint scoring (training.scoring.score_checkpoint), so figures compare
-# The demo scores checkpoints with the oracle and keeps the best (issue 5); the `toy` preset itself
+# The demo scores checkpoints with the oracle and keeps the best; the `toy` preset itself
 # leaves this off, since the oracle only knows the toy world's subjects.
 DEMO_EVAL = ["eval.every=150", "eval.scorer=oracle", "eval.num_per_prompt=4", "eval.select=best",
              "eval.min_prompt_fidelity=0.75", "eval.max_drift=0.1"]
@@ -40,8 +52,6 @@ def prepare_output(output: Path) -> None:
 
 
 def write_subject_photos(folder: Path, subject: str) -> list[Path]:
-    from dreambooth.toyworld import render_subject
-
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, context in enumerate(PHOTO_CONTEXTS):
@@ -52,15 +62,10 @@ def write_subject_photos(folder: Path, subject: str) -> list[Path]:
 
 
 def toy_available() -> bool:
-    from dreambooth.models.builtin import TOY_WEIGHTS
-
     return (TOY_WEIGHTS / "model_index.json").exists()
 
 
 def demo_config(photos: Path, model: str, subject: str, steps: int | None, extra: list[str]):
-    from dreambooth.config import load_config
-    from dreambooth.toyworld.render import SUBJECT_SPECS
-
     preset = "toy" if model == "toy" else "tiny"
     overrides = {"data": {"images": str(photos), "identifier": "sks",
                           "class_noun": SUBJECT_SPECS[subject].class_name}, "model": {"name": model}}
@@ -72,12 +77,10 @@ def demo_config(photos: Path, model: str, subject: str, steps: int | None, extra
 def run_demo(output: str | Path, *, model: str | None = None, steps: int | None = None, subject: str = "dog",
              render=None, extra: list[str] = (), prior: bool = True) -> dict:
     """Train, render before/after, score with the oracle, write gallery.png/index.html/figures.json."""
-    from dreambooth.training import train_events
-
     began = time.perf_counter()
     out = Path(output)
     prepare_output(out)
-    (out / MARKER).write_text(json.dumps({"status": "running"}))
+    write_json(out / MARKER, {"status": "running"}, indent=None)
     model = model or ("toy" if toy_available() else "tiny-random")
     photos = write_subject_photos(out / "photos", subject)
     evaluation = DEMO_EVAL + [f"eval.subject={subject}"] if model == "toy" else []
@@ -85,8 +88,6 @@ def run_demo(output: str | Path, *, model: str | None = None, steps: int | None 
     config = demo_config(out / "photos", model, subject, steps, extra)
     events = train_events(config, out / "run")
     last = render(events) if render else _drain(events)
-    from dreambooth.rundir import RunDir
-
     info = RunDir(out / "run").run_info()
     figures = {"model": model, "subject": subject, "prior_preservation": prior, "steps": config.train.steps,
                "selected_step": info.get("selected_step", config.train.steps),
@@ -94,9 +95,9 @@ def run_demo(output: str | Path, *, model: str | None = None, steps: int | None 
                "train_seconds": round(getattr(last, "seconds", 0.0), 1)}
     figures.update(before_after(out, config, model, subject, photos))
     figures["total_seconds"] = round(time.perf_counter() - began, 1)
-    (out / "figures.json").write_text(json.dumps(figures, indent=2))
+    write_json(out / "figures.json", figures, indent=2)
     write_html(out, figures)
-    (out / MARKER).write_text(json.dumps({"status": "done", **figures}))
+    write_json(out / MARKER, {"status": "done", **figures}, indent=None)
     return figures
 
 
@@ -109,12 +110,8 @@ def _drain(events):
 
 def before_after(out: Path, config, model: str, subject: str, photos: list[Path]) -> dict:
     """Images of the same prompts and seeds from the base model and the trained one, and scores."""
-    from dreambooth.generate import load_for_generation, make_generation_pipeline, GenerationSettings
-    from dreambooth.sampling import sample_images
-    from dreambooth.prompts import fill_prompt
-
     d = config.data
-    prompts = [fill_prompt("a photo of {identifier} {class} " + _phrase(c), d.identifier, d.class_noun) for c in NEW_CONTEXTS]
+    prompts = [fill_prompt("a photo of {identifier} {class} " + context_phrase(c), d.identifier, d.class_noun) for c in NEW_CONTEXTS]
     plain = fill_prompt("a photo of a {class}", d.identifier, d.class_noun)
     settings = GenerationSettings(steps=config.output.sample_steps, guidance=GUIDANCE)
     images = {}
@@ -122,24 +119,14 @@ def before_after(out: Path, config, model: str, subject: str, photos: list[Path]
         loaded = load_for_generation(str(source))
         pipe = make_generation_pipeline(loaded, settings)
         every = prompts + [plain]
-        flat = sample_images(pipe, [p for p in every for _ in SEEDS], [s for _ in every for s in SEEDS],
-                             steps=settings.steps, guidance=settings.guidance, resolution=config.data.resolution)
-        images[name] = {p: flat[i * len(SEEDS):(i + 1) * len(SEEDS)] for i, p in enumerate(every)}
+        rows = sample_per_prompt(pipe, every, list(SEEDS), steps=settings.steps, guidance=settings.guidance,
+                                 resolution=config.data.resolution)
+        images[name] = dict(zip(every, rows))
     write_gallery(out, [Image.open(p) for p in photos], _class_images(config), images, prompts, plain)
     return score(images, prompts, plain, subject, photos)
 
 
-def _phrase(context: str) -> str:
-    from dreambooth.toyworld.render import context_phrase
-
-    return context_phrase(context)
-
-
 def _class_images(config) -> list:
-    from dreambooth.models import detect_source, model_folder
-    from dreambooth.priors import cached_class_images
-    from dreambooth.priors import class_image_key
-
     if not config.prior.enabled:
         return []
     key = class_image_key(model_folder(detect_source(config.model.name)), config)
@@ -148,9 +135,6 @@ def _class_images(config) -> list:
 
 def score(images: dict, prompts: list[str], plain: str, subject: str, photos: list[Path]) -> dict:
     """Oracle figures before and after training (toy world only; None elsewhere)."""
-    from dreambooth.errors import ModelSourceError
-    from dreambooth.evaluation import OracleScorer, load_toy_oracle
-
     try:
         scorer = OracleScorer(load_toy_oracle(), subject, real=[Image.open(p) for p in photos])
     except ModelSourceError as e:  # the oracle ships with the toy world; say so when it is missing
@@ -181,7 +165,7 @@ def write_gallery(out: Path, photos: list, class_images: list, images: dict, pro
 def write_html(out: Path, figures: dict) -> None:
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(json.dumps(v))}</td></tr>"
                    for k, v in figures.items())
-    (out / "index.html").write_text(
+    write_text(out / "index.html",
         "<!doctype html><meta charset=utf-8><title>dreambooth demo</title>"
         "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}img{image-rendering:pixelated;"
         "width:100%}td,th{text-align:left;padding:.2em .6em;border-bottom:1px solid #ddd}</style>"

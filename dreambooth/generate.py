@@ -6,17 +6,19 @@ in prompts are filled from the run.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from dreambooth.atomic import write_json
 from dreambooth.errors import ConfigError, Problem
-from dreambooth.prompts import fill_from_run_info
-from dreambooth.sampling import make_grid
+from dreambooth.formats.lora import load_lora_into_pipeline
+from dreambooth.models import load_components
+from dreambooth.prompts import fill_from_run_info, read_prompt_lines
 from dreambooth.rundir import RunDir, is_run_dir
+from dreambooth.sampling import DEFAULT_SAMPLER, default_device, make_grid, make_pipeline, sample_per_prompt
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -26,7 +28,7 @@ class GenerationSettings:
     steps: int = 25
     guidance: float = 7.5
     negative_prompt: str = ""
-    sampler: str = "dpmpp"
+    sampler: str = DEFAULT_SAMPLER
     resolution: int | None = None  # default: the run's or the model's native size
     lora_scale: float = 1.0
 
@@ -40,9 +42,6 @@ class Loaded:
 
 def load_for_generation(model: str | Path, lora: str | Path | None = None, *, device=None) -> Loaded:
     """Components ready to sample, with the run's LoRA or the given LoRA file applied."""
-    from dreambooth.models import load_components
-    from dreambooth.sampling import default_device
-
     device = device or default_device()
     dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
     info = None
@@ -60,12 +59,8 @@ def load_for_generation(model: str | Path, lora: str | Path | None = None, *, de
 
 
 def make_generation_pipeline(loaded: Loaded, settings: GenerationSettings):
-    from dreambooth.sampling import make_pipeline
-
     pipe = make_pipeline(loaded.components, settings.sampler)
     if loaded.lora is not None:
-        from dreambooth.formats.lora import load_lora_into_pipeline
-
         load_lora_into_pipeline(pipe, loaded.lora, scale=settings.lora_scale)
     return pipe
 
@@ -75,29 +70,27 @@ def generate(model: str | Path, prompts: list[str], output: str | Path, *, num: 
              loaded: Loaded | None = None) -> list[Path]:
     """Write num images per prompt (seeds seed..seed+num-1 for every prompt), their settings JSON
     and a grid (one row per prompt). Existing files in `output` are never overwritten."""
-    from dreambooth.sampling import sample_images
-
     if not prompts:
         raise ConfigError("no prompt given", [Problem("--prompt", "give at least one prompt or a prompt file")])
     loaded = loaded or load_for_generation(model, lora)
     filled = [fill_from_run_info(p, loaded.info) for p in prompts]
     resolution = settings.resolution or (loaded.info or {}).get("resolution") or loaded.components.resolution
     pipe = make_generation_pipeline(loaded, settings)
-    seeds = [seed + j for _ in filled for j in range(num)]
-    images = sample_images(pipe, [p for p in filled for _ in range(num)], seeds, steps=settings.steps,
-                           guidance=settings.guidance, resolution=resolution,
-                           negative_prompt=settings.negative_prompt)
+    seeds = [seed + j for j in range(num)]
+    rows = sample_per_prompt(pipe, filled, seeds, steps=settings.steps, guidance=settings.guidance,
+                             resolution=resolution, negative_prompt=settings.negative_prompt)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     first = _next_index(out)
+    images = [image for row in rows for image in row]
     paths = []
-    for k, (image, s) in enumerate(zip(images, seeds)):
-        prompt = filled[k // num]
+    for k, image in enumerate(images):
+        prompt, s = filled[k // num], seeds[k % num]
         path = out / f"{first + k:04d}-{_slug(prompt)}-seed{s}.png"
         image.save(path)
         record = dict(asdict(settings), prompt=prompt, seed=s, resolution=resolution, model=str(model),
                       lora=str(loaded.lora) if loaded.lora else None)
-        path.with_suffix(".json").write_text(json.dumps(record, indent=2))
+        write_json(path.with_suffix(".json"), record, indent=2)
         paths.append(path)
     make_grid(images, cols=num).save(out / f"grid-{first:04d}.png")
     return paths
@@ -114,6 +107,4 @@ def _slug(text: str, limit: int = 48) -> str:
 
 def read_prompts(prompts: list[str], prompt_file: str | Path | None) -> list[str]:
     """--prompt values, then the file's prompts; placeholders stay for `fill_from_run_info`."""
-    from dreambooth.prompts import read_prompt_lines
-
     return list(prompts) + ([text for _, text in read_prompt_lines(prompt_file)] if prompt_file else [])

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dreambooth.models.builtin import cache_root
+from dreambooth.atomic import replace_file, write_json
+from dreambooth.models import cache_root, model_identity
 from dreambooth.prompts import fill_prompt
+from dreambooth.sampling import sample_images
 
 MANIFEST = "manifest.json"
 
@@ -109,8 +110,6 @@ def class_image_progress(
     `paths` lists all `num` images only in the last tuple, when done == total; a set `stop`
     ends the iteration early (done < total), keeping every image finished so far.
     """
-    from dreambooth.sampling import sample_images
-
     folder = class_image_folder(key, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     done = {p.name for p in cached_class_images(key, cache_dir)}
@@ -141,9 +140,7 @@ def _name(index: int) -> str:
 
 
 def _save_png_atomically(image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -154,15 +151,11 @@ def _read_manifest(folder: Path) -> dict | None:
 
 
 def _write_manifest(folder: Path, key: ClassImageKey, names: list[str]) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"key": asdict(key), "images": names}, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+    write_json(folder / MANIFEST, {"key": asdict(key), "images": names})
 
 
 def class_image_key(model_folder: Path, config) -> ClassImageKey:
     """The cache key of the run's class images; needs the model's files, not its loaded weights."""
-    from dreambooth.models import model_identity
-
     prior, data = config.prior, config.data
     return ClassImageKey(
         model=model_identity(model_folder), prompt=fill_prompt(data.class_prompt, data.identifier, data.class_noun),

@@ -1,5 +1,5 @@
 """Sampling: diffusers pipelines over loaded components with the sampler the user asked for,
-seeded batches of images, `torch.compile` with a persistent cache, and contact-sheet grids.
+seeded batches of images (per prompt), `torch.compile` with a persistent cache, and contact-sheet grids.
 
 Inductor caches compiled graphs in `$TMPDIR/torchinductor_<user>` unless told otherwise, which a
 reboot (or a fresh notebook) empties; its cache is what makes the second compile of the same UNet
@@ -23,6 +23,8 @@ SAMPLER_CLASSES = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "euler": ("EulerDiscreteScheduler", {}),
 }
+SAMPLERS = tuple(SAMPLER_CLASSES)
+DEFAULT_SAMPLER = "dpmpp"
 
 
 def make_scheduler(name: str, base_config: dict):
@@ -35,7 +37,7 @@ def make_scheduler(name: str, base_config: dict):
     return getattr(diffusers, cls_name).from_config(dict(base_config), **extra)
 
 
-def make_pipeline(components, sampler: str = "dpmpp", *, device: torch.device | str | None = None,
+def make_pipeline(components, sampler: str = DEFAULT_SAMPLER, *, device: torch.device | str | None = None,
                   compile_unet: bool = False):
     """A StableDiffusionPipeline over the given (possibly LoRA-wrapped) components; no copies made.
 
@@ -114,6 +116,17 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
             break
         images.extend(out.images)
     return images
+
+
+def sample_per_prompt(pipe, prompts: list[str], seeds: list[int], **options) -> list[list]:
+    """Every prompt with every seed: one list of images per prompt, in the order of `seeds`.
+
+    The same (prompt, seed) pair gives the same image in any call, so rows from two models or two
+    steps compare image by image. `options` are those of `sample_images`.
+    """
+    flat = sample_images(pipe, [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds], **options)
+    n = len(seeds)
+    return [flat[i * n:(i + 1) * n] for i in range(len(flat) // n if n else 0)]
 
 
 def _interrupt_when(stop: threading.Event):

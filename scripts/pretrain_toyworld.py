@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from dreambooth.toyworld.architecture import TOKENIZER_DIR, build_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
 from dreambooth.toyworld.dataset import render_dataset
 from dreambooth.toyworld.oracle import Oracle, OracleNet, augment
+from dreambooth.toyworld.quality import evaluate_base_model, grid
 
 PART_BYTES = 15 * 2**20  # $OUT takes files up to 16 MiB
 
@@ -288,8 +289,6 @@ def restore_unused_rows(text_encoder, init: torch.Tensor, used: torch.Tensor, ru
 def evaluate(run: Run, vae, unet, text_encoder, oracle_net: OracleNet) -> None:
     """Sample all (class, context) prompts with 25 DDIM steps at guidance 6; oracle accuracy and grids."""
     from diffusers import StableDiffusionPipeline
-
-    from dreambooth.toyworld.quality import evaluate_base_model, grid
 
     pipe = StableDiffusionPipeline(vae=vae, unet=unet.eval(), text_encoder=text_encoder.eval(),
                                    tokenizer=load_tokenizer(), scheduler=build_scheduler(),

@@ -50,7 +50,8 @@ def _from_single_file(path, tmp_path):
     """diffusers' own single-file loader, with the config folder our reader derives (offline)."""
     from diffusers import StableDiffusionPipeline
 
-    from dreambooth.formats.single_file import read_header, write_config_folder
+    from dreambooth.formats.single_file import write_config_folder
+    from dreambooth.formats.tensor_files import read_header
 
     shapes, metadata = read_header(path)
     write_config_folder(tmp_path / "cfg", shapes, metadata, str(path))
@@ -113,6 +114,31 @@ def test_round_trip_through_model_reproduces_every_tensor(request, run_name, tmp
         assert all(torch.equal(ours[k], ref[k]) for k in ref), part
     assert loaded.prediction_type == reference.prediction_type
     assert load_components(str(path)).folder == loaded.folder  # converted once, then cached
+
+
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-v"])
+def test_key_mapping_and_diffusers_reader_are_inverses(model, tmp_path):
+    """original -> diffusers (diffusers' own converter) -> original (our mapping) gives every key and
+    tensor back, so a drift in either direction (a swapped block index, a missed rename) fails here."""
+    from dreambooth.formats.single_file import convert_single_file, pipeline_to_original
+    from dreambooth.models import builtin_path, load_components
+
+    def original(c):
+        configs = {"unet": dict(c.unet.config), "vae": dict(c.vae.config),
+                   "text_encoder": c.text_encoder.config.to_dict()}
+        return pipeline_to_original(c.unet.state_dict(), c.vae.state_dict(), c.text_encoder.state_dict(), configs)
+
+    folder = builtin_path(model)
+    gen = torch.Generator().manual_seed(0)  # distinct values everywhere: tiny inits repeat (ones, zeros)
+    # our fillers for the OpenCLIP keys diffusers drops (identity text_projection, a zero 24th layer) stay
+    first = {k: v if k.endswith("text_projection") or ".resblocks.23." in k else torch.randn(v.shape, generator=gen)
+             for k, v in original(load_components(model)).items()}
+    save_file(first, str(tmp_path / "model.safetensors"))
+    (tmp_path / "converted").mkdir()
+    convert_single_file(tmp_path / "model.safetensors", tmp_path / "converted", config=folder)
+    again = original(load_components(str(tmp_path / "converted")))
+    assert again.keys() == first.keys()
+    assert [k for k in first if not torch.equal(again[k], first[k])] == []
 
 
 def test_kohya_lora_equals_peft_lora(lora_run, tmp_path):
@@ -257,7 +283,8 @@ def test_shipped_configs_are_the_published_architectures():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dreambooth.formats.single_file import SHIPPED_CONFIGS, match_shipped_config
+    from dreambooth.formats.config_folders import SHIPPED_CONFIGS
+    from dreambooth.formats.single_file import match_shipped_config
 
     expected = {"sd15": (859_520_964, 83_653_863, 123_060_480), "sd21": (865_910_724, 83_653_863, 340_387_840)}
     for name, counts in expected.items():
@@ -310,3 +337,20 @@ def test_cli_export_and_export_after_training(lora_run, tmp_path, capsys):
     paths = export_after_training(lora_run, ["lora-kohya", "lora-peft"])
     assert [p.name for p in paths] == ["sks-dog-lora-kohya.safetensors", "sks-dog-lora-peft.safetensors"]
     assert all(p.parent == lora_run / "export" and p.is_file() for p in paths)
+
+
+def test_folder_export_never_replaces_a_folder_that_appeared_meanwhile(tmp_path):
+    from dreambooth.formats.writing import write_folder_atomically
+
+    target = tmp_path / "model-diffusers"
+
+    def write(tmp):
+        (tmp / "model_index.json").write_text("{}")
+        target.mkdir()  # another export finished first
+        (target / "theirs.json").write_text("keep me")
+
+    with pytest.raises(ExportError, match="already exists"):
+        write_folder_atomically(target, write)
+    assert [p.name for p in tmp_path.iterdir()] == ["model-diffusers"]  # no temporary left
+    assert [p.name for p in target.iterdir()] == ["theirs.json"]
+    assert write_folder_atomically(tmp_path / "new", lambda tmp: (tmp / "a.json").write_text("{}")).is_dir()

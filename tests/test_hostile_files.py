@@ -249,7 +249,7 @@ def test_message_run_without_final_says_so(tmp_path, subject_dir):
 
 def test_message_random_bytes_ckpt_is_corrupt_not_unsafe(tmp_path):
     from dreambooth.errors import ModelSourceError, UnsafeCheckpointError
-    from dreambooth.formats.single_file import load_pickle_state_dict
+    from dreambooth.formats.tensor_files import load_pickle_state_dict
 
     path = tmp_path / "model.ckpt"
     path.write_bytes(bytes(range(7, 256)) * 20)
@@ -263,7 +263,7 @@ def test_message_unsafe_pickle_is_still_called_unsafe(tmp_path):
     import pickle
 
     from dreambooth.errors import UnsafeCheckpointError
-    from dreambooth.formats.single_file import load_pickle_state_dict
+    from dreambooth.formats.tensor_files import load_pickle_state_dict
 
     class Payload:
         def __reduce__(self):

@@ -23,17 +23,25 @@ from typing import Callable
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
-from dreambooth.errors import ConfigError, Problem, raise_if_errors
-from dreambooth.formats.writing import ExportError  # noqa: F401  (re-exported: callers of export() catch it here)
 from dreambooth.atomic import prune_stale_temporaries
-from dreambooth.formats.writing import named_write_errors, write_file_atomically, write_folder_atomically
+from dreambooth.errors import ConfigError, Problem, raise_if_errors
+from dreambooth.formats.config_folders import CONFIGS_METADATA_KEY
+from dreambooth.formats.lora import adapter_metadata, merge_lora, peft_to_kohya, read_lora_file, to_peft_layout
 from dreambooth.formats.metadata import STABILITY_IMPL, export_metadata, kohya_metadata, ldm_inference_config
+from dreambooth.formats.single_file import pipeline_to_original
+from dreambooth.formats.writing import ExportError  # noqa: F401  (re-exported: callers of export() catch it here)
+from dreambooth.formats.writing import named_write_errors, write_file_atomically, write_folder_atomically
+from dreambooth.models import detect_source, load_components, model_folder
 from dreambooth.rundir import RUN_INFO, RunDir
+from dreambooth.training.outputs import save_pipeline_folder, write_text_encoder
 
 FORMATS = ("diffusers", "single-file", "lora-kohya", "lora-peft")
 ALIASES = {"lora": "lora-kohya"}  # the LoRA layout every reader loads
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMAT_CHOICES = FORMATS + tuple(ALIASES)  # every name `export` accepts
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # name -> weights dtype
+DEFAULT_DTYPE = "fp16"
 VARIANTS = {torch.float16: "fp16", torch.bfloat16: "bf16"}  # diffusers variant names of the folder export
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what training writes in final/ for LoRA runs
 
@@ -59,8 +67,6 @@ class ExportSource:
         return {"unet": alpha, "text_encoder": alpha}  # training uses one alpha for both parts
 
     def text_encoder_config(self) -> dict:
-        from dreambooth.models import detect_source, model_folder
-
         folder = self.run.final if not self.is_lora else model_folder(detect_source(str(self.info["base_model"])))
         return json.loads((folder / "text_encoder" / "config.json").read_text())
 
@@ -81,7 +87,7 @@ def open_run(run_dir: str | Path) -> ExportSource:
     return ExportSource(run, info, config or {})
 
 
-def export(run_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "fp16") -> Path:
+def export(run_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = DEFAULT_DTYPE) -> Path:
     """Write RUN_DIR's model as `fmt` to `output`; returns the written path. Write failures (disk
     full, read-only folder, Ctrl-C, SIGTERM) raise ExportError and leave nothing behind."""
     source = open_run(run_dir)
@@ -93,7 +99,7 @@ def export(run_dir: str | Path, fmt: str, output: str | Path, *, dtype: str = "f
         return EXPORTERS[fmt](source, output, DTYPES[dtype])
 
 
-def export_after_training(run_dir: str | Path, formats: list[str], dtype: str = "fp16") -> list[Path]:
+def export_after_training(run_dir: str | Path, formats: list[str], dtype: str = DEFAULT_DTYPE) -> list[Path]:
     """`train --export a,b`: write each format into RUN_DIR/export/ under a descriptive name.
     Every request is checked before the first is written, so a bad one fails fast."""
     source = open_run(run_dir)
@@ -138,9 +144,6 @@ def _check_request(source: ExportSource, fmt: str, output: Path | None, dtype: s
 
 def merged_components(source: ExportSource):
     """The run's networks in fp32, with a LoRA run's adapters merged into its base weights."""
-    from dreambooth.formats.lora import merge_lora, read_lora_file
-    from dreambooth.models import load_components
-
     if not source.is_lora:
         return load_components(str(source.run.final))
     components = load_components(str(source.info["base_model"]), prediction_type=source.info["prediction_type"])
@@ -153,8 +156,6 @@ def merged_components(source: ExportSource):
 
 def _rank(state: dict[str, torch.Tensor], part: str) -> float:
     """Fallback alpha (= rank, scale 1) when a run's config does not record lora_alpha."""
-    from dreambooth.formats.lora import to_peft_layout
-
     downs = [v for k, v in to_peft_layout(state).items() if k.startswith(part + ".") and k.endswith(".lora_A.weight")]
     return float(downs[0].shape[0]) if downs else 1.0
 
@@ -165,8 +166,6 @@ def export_diffusers(source: ExportSource, output: Path, dtype: torch.dtype) -> 
     The main weights are fp32 so that a plain `from_pretrained(folder)` gets one dtype everywhere
     (mixed dtypes fail at the first matrix product); fp16/bf16 is written as a diffusers variant
     (`*.fp16.safetensors`, loaded with `variant="fp16"`, and preferred by ComfyUI's loader)."""
-    from dreambooth.training.outputs import save_pipeline_folder, write_text_encoder
-
     components = merged_components(source).to("cpu", torch.float32)
     variant = VARIANTS.get(dtype)
     info = dict(source.info, mode="full", merged_lora=source.is_lora, dtype="float32", variant=variant,
@@ -197,9 +196,6 @@ def export_single_file(source: ExportSource, output: Path, dtype: torch.dtype) -
     """One .safetensors in the original layout, with the component configs in its metadata so this
     tool (and anyone reading the metadata) can reload it without guessing the architecture. A
     v-prediction model also gets its LDM config beside it, the one signal of `v` A1111 reads."""
-    from dreambooth.formats.layout import pipeline_to_original
-    from dreambooth.formats.single_file import CONFIGS_METADATA_KEY
-
     c = merged_components(source)
     configs = {"unet": dict(c.unet.config), "vae": dict(c.vae.config), "text_encoder": c.text_encoder.config.to_dict()}
     state = pipeline_to_original(c.unet.state_dict(), c.vae.state_dict(), c.text_encoder.state_dict(), configs)
@@ -230,16 +226,12 @@ def component_configs(components) -> dict:
 
 
 def export_lora_peft(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
-    from dreambooth.formats.lora import adapter_metadata, read_lora_file, to_peft_layout
-
     state = to_peft_layout(read_lora_file(source.lora_file)[0])
     metadata = dict(source.lora_metadata(output, "diffusers"), format="pt", **adapter_metadata(state, source.alphas()))
     return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
 
 
 def export_lora_kohya(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
-    from dreambooth.formats.lora import peft_to_kohya, read_lora_file
-
     state = peft_to_kohya(read_lora_file(source.lora_file)[0], source.alphas())
     rank = next(v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight"))
     metadata = dict(source.lora_metadata(output, STABILITY_IMPL), ss_network_module="networks.lora",
@@ -248,8 +240,6 @@ def export_lora_kohya(source: ExportSource, output: Path, dtype: torch.dtype) ->
 
 
 def save_safetensors(output: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    from safetensors.torch import save_file
-
     return write_file_atomically(output, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 

@@ -14,7 +14,8 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from dreambooth.formats.layout import text_family
+from dreambooth.data.decode import image_extensions
+from dreambooth.formats.single_file import text_family
 
 STABILITY_IMPL = "https://github.com/Stability-AI/generative-models"
 
@@ -86,8 +87,6 @@ def kohya_metadata(info: dict, config: dict, text_encoder_config: dict, output_n
 
 def _count_images(folder: Path) -> int:
     """Photos in the run's image folder; 1 when it is gone (the count only orders tags in the UIs)."""
-    from dreambooth.data.decode import image_extensions
-
     try:
         return max(1, sum(1 for p in folder.iterdir() if p.suffix.lower() in image_extensions()))
     except OSError:

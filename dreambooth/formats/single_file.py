@@ -1,70 +1,236 @@
-"""Single-file checkpoints in the original Stable Diffusion key layout (A1111 / ComfyUI files).
+"""Single-file checkpoints: the original Stable Diffusion (LDM / CompVis) key layout, both directions.
 
-A file is converted once into an ordinary diffusers folder cached under
-`cache_root()/single-file/<content hash>`, so every later load takes the diffusers-folder path
-(detect, then load once). Converting needs the architecture's configs, which a bare
-state dict does not carry; they come, in this order, from:
+A1111, ComfyUI and diffusers' `from_single_file` read one `.safetensors` whose keys follow the
+original training code: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
+`cond_stage_model.*` (text encoder: OpenAI CLIP for SD 1.x, OpenCLIP for SD 2.x).
 
-1. an explicit `config=` diffusers folder (or a `<file stem>.config/` folder next to the file),
-2. the file's own metadata (our exports store every component config in `dreambooth.diffusers_configs`),
-3. the shipped SD 1.5 / SD 2.1 config folders in `single_file_configs/`, matched by tensor shapes.
+Writing (export): `pipeline_to_original` maps diffusers state dicts to that layout; these are pure
+functions, and shapes change only in two places, both noted where they happen.
 
-Pickle files (.ckpt/.pt/.pth/.bin) are read with `torch.load(weights_only=True)` only: a pickle can
-run arbitrary code when loaded, so anything that needs more than tensors and plain containers is
-refused with `UnsafeCheckpointError`.
+Reading: `single_file_folder` converts a file once, with diffusers' own converter
+(`from_single_file`, the inverse of the mapping here), into an ordinary diffusers folder cached
+under `cache_root()/single-file/<content hash>`, so every later load takes the diffusers-folder
+path. Converting needs the architecture's configs (`formats.config_folders`), found by detecting
+the family and matching tensor shapes against the shipped configs. tests/test_formats.py checks
+that the two directions are inverses, tensor by tensor.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from dreambooth.errors import ModelSourceError, Problem, UnsafeCheckpointError
-from dreambooth.models.builtin import TOKENIZER_DIR, _write_atomically, cache_root, copy_tokenizer_files
+from dreambooth.atomic import replace_folder
+from dreambooth.errors import ModelSourceError, Problem
+from dreambooth.formats.config_folders import (CONFIGS_METADATA_KEY, SHIPPED_CONFIGS, copy_config_folder,
+                                               folder_configs_digest, set_prediction_type, shipped_configs,
+                                               sidecar_config, write_configs)
+from dreambooth.formats.tensor_files import file_shapes, safetensors_view
+from dreambooth.models.builtin import cache_root, copy_tokenizer_files
 from dreambooth.models.hashing import file_digest
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "single_file_configs"
-CONFIGS_METADATA_KEY = "dreambooth.diffusers_configs"
-UNET = "model.diffusion_model."
-_PROBES = {  # key -> function of the (unet, vae, text) configs giving its expected shape
-    UNET + "input_blocks.0.0.weight": lambda u, v, t: (u["block_out_channels"][0], u["in_channels"], 3, 3),
-    UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
-        lambda u, v, t: (u["block_out_channels"][0], u["cross_attention_dim"]),
-    "first_stage_model.encoder.conv_in.weight": lambda u, v, t: (v["block_out_channels"][0], v["in_channels"], 3, 3),
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x, OpenAI CLIP ViT-L/14
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x, OpenCLIP ViT-H/14
+
+# Writing: diffusers -> original layout --------------------------------------------------------------
+
+_UNET_TOP = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
 }
-_TOKEN_EMBEDDING = {"sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-                    "sd2": "cond_stage_model.model.token_embedding.weight"}
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _swap_first(rest: str, table: dict[str, str]) -> str:
+    """Rename the leading module name of `rest` ("conv1.weight") through `table`."""
+    for old, new in table.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def unet_key(key: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
+    """Original name of one diffusers UNet key.
+
+    LDM numbers blocks flatly: input_blocks[0] is conv_in, then per down level `layers_per_block`
+    (resnet, attention) pairs and one downsampler; output_blocks hold `layers_per_block + 1` pairs
+    per up level, the last with the upsampler appended (at index 2 after an attention, else 1).
+    """
+    n = layers_per_block + 1
+    head, _, rest = key.partition(".")
+    for old, new in _UNET_TOP.items():
+        if key.startswith(old + "."):
+            return new + key[len(old):]
+    if head == "mid_block":
+        kind, idx, tail = rest.split(".", 2)
+        slot = 1 if kind == "attentions" else (0 if idx == "0" else 2)
+        return f"middle_block.{slot}." + (_swap_first(tail, _UNET_RESNET) if kind == "resnets" else tail)
+    level, kind, idx, tail = rest.split(".", 3)
+    i, j = int(level), int(idx)
+    if head == "down_blocks":
+        if kind == "downsamplers":  # "conv.weight" -> "op.weight"
+            return f"input_blocks.{(i + 1) * n}.0.op." + tail.split(".", 1)[1]
+        block = f"input_blocks.{1 + i * n + j}"
+    elif head == "up_blocks":
+        if kind == "upsamplers":
+            return f"output_blocks.{i * n + layers_per_block}.{2 if up_has_attention[i] else 1}.{tail}"
+        block = f"output_blocks.{i * n + j}"
+    else:
+        raise KeyError(f"unexpected UNet key {key!r}")
+    if kind == "resnets":
+        return f"{block}.0." + _swap_first(tail, _UNET_RESNET)
+    return f"{block}.1.{tail}"  # attentions: transformer internals keep their names
+
+
+def unet_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    lpb = config["layers_per_block"]
+    if not isinstance(lpb, int):
+        raise ValueError(f"layers_per_block={lpb!r}: only one value for all levels has an LDM layout")
+    up_attn = [t.startswith("CrossAttn") for t in config["up_block_types"]]
+    return {UNET_PREFIX + unet_key(k, lpb, up_attn): v for k, v in state.items()}
+
+
+def vae_key(key: str, num_levels: int) -> str:
+    """Original name of one diffusers VAE key; decoder levels are numbered in reverse in LDM."""
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    part, _, rest = key.partition(".")
+    if rest.startswith("mid_block."):
+        kind, idx, tail = rest[len("mid_block."):].split(".", 2)
+        if kind == "attentions":
+            return f"{part}.mid.attn_1." + _swap_first(tail, _VAE_ATTN)
+        return f"{part}.mid.block_{int(idx) + 1}.{tail}"
+    for blocks, sampler, reverse in (("down_blocks", "downsamplers", False), ("up_blocks", "upsamplers", True)):
+        if rest.startswith(blocks + "."):
+            level, kind, idx, tail = rest[len(blocks) + 1:].split(".", 3)
+            level = num_levels - 1 - int(level) if reverse else int(level)
+            name = "upsample" if reverse else "downsample"
+            if kind == sampler:
+                return f"{part}.{'up' if reverse else 'down'}.{level}.{name}.{tail}"
+            return f"{part}.{'up' if reverse else 'down'}.{level}.block.{idx}.{tail}"
+    return key  # conv_in, conv_out, norm_out, quant_conv, post_quant_conv keep their names
+
+
+def vae_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """VAE keys; the mid-block attention's linear q/k/v/proj_out become 1x1 convs: (C, C) -> (C, C, 1, 1)."""
+    levels = len(config["block_out_channels"])
+    out = {}
+    for k, v in state.items():
+        new = vae_key(k, levels)
+        if ".mid.attn_1." in new and new.endswith(".weight") and v.ndim == 2:
+            v = v.reshape(*v.shape, 1, 1)
+        out[VAE_PREFIX + new] = v
+    return out
+
+
+def clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD 1.x text encoder: the transformers layout under `cond_stage_model.transformer.text_model.`
+    (transformers 5 saves CLIPTextModel without the `text_model.` level, older versions with it)."""
+    return {CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in state.items()
+            if not k.endswith("position_ids")}
+
+
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
+                    "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
+_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def open_clip_to_original(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """SD 2.x text encoder in the OpenCLIP layout: q/k/v fused into `attn.in_proj_*` (3D, D) in that
+    order, `transformer.resblocks.N`, `ln_1`/`ln_2`, `mlp.c_fc`/`mlp.c_proj`, `ln_final`.
+
+    SD 2.x uses the penultimate layer of OpenCLIP ViT-H (24 layers), so diffusers keeps 23. For a
+    23-layer encoder a zero layer 24 and an identity `text_projection` are added, so clients that
+    build the full OpenCLIP model find every key; neither changes the penultimate output that SD uses.
+    """
+    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+    out = {OPEN_CLIP_PREFIX + new: state[old] for old, new in _OPEN_CLIP_TOP.items()}
+    for n in range(num_layers):
+        src, dst = f"encoder.layers.{n}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{n}."
+        for kind in ("weight", "bias"):
+            qkv = [state[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)
+            for old, new in _OPEN_CLIP_LAYER.items():
+                out[f"{dst}{new}.{kind}"] = state[f"{src}{old}.{kind}"]
+    width = state["embeddings.token_embedding.weight"].shape[1]
+    dtype = state["embeddings.token_embedding.weight"].dtype
+    if num_layers == 23:
+        last = {k[len(f"{OPEN_CLIP_PREFIX}transformer.resblocks.22."):]: v for k, v in out.items()
+                if k.startswith(f"{OPEN_CLIP_PREFIX}transformer.resblocks.22.")}
+        out.update({f"{OPEN_CLIP_PREFIX}transformer.resblocks.23.{k}": torch.zeros_like(v) for k, v in last.items()})
+    out[OPEN_CLIP_PREFIX + "text_projection"] = torch.eye(width, dtype=dtype)
+    return out
+
+
+def text_family(text_config: dict) -> str:
+    """'sd2' for OpenCLIP-style text encoders (GELU), 'sd1' for OpenAI CLIP (quick GELU)."""
+    return "sd2" if text_config.get("hidden_act") == "gelu" else "sd1"
+
+
+def pipeline_to_original(unet: dict, vae: dict, text: dict, configs: dict) -> dict[str, torch.Tensor]:
+    """The whole single-file state dict from the three diffusers state dicts and their configs."""
+    out = unet_to_original(unet, configs["unet"])
+    out.update(vae_to_original(vae, configs["vae"]))
+    if text_family(configs["text_encoder"]) == "sd2":
+        out.update(open_clip_to_original(text, configs["text_encoder"]["num_hidden_layers"]))
+    else:
+        out.update(clip_to_original(text))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# Reading: original layout -> diffusers folder ------------------------------------------------------
+
+_TOKEN_EMBEDDING = {"sd1": CLIP_PREFIX + "embeddings.token_embedding.weight",
+                    "sd2": OPEN_CLIP_PREFIX + "token_embedding.weight"}
+_PROBES = {  # key -> function of the (unet, vae, text) configs giving its expected shape
+    UNET_PREFIX + "input_blocks.0.0.weight": lambda u, v, t: (u["block_out_channels"][0], u["in_channels"], 3, 3),
+    UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+        lambda u, v, t: (u["block_out_channels"][0], u["cross_attention_dim"]),
+    VAE_PREFIX + "encoder.conv_in.weight": lambda u, v, t: (v["block_out_channels"][0], v["in_channels"], 3, 3),
+}
 _SHIPPED_FAMILY = {"sd15": "sd1", "sd21": "sd2"}
+_CONFIG_ADVICE = ("; to use another architecture, put a diffusers folder of the same architecture (configs "
+                  "and tokenizer, weights not needed) next to the file as <file stem>.config/, or pass "
+                  "config= to single_file_folder, or convert with diffusers' from_single_file(..., config=...)")
 
 
 def single_file_folder(path: Path, config: Path | None = None) -> Path:
     """The diffusers folder converted from a single-file checkpoint (converted on first use)."""
     path = Path(path)
-    config = config or _sidecar_config(path)
+    config = config or sidecar_config(path)
     key = file_digest(path)
     if config is not None:
-        key = hashlib.sha256((key + _folder_configs_digest(Path(config))).encode()).hexdigest()
+        key = hashlib.sha256((key + folder_configs_digest(Path(config))).encode()).hexdigest()
     target = cache_root() / "single-file" / key
     if not (target / "model_index.json").exists():
-        _write_atomically(target, lambda tmp: convert_single_file(path, tmp, config))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # another process converting the same file meanwhile made an identical folder: keep theirs
+        replace_folder(target, lambda tmp: convert_single_file(path, tmp, config), if_exists="keep")
     return target
 
 
 def convert_single_file(path: Path, out: Path, config: Path | None = None) -> None:
-    """Write the diffusers folder of `path` into `out` (an empty folder)."""
+    """Write the diffusers folder of `path` into `out` (an empty folder), with diffusers' converter."""
     from diffusers import StableDiffusionPipeline
 
     work = Path(tempfile.mkdtemp(prefix="single-file-", dir=out.parent))
     try:
-        weights, shapes, metadata = _safetensors_view(path, work)
+        weights, shapes, metadata = safetensors_view(path, work)
         config_dir = work / "config"
         if config is not None:
-            _copy_config_folder(Path(config), config_dir)
+            copy_config_folder(Path(config), config_dir)
         else:
             write_config_folder(config_dir, shapes, metadata, str(path))
         pipe = StableDiffusionPipeline.from_single_file(
@@ -76,96 +242,14 @@ def convert_single_file(path: Path, out: Path, config: Path | None = None) -> No
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _safetensors_view(path: Path, work: Path) -> tuple[Path, dict[str, tuple], dict[str, str]]:
-    """(safetensors path, {key: shape}, metadata); pickles are loaded safely and re-saved in `work`."""
-    if path.suffix.lower() == ".safetensors":
-        shapes, metadata = read_header(path)
-        return path, shapes, metadata
-    from safetensors.torch import save_file
-
-    state = load_pickle_state_dict(path)
-    weights = work / "checkpoint.safetensors"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
-    return weights, {k: tuple(v.shape) for k, v in state.items()}, {}
-
-
-def read_header(path: Path) -> tuple[dict[str, tuple], dict[str, str]]:
-    """Tensor shapes and metadata of a safetensors file, without reading the weights."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            return shapes, dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ModelSourceError(f"cannot read {path}", [Problem(str(path), f"not a valid safetensors file ({e})")]) from e
-
-
-_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format since torch 1.6
-_PICKLE_PROTOCOLS = range(2, 6)  # a pickle of protocol 2+ starts with b"\x80" and its protocol byte
-
-
-def is_torch_file(path: Path) -> bool:
-    """True when the file starts like a torch.save output: a zip archive or a pickle (legacy format).
-
-    Lets random or corrupt bytes be called corrupt instead of "a pickle that needs arbitrary code".
-    """
-    head = _head(path)
-    return head == _ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS)
-
-
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(4)
-
-
-def _not_a_checkpoint(path: Path, why: str) -> ModelSourceError:
-    return ModelSourceError(f"cannot read {path}", [Problem(str(path), f"{why}; the file is corrupt, truncated "
-                                                            "or not a model. Download or export it again")])
-
-
 def check_single_file(path: Path) -> None:
     """The loader's rules without converting: a readable file, only tensors in a pickle, and an
-    SD 1.x/2.x layout with a config the converter can find. Reads the safetensors header only, and a
-    zip-format pickle memory-mapped, so checking a multi-GB file takes about a second."""
+    SD 1.x/2.x layout with a config the converter can find (headers only, so about a second)."""
     path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        shapes, metadata = read_header(path)
-    else:
-        shapes = {k: tuple(v.shape) for k, v in load_pickle_state_dict(path, lazy=True).items()}
-        metadata = {}
-    if CONFIGS_METADATA_KEY in metadata or _sidecar_config(path) is not None:
+    shapes, metadata = file_shapes(path)
+    if CONFIGS_METADATA_KEY in metadata or sidecar_config(path) is not None:
         return
     match_shipped_config(shapes, detect_family(shapes, str(path)), str(path))
-
-
-def load_pickle_state_dict(path: Path, *, lazy: bool = False) -> dict[str, torch.Tensor]:
-    """Tensors of a pickle checkpoint, refusing anything beyond tensors and plain containers.
-
-    `lazy`: memory-map the tensors of a zip-format file instead of reading them (for checks).
-    """
-    if not is_torch_file(path):
-        raise _not_a_checkpoint(path, "not a checkpoint file (neither a zip archive nor a pickle)")
-    mmap = lazy and _head(path) == _ZIP_MAGIC
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "weights_only" not in str(e).lower():  # the pickle stream itself is broken, nothing was refused
-            raise _not_a_checkpoint(path, f"not a readable torch checkpoint ({str(e).splitlines()[0][:200]})") from e
-        raise UnsafeCheckpointError(f"refusing to load {path}: it is a pickle that needs arbitrary code", [
-            Problem(str(path), "loading pickle checkpoints can run any code their author put in them, so only "
-                    "tensors and plain containers are accepted (torch.load weights_only=True), and this file "
-                    f"holds more ({str(e).splitlines()[0][:200]}). If you trust its source, convert it once in "
-                    "an isolated environment: sd = torch.load(PATH, weights_only=False); "
-                    "sd = sd.get('state_dict', sd); safetensors.torch.save_file({k: v.contiguous() for k, v in "
-                    "sd.items() if isinstance(v, torch.Tensor)}, 'model.safetensors'); then pass the .safetensors")]) from e
-    except Exception as e:  # corrupt zip, truncated file
-        raise _not_a_checkpoint(path, f"not a readable torch checkpoint ({str(e).splitlines()[0][:200]})") from e
-    while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]  # Lightning-style {"state_dict": ..., "global_step": ...}
-    if not isinstance(loaded, dict):
-        raise ModelSourceError(f"cannot read {path}", [Problem(str(path), "expected a dict of tensors")])
-    return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
 
 
 def detect_family(shapes: dict[str, tuple], where: str) -> str:
@@ -175,8 +259,8 @@ def detect_family(shapes: dict[str, tuple], where: str) -> str:
         reason = "found SDXL keys (conditioner.embedders.*); only SD 1.x and 2.x single files are supported"
     elif any(k.startswith("lora_") or ".lora_A." in k or ".lora_down." in k for k in keys):
         reason = "this is a LoRA file, not a base model; pass it with --lora and a base --model"
-    elif not any(k.startswith(UNET) for k in keys):
-        reason = f"no model.diffusion_model.* keys; found e.g. {', '.join(keys[:3]) or 'nothing'}"
+    elif not any(k.startswith(UNET_PREFIX) for k in keys):
+        reason = f"no {UNET_PREFIX}* keys; found e.g. {', '.join(keys[:3]) or 'nothing'}"
     elif _TOKEN_EMBEDDING["sd2"] in shapes:
         return "sd2"
     elif _TOKEN_EMBEDDING["sd1"] in shapes:
@@ -187,23 +271,16 @@ def detect_family(shapes: dict[str, tuple], where: str) -> str:
                            [Problem(where, reason + _CONFIG_ADVICE)])
 
 
-_CONFIG_ADVICE = ("; to use another architecture, put a diffusers folder of the same architecture (configs "
-                  "and tokenizer, weights not needed) next to the file as <file stem>.config/, or pass "
-                  "config= to single_file_folder, or convert with diffusers' from_single_file(..., config=...)")
-
-
 def write_config_folder(dest: Path, shapes: dict[str, tuple], metadata: dict[str, str], where: str) -> None:
     """The diffusers config folder for a checkpoint: from its metadata, else a matching shipped one."""
     if CONFIGS_METADATA_KEY in metadata:
         write_configs(dest, json.loads(metadata[CONFIGS_METADATA_KEY]))
         return
-    family = detect_family(shapes, where)
-    name = match_shipped_config(shapes, family, where)
-    _copy_config_folder(SHIPPED_CONFIGS / name, dest)
+    name = match_shipped_config(shapes, detect_family(shapes, where), where)
+    copy_config_folder(SHIPPED_CONFIGS / name, dest)
     prediction = _prediction_type(shapes, metadata)
     if prediction is not None:
-        path = dest / "scheduler" / "scheduler_config.json"
-        path.write_text(json.dumps(dict(json.loads(path.read_text()), prediction_type=prediction), indent=2))
+        set_prediction_type(dest, prediction)
 
 
 def match_shipped_config(shapes: dict[str, tuple], family: str, where: str) -> str:
@@ -212,8 +289,7 @@ def match_shipped_config(shapes: dict[str, tuple], family: str, where: str) -> s
     for name, fam in _SHIPPED_FAMILY.items():
         if fam != family:
             continue
-        u, v, t = (json.loads((SHIPPED_CONFIGS / name / d / "config.json").read_text())
-                   for d in ("unet", "vae", "text_encoder"))
+        u, v, t = shipped_configs(name)
         expected = {k: f(u, v, t) for k, f in _PROBES.items()}
         expected[_TOKEN_EMBEDDING[family]] = (t["vocab_size"], t["hidden_size"])
         if all(found[k] == s for k, s in expected.items()):
@@ -231,44 +307,3 @@ def _prediction_type(shapes: dict[str, tuple], metadata: dict[str, str]) -> str 
     if spec:
         return "v_prediction" if spec in ("v", "v_prediction") else "epsilon"
     return "v_prediction" if "v_pred" in shapes else None
-
-
-def write_configs(dest: Path, configs: dict) -> None:
-    """A diffusers config folder (no weights) from {unet, vae, text_encoder, scheduler, tokenizer} dicts."""
-    files = {"unet/config.json": configs["unet"], "vae/config.json": configs["vae"],
-             "text_encoder/config.json": configs["text_encoder"],
-             "scheduler/scheduler_config.json": configs["scheduler"],
-             "tokenizer/tokenizer_config.json": configs.get("tokenizer") or
-             json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text()),
-             "model_index.json": _model_index(configs["scheduler"]["_class_name"])}
-    for rel, obj in files.items():
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        (dest / rel).write_text(json.dumps(obj, indent=2))
-    copy_tokenizer_files(dest / "tokenizer")
-
-
-def _model_index(scheduler_class: str) -> dict:
-    return {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-            "safety_checker": [None, None], "requires_safety_checker": False,
-            "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]}
-
-
-def _copy_config_folder(src: Path, dest: Path) -> None:
-    """Configs and tokenizer of a diffusers folder (weights skipped), plus the CLIP vocabulary."""
-    for f in src.rglob("*"):
-        if f.is_file() and f.suffix in (".json", ".txt"):
-            (dest / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, dest / f.relative_to(src))
-    copy_tokenizer_files(dest / "tokenizer")
-
-
-def _sidecar_config(path: Path) -> Path | None:
-    side = path.with_suffix(".config")
-    return side if (side / "unet" / "config.json").exists() else None
-
-
-def _folder_configs_digest(folder: Path) -> str:
-    files = sorted(f for f in folder.rglob("*.json") if f.is_file())
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()

@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import shutil
 import signal
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dreambooth.atomic import temporary_name
+from dreambooth.atomic import replace_folder, temporary_name
 from dreambooth.errors import DreamboothError, Problem
 
 _CAUSES = {errno.ENOSPC: "the disk is full: free space or choose another --output",
@@ -82,14 +81,11 @@ def write_file_atomically(output: Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_folder_atomically(output: Path, write: Callable[[Path], None]) -> Path:
-    """Folder version: build in a hidden temporary folder beside `output`, then rename it into place."""
-    tmp = temporary_name(output)
+    """Folder version: build in a hidden temporary folder beside `output`, then rename it into place,
+    unless `output` appeared meanwhile."""
     try:
-        tmp.mkdir()
-        write(tmp)
-        if output.exists():
-            raise ExportError("export target exists", [Problem(str(output), "already exists; not overwritten")])
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename
-    return output
+        return replace_folder(output, write, if_exists="error")
+    except FileExistsError as e:
+        if Path(e.filename or "") != output:
+            raise  # something inside the folder, not the target itself
+        raise ExportError("export target exists", [Problem(str(output), "already exists; not overwritten")]) from e

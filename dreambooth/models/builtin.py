@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from dreambooth.atomic import replace_folder
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"
@@ -37,22 +38,10 @@ def builtin_path(name: str) -> Path:
         return TOY_WEIGHTS
     target = cache_root() / "builtin" / f"{name}-seed{TINY_SEED}-v1"
     if not (target / "model_index.json").exists():
-        _write_atomically(target, lambda tmp: save_tiny_pipeline(tmp, _VARIANTS[name], TINY_SEED))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # a process that built it meanwhile made the same folder (same seed): keep theirs
+        replace_folder(target, lambda tmp: save_tiny_pipeline(tmp, _VARIANTS[name], TINY_SEED), if_exists="keep")
     return target
-
-
-def _write_atomically(target: Path, write) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():  # another process won the race; theirs is identical
-            shutil.rmtree(tmp)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def tiny_configs(variant: str) -> dict:

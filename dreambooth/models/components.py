@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from dreambooth.errors import ModelSourceError, Problem
+from dreambooth.formats.tensor_files import read_header
+from dreambooth.models.hashing import file_digest
 from dreambooth.models.source import ModelSource, detect_source, resolve_hub
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
@@ -49,7 +51,9 @@ def model_folder(source: ModelSource) -> Path:
         return source.path
     if source.kind == "hub":
         return resolve_hub(source)
-    from dreambooth.formats.single_file import single_file_folder  # converted once, cached by content hash
+    # converted once, cached by content hash. Imported here: formats.single_file imports
+    # dreambooth.models.builtin, whose package __init__ imports this module
+    from dreambooth.formats.single_file import single_file_folder
 
     return single_file_folder(source.path)
 
@@ -90,8 +94,6 @@ def check_weight_files(folder: Path, spec: str) -> None:
     The libraries' own errors ("Unable to load weights from checkpoint file") come as a traceback
     and stop at the first bad file; the header read costs milliseconds.
     """
-    from dreambooth.formats.single_file import read_header
-
     problems = []
     for path in sorted(Path(folder).glob("*/*.safetensors")):
         try:
@@ -121,8 +123,6 @@ def model_identity(folder: Path) -> str:
     files in a folder instead). Each file's hash is memoised by size and modification time, so
     SD 1.5's ~4 GB are read once.
     """
-    from dreambooth.models.hashing import file_digest
-
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and _counts_for_identity(p))
     digest = hashlib.sha256()
     for p in files:

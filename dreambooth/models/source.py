@@ -50,6 +50,8 @@ def detect_source(spec: str, *, revision: str | None = None) -> ModelSource:
         )
     if path.is_file():
         if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            # imported here: formats.single_file imports dreambooth.models.builtin, whose package
+            # __init__ imports this module
             from dreambooth.formats.single_file import check_single_file
 
             check_single_file(path)  # the loader's rules now, so a check (the web app's) agrees with it
@@ -76,12 +78,18 @@ def _unfinished_run(spec: str, path: Path) -> ModelSourceError:
                 f"`dreambooth train --resume --output {spec}` and the same --images, then use the run directory")])
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set, read as huggingface_hub reads it (1/on/yes/true, any case),
+    at call time so a change of the environment after import counts."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def resolve_hub(source: ModelSource) -> Path:
     """Download (or find in the local cache) a hub model; fail fast and clearly when offline."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     patterns = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "scheduler/*"]
     try:
         folder = snapshot_download(
