@@ -5,7 +5,7 @@ import pytest
 
 from dreambooth.config import GROUPS, describe_config, list_presets, load_config, read_run_config, save_config
 from dreambooth.errors import ConfigError
-from dreambooth.training.loop import resume_config
+from dreambooth.training.preflight import resume_config
 
 REQUIRED = {"data": {"class_noun": "dog", "images": "photos"}}
 

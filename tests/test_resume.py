@@ -74,15 +74,15 @@ def test_resume_across_optimizer_layouts_is_a_clear_error(tmp_path, subject_dir,
     tensor (same config, `train.fast=auto`: a GPU run resumed on a CPU). The mismatch must name the
     checkpoint and what to do, not surface torch's ValueError."""
     from dreambooth.errors import RunDirError
-    from dreambooth.training import loop
+    from dreambooth.training import prepare
 
     config = config_for(subject_dir, "tiny", "train.optimizer=adamw8bit_torchao", "train.fast=auto")
-    real = loop.use_fast_path
-    monkeypatch.setattr(loop, "use_fast_path", lambda *a: (True, ""))  # as on a GPU
+    real = prepare.use_fast_path
+    monkeypatch.setattr(prepare, "use_fast_path", lambda *a: (True, ""))  # as on a GPU
     flag, on_event = stop_at(2)
     stopped = train(config, tmp_path / "run", stop=flag, on_event=on_event)
     assert isinstance(stopped, ev.Stopped)
-    monkeypatch.setattr(loop, "use_fast_path", real)  # auto on this CPU: the plain step
+    monkeypatch.setattr(prepare, "use_fast_path", real)  # auto on this CPU: the plain step
     with pytest.raises(RunDirError, match="different parameter layout") as caught:
         train(config, tmp_path / "run", resume=True)
     assert "train.fast" in str(caught.value.problems[0])
@@ -98,9 +98,9 @@ def test_resume_is_refused_when_the_config_changed(tmp_path, subject_dir):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, subject_dir, monkeypatch):
-    from dreambooth.training import loop
+    from dreambooth.training import step
 
-    real = loop.dreambooth_loss
+    real = step.dreambooth_loss
     calls = []
 
     def poisoned(pred, target, is_prior, weight):
@@ -110,7 +110,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, subject_dir, mo
             return parts._replace(total=parts.total * float("nan"))
         return parts
 
-    monkeypatch.setattr(loop, "dreambooth_loss", poisoned)
+    monkeypatch.setattr(step, "dreambooth_loss", poisoned)
     config = config_for(subject_dir, "tiny", "output.checkpoint_every=2")
     with pytest.raises(TrainingDiverged) as info:
         train(config, tmp_path / "run")
