@@ -1,4 +1,4 @@
-"""The fast training step: the same math as `step.training_step`, laid out for a GPU.
+"""The fast training step: the same math as `step.PlainStep`, laid out for a GPU.
 
 Cached posteriors sit in device tensors and each step gathers its rows by index; the random draws
 come from the same per-step generators, in the same order, as the plain step's, so both paths see
@@ -114,7 +114,7 @@ class BatchLayout:
 
 
 def draw_step(step: int, seed: int, layout: BatchLayout, flip_prob: float) -> StepDraws:
-    """The draws of `build_batch` + `training_step` for cached posteriors, in the same order.
+    """The draws of `build_batch` + `PlainStep.backward` for cached posteriors, in the same order.
 
     Row r of the stacked posteriors is image i of source s flipped or not: offset(s) + 2 i + flip.
     """
@@ -146,7 +146,7 @@ def split_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int, prio
 
 
 class FastStep:
-    """Callable `step -> LossParts`, a drop-in for `step.training_step` (grad_accum 1, cached latents)."""
+    """The plain step's `backward` and `update` (and both as a call) for grad_accum 1 and cached latents."""
 
     def __init__(self, state: TrainState):
         config, self.state = state.config, state
@@ -226,18 +226,25 @@ class FastStep:
             return self.prompts.frozen[self.context_index]
         return self.modules["text_encoder"](self.prompts.ids)[0][self.context_index]
 
-    def __call__(self, step: int) -> LossParts:
+    def backward(self, step: int) -> LossParts:
+        """Queue the forward and backward of `step` (its update waits for `update()`)."""
         for module in self.modules.values():
             module.train()
         host = self.draws(step)
         if not self.graphed:
-            parts = self.compute(StepDraws(*(t.to(self.device) for t in host)))
-        else:
-            parts = self._replay(host)
+            return self.compute(StepDraws(*(t.to(self.device) for t in host)))
+        return self._replay(host)
+
+    def update(self) -> None:
+        """Apply the gradients of the last `backward`: optimizer and learning-rate schedule."""
         self.optimizer.step()
         self.lr_schedule.step()
         if not self.graphed:  # a graph overwrites its gradients on every replay
             self._drop_grads()
+
+    def __call__(self, step: int) -> LossParts:
+        parts = self.backward(step)
+        self.update()
         return parts
 
     def _drop_grads(self) -> None:
@@ -293,6 +300,9 @@ class LossReadout:
             values = (float(parts.total.detach()), float(parts.instance), float(parts.prior))
             self.pending.append((done, values, lr, None))
             return
+        if parts.total.device.type != "cuda":  # nothing runs ahead of the host: keep the tensors
+            self.pending.append((done, (parts.total.detach(), parts.instance, parts.prior), lr, None))
+            return
         stacked = torch.stack([parts.total.detach(), parts.instance, parts.prior]).float()
         host = torch.empty(3, pin_memory=True)
         host.copy_(stacked, non_blocking=True)  # queued behind this step, before the next one
@@ -307,6 +317,5 @@ class LossReadout:
             done, values, lr, event = self.pending.popleft()
             if event is not None:
                 event.synchronize()
-                values = tuple(float(v) for v in values.tolist())
-            out.append((done, values, lr))
+            out.append((done, tuple(float(v) for v in values), lr))
         return out

@@ -10,14 +10,13 @@ the base model, make or reuse class images, then train with the prior-preservati
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import resource
 import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
 import torch
 
@@ -34,7 +33,7 @@ from dreambooth.training.preflight import check_before_loading, resume_config, w
 from dreambooth.training.prepare import prefer_expandable_segments, prepare
 from dreambooth.training.setup import count_trainable
 from dreambooth.training.state import TrainState
-from dreambooth.training.step import training_step
+from dreambooth.training.step import PlainStep
 
 
 def train_events(config: RunConfig, output: str | Path, *, resume: bool = False, overwrite: bool = False,
@@ -71,17 +70,25 @@ def _train(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Iterat
         return
     yield ev.Started(state.start, config.train.steps, count_trainable(state.modules), str(state.device),
                      state.mixed_precision)
-    step_fn = FastStep(state) if state.fast else functools.partial(training_step, state)
+    step_fn = FastStep(state) if state.fast else PlainStep(state)
     yield from run_steps(state, step_fn, stop)
 
 
-def run_steps(state: TrainState, step_fn: Callable[[int], LossParts], stop: threading.Event | None
-              ) -> Iterator[ev.Event]:
+class StepFunction(Protocol):
+    """A training step in two halves: `backward(step)` queues forward and backward and returns the
+    losses (tensors); `update()` applies them to the weights (`step.PlainStep`, `fast.FastStep`)."""
+
+    def backward(self, step: int) -> LossParts: ...
+
+    def update(self) -> None: ...
+
+
+def run_steps(state: TrainState, step_fn: StepFunction, stop: threading.Event | None) -> Iterator[ev.Event]:
     """Steps from `state.start`, logging, samples and checkpoints; ends with Finished or Stopped.
 
-    With `state.lag` > 0 the losses of a step are read (and its StepDone yielded) that many steps
-    later, except before samples, scoring, checkpoints, a stop and the end, which see every step
-    reported.
+    With `state.lag` > 0 the losses of a step are read (and its StepDone yielded) once the next
+    step's backward is queued, before its update: a stop asked on seeing step k then still ends at
+    step k, as with lag 0. Samples, scoring, checkpoints and the end see every step reported first.
     """
     config, run, scoring, modules = state.config, state.run, state.scoring, state.modules
     out = config.output
@@ -89,7 +96,13 @@ def run_steps(state: TrainState, step_fn: Callable[[int], LossParts], stop: thre
     clock = {"began": began, "last": began}
     readout = LossReadout(state.lag)
     for step in range(state.start, config.train.steps):
-        parts = step_fn(step)
+        parts = step_fn.backward(step)
+        # with a lag, the previous step is reported here, while this one runs on the device
+        reported = yield from _report_steps(readout.take(flush=True), config, run, clock)
+        if reported and stop is not None and stop.is_set():  # this step's gradients are dropped
+            yield from _stop(state, reported)
+            return
+        step_fn.update()
         done = step + 1
         readout.push(done, parts, float(state.lr_schedule.get_last_lr()[0]))  # a tensor for torchao
         yield from _report_steps(readout.take(flush=_acts_after(done, config, scoring, stop)), config, run, clock)
@@ -101,16 +114,27 @@ def run_steps(state: TrainState, step_fn: Callable[[int], LossParts], stop: thre
             yield ev.Evaluated(done, row)
         stopping = stop is not None and stop.is_set()
         yield from _report_steps(readout.take(flush=stopping), config, run, clock)
-        if (out.checkpoint_every and done % out.checkpoint_every == 0) or stopping:
-            if not weights_are_finite(modules):  # a finite loss, then an update that overflowed
-                raise _diverged("the weights became NaN or infinite", done, run)
-            path = save_checkpoint(run.checkpoints, done, modules, state.optimizer, state.lr_schedule,
-                                   out.keep_checkpoints)
-            yield ev.CheckpointSaved(done, path)
-            if stopping:
-                yield ev.Stopped(done, path)
-                return
+        if stopping:
+            yield from _stop(state, done)
+            return
+        if out.checkpoint_every and done % out.checkpoint_every == 0:
+            yield from _checkpoint(state, done)
     yield from _finish(state, began)
+
+
+def _checkpoint(state: TrainState, done: int) -> Iterator[ev.Event]:
+    """Save the weights after step `done` (refusing non-finite ones); returns the folder."""
+    if not weights_are_finite(state.modules):  # a finite loss, then an update that overflowed
+        raise _diverged("the weights became NaN or infinite", done, state.run)
+    path = save_checkpoint(state.run.checkpoints, done, state.modules, state.optimizer, state.lr_schedule,
+                           state.config.output.keep_checkpoints)
+    yield ev.CheckpointSaved(done, path)
+    return path
+
+
+def _stop(state: TrainState, done: int) -> Iterator[ev.Event]:
+    path = yield from _checkpoint(state, done)
+    yield ev.Stopped(done, path)
 
 
 def _finish(state: TrainState, began: float) -> Iterator[ev.Event]:
@@ -149,8 +173,10 @@ def _acts_after(done: int, config: RunConfig, scoring, stop) -> bool:
 
 
 def _report_steps(records, config: RunConfig, run: RunDir, clock: dict) -> Iterator[ev.Event]:
-    """StepDone events and log lines for finished steps; stop at a non-finite loss."""
+    """StepDone events and log lines for finished steps; stop at a non-finite loss. Returns the
+    last step reported (0 for none)."""
     out = config.output
+    done = 0
     for done, (loss, instance, prior), lr in records:
         if not math.isfinite(loss):
             raise _diverged(f"the loss became {loss}", done, run)
@@ -162,6 +188,7 @@ def _report_steps(records, config: RunConfig, run: RunDir, clock: dict) -> Itera
                             "prior_loss": event.prior_loss, "lr": event.lr, "time": round(now - clock["began"], 4),
                             "memory_mb": _memory_mb()})
         yield event
+    return done
 
 
 def _diverged(what: str, step: int, run: RunDir) -> TrainingDiverged:

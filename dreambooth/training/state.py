@@ -1,6 +1,6 @@
 """What a training run holds while its steps run: one `TrainState`, built by `training.prepare`.
 
-The step functions (`step.training_step`, `fast.FastStep`) and the loop (`loop.run_steps`) read
+The step functions (`step.PlainStep`, `fast.FastStep`) and the loop (`loop.run_steps`) read
 everything from it, so none of them takes a dozen loose arguments.
 """
 from __future__ import annotations

@@ -10,8 +10,22 @@ from dreambooth.training.losses import LossParts, add_noise, dreambooth_loss, pr
 from dreambooth.training.state import TrainState
 
 
-def training_step(state: TrainState, step: int) -> LossParts:
-    """One optimizer step (with gradient accumulation) of eq. 2 of Ruiz et al."""
+class PlainStep:
+    """One optimizer step (with gradient accumulation) of eq. 2 of Ruiz et al., in the two halves
+    the loop calls: `backward(step)`, then `update()`."""
+
+    def __init__(self, state: TrainState):
+        self.state = state
+
+    def backward(self, step: int) -> LossParts:
+        return backward(self.state, step)
+
+    def update(self) -> None:
+        update(self.state)
+
+
+def backward(state: TrainState, step: int) -> LossParts:
+    """Forward and backward of each micro-batch of `step`, then gradient clipping."""
     config, accelerator, optimizer = state.config, state.accelerator, state.optimizer
     train = config.train
     unet = state.wrapped["unet"]
@@ -37,7 +51,11 @@ def training_step(state: TrainState, step: int) -> LossParts:
     if train.max_grad_norm:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         accelerator.clip_grad_norm_(params, train.max_grad_norm)
-    optimizer.step()
-    state.lr_schedule.step()
-    optimizer.zero_grad(set_to_none=True)
     return parts
+
+
+def update(state: TrainState) -> None:
+    """Apply the accumulated gradients: optimizer step, learning-rate schedule, gradients dropped."""
+    state.optimizer.step()
+    state.lr_schedule.step()
+    state.optimizer.zero_grad(set_to_none=True)
