@@ -25,7 +25,7 @@ def gpu_memory() -> dict:
 def limit_memory(cap_gb: float | None) -> None:
     """Pretend the card has `cap_gb` (a 16 GB card leaves about 15 GB to PyTorch)."""
     if cap_gb and torch.cuda.is_available():
-        from dreambooth.training.loop import prefer_expandable_segments
+        from dreambooth.training.prepare import prefer_expandable_segments
 
         prefer_expandable_segments()  # what train_events does first; the cap below starts CUDA
         total = torch.cuda.get_device_properties(0).total_memory

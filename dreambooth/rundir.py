@@ -24,7 +24,7 @@ MARKER = ".dreambooth-run"
 LOCK = ".lock"
 # Everything a run writes at its top level; --overwrite deletes these and nothing else.
 RUN_ENTRIES = {MARKER, LOCK, "config.yaml", "log.jsonl", "samples", "checkpoints", "final", "export", "scores.png"}
-RUN_PREFIXES = (".final-",)  # temporaries of an interrupted final/ save
+RUN_PREFIXES = (".final.tmp-", ".final-")  # temporaries of an interrupted final/ save (new, older)
 
 
 @dataclass(frozen=True)

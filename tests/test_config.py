@@ -6,7 +6,7 @@ import pytest
 from dreambooth.config import GROUPS, SAMPLERS, describe_config, load_config, read_run_config, save_config
 from dreambooth.config_files import list_presets
 from dreambooth.errors import ConfigError
-from dreambooth.training.loop import resume_config
+from dreambooth.training.preflight import resume_config
 
 REQUIRED = {"data": {"class_noun": "dog", "images": "photos"}}
 

@@ -111,11 +111,11 @@ def test_flat_buffers_train_like_separate_tensors(tmp_path, photos, monkeypatch)
     """8-bit AdamW on a GPU trains one flat buffer per module; on the CPU the same buffers with
     torch's AdamW must give the plain path's losses and weights."""
     from dreambooth.models import load_components
-    from dreambooth.training import flat, loop
+    from dreambooth.training import flat, prepare
 
     made = []
-    monkeypatch.setattr(loop, "wants_flat", lambda config, device: True)
-    monkeypatch.setattr(loop, "flatten_modules", lambda modules: made.append(flat.flatten_modules(modules)) or made[-1])
+    monkeypatch.setattr(prepare, "wants_flat", lambda config, device: True)
+    monkeypatch.setattr(prepare, "flatten_modules", lambda modules: made.append(flat.flatten_modules(modules)) or made[-1])
     extra = ["train.train_text_encoder=true", "train.max_grad_norm=1000"]  # inactive: exact
     plain_losses, _ = run(tmp_path, photos, "plain", "never", "tiny", extra)
     flat_losses, _ = run(tmp_path, photos, "flat", "always", "tiny", extra)
@@ -228,8 +228,7 @@ def test_cached_posteriors_match_encoding_one_image_at_a_time(photos):
     vae = load_components("tiny-random").vae
     images = [load_rgb(p) for p in sorted(photos.glob("*.png"))] * 2  # 6 images, 12 rows: two VAE calls
     assert 2 * len(images) > ENCODE_ROWS
-    source = LatentSource(images, vae, 64, crop="center", cache=True, device=torch.device("cpu"),
-                          dtype=torch.float32)
+    source = LatentSource(images, vae, 64, crop="center", cache=True)
     for i in range(len(images)):
         for flip in (False, True):
             alone = source._encode(i, flip, None)
@@ -261,14 +260,14 @@ def test_offload_frozen_parks_the_vae_during_steps_and_brings_it_back_for_sample
     do not change. On the CPU there is nowhere to park, so "parked" is a hook that fails any call."""
     import contextlib
 
-    from dreambooth.training import loop
+    from dreambooth.training import loop, prepare, state
 
     moves, at_sampling = [], []
 
     def refuse(module, args):
         raise AssertionError(f"{type(module).__name__} called while parked")
 
-    class Guarded(loop.FrozenParking):
+    class Guarded(state.FrozenParking):
         hooks: list = []
 
         def park(self):
@@ -284,7 +283,7 @@ def test_offload_frozen_parks_the_vae_during_steps_and_brings_it_back_for_sample
             yield
             self.park()
 
-    monkeypatch.setattr(loop, "FrozenParking", Guarded)
+    monkeypatch.setattr(prepare, "FrozenParking", Guarded)
     real_write = loop.write_samples
     monkeypatch.setattr(loop, "write_samples", lambda *a: (at_sampling.append(moves[-1][0]), real_write(*a))[1])
     extra = ["train.offload_frozen=true", "output.sample_every=2"]
@@ -305,7 +304,7 @@ def test_offload_frozen_parks_the_vae_during_steps_and_brings_it_back_for_sample
 def test_frozen_parking_moves_the_frozen_modules_and_brings_them_back(monkeypatch):
     from dreambooth.config import load_config
     from dreambooth.models import load_components
-    from dreambooth.training.loop import FrozenParking
+    from dreambooth.training.state import FrozenParking
 
     components = load_components("tiny-random")
     config = load_config("tiny", {"data": {"images": ".", "class_noun": "dog"}}, ["train.offload_frozen=true"])

@@ -311,7 +311,7 @@ def test_nan_weights_are_never_saved_nor_called_the_last_good_checkpoint(tmp_pat
     import torch
 
     from dreambooth.errors import TrainingDiverged
-    from dreambooth.training import loop, train
+    from dreambooth.training import step, train
 
     class NanGradient(torch.autograd.Function):
         @staticmethod
@@ -322,12 +322,12 @@ def test_nan_weights_are_never_saved_nor_called_the_last_good_checkpoint(tmp_pat
         def backward(ctx, grad):
             return grad * float("nan")
 
-    real, calls = loop.dreambooth_loss, []
+    real, calls = step.dreambooth_loss, []
 
     def poisoned(pred, target, is_prior, weight):
         calls.append(1)
         return real(NanGradient.apply(pred) if len(calls) == 2 else pred, target, is_prior, weight)
-    monkeypatch.setattr(loop, "dreambooth_loss", poisoned)
+    monkeypatch.setattr(step, "dreambooth_loss", poisoned)
     with pytest.raises(TrainingDiverged) as info:
         train(library_config(subject_dir), tmp_path / "run")
     assert "step 2" in str(info.value) and "step-00001" in str(info.value)

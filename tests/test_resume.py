@@ -69,20 +69,42 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, subject_dir, pr
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
 
 
+def test_a_stop_lands_on_the_asked_step_when_losses_are_read_a_step_late(tmp_path, subject_dir, monkeypatch):
+    """On CUDA the fast step's losses are read one step late (the host never waits for the step it
+    has just queued), so StepDone(2) arrives while step 3 is already queued. A stop asked on seeing
+    step 2 must still end at step 2, as on the plain step, and resuming must give the uninterrupted
+    run. Here the late readout runs on the CPU."""
+    from dreambooth.training import prepare
+
+    monkeypatch.setattr(prepare, "readout_lag", lambda fast, device: 1 if fast else 0)  # as on a GPU
+    config = config_for(subject_dir, "tiny", "train.fast=always", "train.train_text_encoder=true")
+    assert isinstance(train(config, tmp_path / "straight"), ev.Finished)
+    flag, stop_on = stop_at(2)
+    seen = []
+    stopped = train(config, tmp_path / "resumed", stop=flag, on_event=lambda e: (seen.append(e), stop_on(e)))
+    assert isinstance(stopped, ev.Stopped) and stopped.step == 2
+    assert [e.step for e in seen if isinstance(e, ev.StepDone)] == [1, 2]
+    assert isinstance(train(config, tmp_path / "resumed", resume=True), ev.Finished)
+    a, b = final_weights(tmp_path / "straight", "full"), final_weights(tmp_path / "resumed", "full")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
+
+
 def test_resume_across_optimizer_layouts_is_a_clear_error(tmp_path, subject_dir, monkeypatch):
     """8-bit AdamW on the fast step keeps flat-buffer chunks; a plain-step resume has one state per
     tensor (same config, `train.fast=auto`: a GPU run resumed on a CPU). The mismatch must name the
     checkpoint and what to do, not surface torch's ValueError."""
     from dreambooth.errors import RunDirError
-    from dreambooth.training import loop
+    from dreambooth.training import prepare
 
     config = config_for(subject_dir, "tiny", "train.optimizer=adamw8bit_torchao", "train.fast=auto")
-    real = loop.use_fast_path
-    monkeypatch.setattr(loop, "use_fast_path", lambda *a: (True, ""))  # as on a GPU
+    real = prepare.use_fast_path
+    monkeypatch.setattr(prepare, "use_fast_path", lambda *a: (True, ""))  # as on a GPU
     flag, on_event = stop_at(2)
     stopped = train(config, tmp_path / "run", stop=flag, on_event=on_event)
     assert isinstance(stopped, ev.Stopped)
-    monkeypatch.setattr(loop, "use_fast_path", real)  # auto on this CPU: the plain step
+    monkeypatch.setattr(prepare, "use_fast_path", real)  # auto on this CPU: the plain step
     with pytest.raises(RunDirError, match="different parameter layout") as caught:
         train(config, tmp_path / "run", resume=True)
     assert "train.fast" in str(caught.value.problems[0])
@@ -98,9 +120,9 @@ def test_resume_is_refused_when_the_config_changed(tmp_path, subject_dir):
 
 
 def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, subject_dir, monkeypatch):
-    from dreambooth.training import loop
+    from dreambooth.training import step
 
-    real = loop.dreambooth_loss
+    real = step.dreambooth_loss
     calls = []
 
     def poisoned(pred, target, is_prior, weight):
@@ -110,7 +132,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, subject_dir, mo
             return parts._replace(total=parts.total * float("nan"))
         return parts
 
-    monkeypatch.setattr(loop, "dreambooth_loss", poisoned)
+    monkeypatch.setattr(step, "dreambooth_loss", poisoned)
     config = config_for(subject_dir, "tiny", "output.checkpoint_every=2")
     with pytest.raises(TrainingDiverged) as info:
         train(config, tmp_path / "run")

@@ -1,30 +1,17 @@
-"""AdamW with FP8 moments, updated by one fused kernel per tensor on CUDA (train.optimizer=adamwfp8).
+"""AdamW with FP8 moments, updated by one fused Triton kernel per tensor on CUDA (train.optimizer=adamwfp8).
 
-The state format is torchao's AdamWFp8's: each moment is stored as float8 e4m3 codes in blocks of
-256 values with one fp32 scale per block (block max / 448, e4m3's largest value), 1 byte per value
-plus 4 per block, the memory of 8-bit AdamW. Quantizing is a cast, not bitsandbytes' search in a
-256-entry map, so the update is bound by memory traffic: 16 bytes per value (weight read and
-written, gradient read, two 1-byte codes read and written) against fused fp32 AdamW's 28.
-
-Why not torchao's optimizer itself: its compiled update takes two kernels per tensor (the block
-maxima, then the update again to write the codes), reading gradients and states twice, and it has
-no `grad_scale`, so gradient clipping costs one more pass over all gradients. Here one Triton program
-updates whole blocks in registers: it reads the weight, gradient and codes once, divides the
-gradient by `grad_scale` as it reads it (FastStep folds clipping into it, as for fused AdamW), and
-writes weight, codes and scales once. The kernel needs Triton's e4m3 type, i.e. an NVIDIA GPU of
-compute capability 8.9 or newer (Ada, Hopper, Blackwell); elsewhere (older GPUs, ROCm, CPU, tests)
-the same arithmetic runs as torch ops.
-
-Blocks follow memory order, so a channels-last weight is quantized as it lies in memory (AdamW is
-elementwise; the order only decides which values share a scale). Tensors of fewer than 4096 values,
-of a size that is not a multiple of 256, or with gaps in memory keep fp32 moments, as torchao and
-bitsandbytes do for small tensors; the flat buffers of the fast step (training/flat.py) are whole
-256-blocks.
+The state format is torchao's AdamWFp8's (float8 e4m3 codes in blocks of 256 values, one fp32 scale
+per block), so memory is that of 8-bit AdamW; the kernel reads each gradient and state once and
+divides the gradient by `grad_scale` as it reads it, so clipping costs no extra pass. The kernel
+needs compute capability 8.9+; elsewhere the same arithmetic runs as torch ops. Tensors under 4096
+values, of a size not a multiple of 256, or with gaps in memory keep fp32 moments. Why and how it
+compares with torchao's optimizer: docs/training-step.md.
 """
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -59,13 +46,33 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (codes.view(FP8).float().view(-1, BLOCK) * scale[:, None]).view(-1)
 
 
-def adamw_math(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt):
+@dataclass(frozen=True)
+class AdamWStep:
+    """The scalars of one AdamW update of one parameter group: learning rate, betas, eps, decoupled
+    weight decay, and the bias corrections 1 - beta1^t and sqrt(1 - beta2^t) of step t."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    bc1: float
+    bc2_sqrt: float
+
+    @classmethod
+    def of(cls, group: dict, step: float) -> "AdamWStep":
+        beta1, beta2 = group["betas"]
+        return cls(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"],
+                   1 - beta1**step, math.sqrt(1 - beta2**step))
+
+
+def adamw_math(p, g, m, v, h: AdamWStep):
     """One AdamW update in fp32 on tensors of one shape; returns the new (p, m, v). The order of
     operations is torchao's (decoupled decay first, then the moments' lerp)."""
-    p = p - lr * weight_decay * p
-    m = m.lerp(g, 1 - beta1)
-    v = v.lerp(g * g, 1 - beta2)
-    return p - lr * (m / bc1) / (v.sqrt() / bc2_sqrt + eps), m, v
+    p = p - h.lr * h.weight_decay * p
+    m = m.lerp(g, 1 - h.beta1)
+    v = v.lerp(g * g, 1 - h.beta2)
+    return p - h.lr * (m / h.bc1) / (v.sqrt() / h.bc2_sqrt + h.eps), m, v
 
 
 class AdamWFp8(torch.optim.Optimizer):
@@ -114,16 +121,15 @@ class AdamWFp8(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr = float(group["lr"])  # once per group: a tensor LR on the GPU would sync per tensor
+            # the LR read once per group: a tensor LR on the GPU would sync per tensor
+            group_scalars = dict(group, lr=float(group["lr"]))
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state = self.state[p] or self._init_state(p)
                 state["step"] += 1
-                step = float(state["step"])  # a CPU tensor: reading it never waits for the GPU
-                hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                             bc1=1 - beta1**step, bc2_sqrt=math.sqrt(1 - beta2**step))
+                # the step is a CPU tensor: reading it never waits for the GPU
+                hyper = AdamWStep.of(group_scalars, float(state["step"]))
                 if "exp_avg_scale" not in state:
                     self._update_fp32(p, state, hyper)
                 elif p.grad.stride() == p.stride() and p.numel() < 2**31 and fused_kernel_runs_on(p.device):
@@ -137,7 +143,7 @@ class AdamWFp8(torch.optim.Optimizer):
         return g if self.grad_scale is None else g / self.grad_scale.to(g.device)
 
     def _update_fp32(self, p, state, hyper) -> None:
-        new_p, m, v = adamw_math(p.float(), self._grad(p), state["exp_avg"], state["exp_avg_sq"], **hyper)
+        new_p, m, v = adamw_math(p.float(), self._grad(p), state["exp_avg"], state["exp_avg_sq"], hyper)
         p.copy_(new_p)
         state["exp_avg"].copy_(m)
         state["exp_avg_sq"].copy_(v)
@@ -146,7 +152,7 @@ class AdamWFp8(torch.optim.Optimizer):
         m = dequantize(state["exp_avg"], state["exp_avg_scale"])
         v = dequantize(state["exp_avg_sq"], state["exp_avg_sq_scale"])
         flat = in_memory_order(p, p)
-        new_p, m, v = adamw_math(flat.float(), in_memory_order(self._grad(p), p), m, v, **hyper)
+        new_p, m, v = adamw_math(flat.float(), in_memory_order(self._grad(p), p), m, v, hyper)
         flat.copy_(new_p)
         for name, value in (("exp_avg", m), ("exp_avg_sq", v)):
             codes, scale = quantize(value)
@@ -161,8 +167,8 @@ class AdamWFp8(torch.optim.Optimizer):
             in_memory_order(p, p), in_memory_order(p.grad, p), state["exp_avg"].view(FP8), state["exp_avg_scale"],
             state["exp_avg_sq"].view(FP8), state["exp_avg_sq_scale"], scale if scale is not None else p, blocks,
             # products of Python floats rounded once, as torch's ops receive them
-            hyper["lr"], 1 - hyper["beta1"], 1 - hyper["beta2"], hyper["eps"], hyper["lr"] * hyper["weight_decay"],
-            hyper["bc1"], hyper["bc2_sqrt"], HAS_SCALE=scale is not None, ROWS=rows, BLOCK=BLOCK, num_warps=4)
+            hyper.lr, 1 - hyper.beta1, 1 - hyper.beta2, hyper.eps, hyper.lr * hyper.weight_decay,
+            hyper.bc1, hyper.bc2_sqrt, HAS_SCALE=scale is not None, ROWS=rows, BLOCK=BLOCK, num_warps=4)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -186,6 +192,7 @@ def _triton_kernel():
     except ImportError:
         return None
 
+    # Triton kernels take only tensors and scalars (no dataclasses), hence the long parameter list.
     @triton.jit
     def adamw_fp8_kernel(p_ptr, g_ptr, m_ptr, m_scale_ptr, v_ptr, v_scale_ptr, gscale_ptr, n_blocks,
                          lr, w1, w2, eps, decay, bc1, bc2_sqrt,

@@ -52,12 +52,14 @@ class Posterior:
 
 
 class LatentSource:
-    """Gives the scaled latent of image i (optionally mirrored) for a step's generator."""
+    """Gives the scaled latent of image i (optionally mirrored) for a step's generator.
 
-    def __init__(self, images: list, vae, resolution: int, *, crop: str, cache: bool,
-                 device: torch.device, dtype: torch.dtype):
+    Images are encoded where the VAE is, in its dtype, as it is when the source is made.
+    """
+
+    def __init__(self, images: list, vae, resolution: int, *, crop: str, cache: bool):
         self.images, self.vae, self.resolution, self.crop = images, vae, resolution, crop
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype = vae.device, vae.dtype
         self.scale = vae.config.scaling_factor
         self._cache: dict[tuple[int, bool], Posterior] = {}
         if cache and crop == "center":

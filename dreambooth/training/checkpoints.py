@@ -1,4 +1,4 @@
-"""Resumable checkpoints, written atomically (temp folder, then rename) and pruned to the last K.
+"""Resumable checkpoints, written atomically (dreambooth.atomic) and pruned to the last K.
 
 A checkpoint holds the trainable tensors (the whole UNet for a full fine-tune, only the adapters
 for LoRA), the optimizer and LR-scheduler states and the step. No RNG state is needed: every
@@ -8,15 +8,14 @@ uninterrupted run exactly.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from dreambooth.atomic import prune_stale_temporaries, replace_folder
 from dreambooth.errors import Problem, RunDirError
 
 _STEP_DIR = re.compile(r"^step-(\d{5,})$")
@@ -34,19 +33,13 @@ def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tens
 
 def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], optimizer,
                     lr_scheduler, keep: int) -> Path:
-    target = folder / f"step-{step:05d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-    try:
+    def write(tmp: Path) -> None:
         save_file(trainable_state(modules), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    target = replace_folder(folder / f"step-{step:05d}", write)  # an older one of the same step is replaced
     prune_checkpoints(folder, keep)
     return target
 
@@ -64,8 +57,7 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 def prune_checkpoints(folder: Path, keep: int) -> None:
     for _, d in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(d)
-    for d in folder.glob(".tmp-*"):  # left by a save that was killed
-        shutil.rmtree(d, ignore_errors=True)
+    prune_stale_temporaries(folder)  # left by a save that was killed
 
 
 def module_part(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -1,39 +1,27 @@
-"""The fast training step: same math as `loop.training_step`, laid out for a GPU.
+"""The fast training step: the same math as `step.PlainStep`, laid out for a GPU.
 
-Why a second step function: the plain step rebuilds every batch on the host and calls `float(loss)`
-each step, so a GPU waits for Python twice per step, and eager PyTorch launches thousands of small
-kernels for one SD 1.5 forward and backward. Here
-
-- the cached VAE posteriors of all images sit in two device tensors, and a step gathers its rows by
-  index, so each step moves only a few small, pinned host tensors to the device, asynchronously;
-- the step's random draws come from the same per-step generators as the plain step, in the same
-  order, so both paths see identical noise, timesteps, flips and images (resume stays exact);
-- the instance/prior split is a slice (subject rows first, then class rows: `build_batch`'s layout)
-  instead of a boolean mask, which has a data-dependent shape and would force a host sync;
-- on CUDA the forward and backward are captured once in a CUDA graph and replayed every step
-  (optionally over a `torch.compile`d UNet); the optimizer and gradient clipping stay outside the
-  graph, so the learning-rate schedule needs no device tensors;
-- losses are read back one step late (`LossReadout`), so the host never waits for the step it just
-  queued.
-
-On a CPU in fp32 only the numerically neutral parts apply (gathering, slicing, same draws): with
-AdamW the result equals the plain path bit for bit (tests/test_fast_path.py). Quantized optimizers
-(8-bit, FP8) train flat buffers here, so their blocks, and their rounding, differ from the plain
-path's per-tensor blocks, and AdamWFp8 divides by the clipping divisor where the plain step
-multiplies by its inverse.
+Cached posteriors sit in device tensors and each step gathers its rows by index; the random draws
+come from the same per-step generators, in the same order, as the plain step's, so both paths see
+the same batches and resume stays exact; on CUDA forward and backward replay as one CUDA graph.
+Key constraint: on a CPU in fp32 with AdamW the result equals the plain step's bit for bit
+(tests/test_fast_path.py). Rationale and the known differences: docs/training-step.md.
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
 from collections import deque
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from dreambooth.training.batches import LatentSource, latents_cached, pick, step_generator
+from dreambooth.sampling import compiled
+from dreambooth.training.adamw_fp8 import AdamWFp8
+from dreambooth.training.batches import latents_cached, pick, step_generator
 from dreambooth.training.losses import LossParts, add_noise, prediction_target, sample_timesteps
+from dreambooth.training.state import TrainState
 
 
 def fast_path_problems(config, device: torch.device, num_processes: int, mixed_precision: str) -> list[str]:
@@ -85,8 +73,6 @@ def lower_frozen_weights(modules: dict[str, torch.nn.Module], dtype: torch.dtype
 
 def takes_grad_scale(optimizer) -> bool:
     """Fused AdamW and our AdamWFp8 divide each gradient by `optimizer.grad_scale` as they read it."""
-    from dreambooth.training.adamw_fp8 import AdamWFp8
-
     fused = isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
     return fused or isinstance(optimizer, AdamWFp8)
 
@@ -116,23 +102,33 @@ class StepDraws(NamedTuple):
     timesteps: torch.Tensor
 
 
-def draw_step(step: int, seed: int, sizes: list[int], batch_size: int, flip_prob: float,
-              latent_shape: tuple[int, ...], num_train_timesteps: int) -> StepDraws:
-    """The draws of `build_batch` + `training_step` for cached posteriors, in the same order.
+@dataclass(frozen=True)
+class BatchLayout:
+    """The shape of a fast step's batch: images per source (subject, then class), rows taken from
+    each per step, one latent's shape (C, h, w) and the noise schedule's number of timesteps."""
+
+    sizes: tuple[int, ...]
+    batch_size: int
+    latent_shape: tuple[int, ...]
+    num_train_timesteps: int
+
+
+def draw_step(step: int, seed: int, layout: BatchLayout, flip_prob: float) -> StepDraws:
+    """The draws of `build_batch` + `PlainStep.backward` for cached posteriors, in the same order.
 
     Row r of the stacked posteriors is image i of source s flipped or not: offset(s) + 2 i + flip.
     """
     g = step_generator(seed, step, salt=1)
     rows, latent_noise, offset = [], [], 0
-    for salt, n in enumerate(sizes):
-        for index in pick(n, batch_size, seed, step, salt):
+    for salt, n in enumerate(layout.sizes):
+        for index in pick(n, layout.batch_size, seed, step, salt):
             flip = bool(torch.rand((), generator=g) < flip_prob)
             rows.append(offset + 2 * index + int(flip))
-            latent_noise.append(torch.randn(latent_shape, generator=g))
+            latent_noise.append(torch.randn(layout.latent_shape, generator=g))
         offset += 2 * n
     g = step_generator(seed, step, salt=2)
-    noise = torch.randn((len(rows), *latent_shape), generator=g)
-    timesteps = sample_timesteps(len(rows), num_train_timesteps, g)
+    noise = torch.randn((len(rows), *layout.latent_shape), generator=g)
+    timesteps = sample_timesteps(len(rows), layout.num_train_timesteps, g)
     return StepDraws(torch.tensor(rows), torch.stack(latent_noise), noise, timesteps)
 
 
@@ -150,30 +146,30 @@ def split_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int, prio
 
 
 class FastStep:
-    """Callable `step -> LossParts`, a drop-in for `loop.training_step` (grad_accum 1, cached latents)."""
+    """The plain step's `backward` and `update` (and both as a call) for grad_accum 1 and cached latents."""
 
-    def __init__(self, config, components, modules: dict[str, torch.nn.Module], prompts, instances: LatentSource,
-                 classes: LatentSource | None, accelerator, optimizer, lr_schedule, mixed_precision: str,
-                 flats: dict | None = None):
-        self.config, self.components, self.modules = config, components, modules
-        self.prompts, self.accelerator, self.optimizer, self.lr_schedule = prompts, accelerator, optimizer, lr_schedule
-        self.device = accelerator.device
-        sources = [instances] + ([classes] if classes is not None else [])
+    def __init__(self, state: TrainState):
+        config, self.state = state.config, state
+        self.config, self.components, self.modules = config, state.components, state.modules
+        self.prompts, self.optimizer, self.lr_schedule = state.prompts, state.optimizer, state.lr_schedule
+        self.device = state.device
+        sources = [state.instances] + ([state.classes] if state.classes is not None else [])
         self.sizes = [len(s.images) for s in sources]
         stacked = [s.posteriors() for s in sources]
         self.means = torch.cat([m for m, _ in stacked])  # (2 N, C, h, w): each image and its mirror
         self.stds = torch.cat([s for _, s in stacked])
-        self.scale = instances.scale
+        self.scale = state.instances.scale
         self.batch = config.train.batch_size
         rows = self.batch * len(sources)
         self.context_index = torch.tensor([0] * self.batch + [1] * (rows - self.batch), device=self.device)
-        self.alphas = components.noise_scheduler.alphas_cumprod.to(self.device)
-        self.num_t = components.noise_scheduler.config.num_train_timesteps
-        self.dtype = {"bf16": torch.bfloat16}.get(mixed_precision)
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        self.keep_grads = bool(flats)  # flat buffers (training/flat.py): zeroed in place, never dropped
-        self.fold_clip = takes_grad_scale(optimizer) and bool(config.train.max_grad_norm)
-        self.unet = self._compiled(components.unet)
+        scheduler = state.components.noise_scheduler
+        self.alphas = scheduler.alphas_cumprod.to(self.device)
+        self.num_t = scheduler.config.num_train_timesteps
+        self.dtype = {"bf16": torch.bfloat16}.get(state.mixed_precision)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.keep_grads = bool(state.flats)  # flat buffers (training/flat.py): zeroed in place, never dropped
+        self.fold_clip = takes_grad_scale(self.optimizer) and bool(config.train.max_grad_norm)
+        self.unet = self._compiled(state.components.unet)
         self.graphed = self.device.type == "cuda" and config.train.cuda_graph and config.train.compile != "reduce-overhead"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: StepDraws | None = None
@@ -183,8 +179,6 @@ class FastStep:
         mode = self.config.train.compile
         if mode == "none" or self.device.type != "cuda":
             return unet
-        from dreambooth.sampling import compiled
-
         return compiled(unet, mode=None if mode == "default" else mode)
 
     def _autocast(self):
@@ -195,9 +189,8 @@ class FastStep:
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
     def draws(self, step: int) -> StepDraws:
-        seed = self.config.train.seed + 1000 * self.accelerator.process_index
-        return draw_step(step, seed, self.sizes, self.batch, self.config.data.flip_prob,
-                         tuple(self.means.shape[1:]), self.num_t)
+        layout = BatchLayout(tuple(self.sizes), self.batch, tuple(self.means.shape[1:]), self.num_t)
+        return draw_step(step, self.state.seed, layout, self.config.data.flip_prob)
 
     def compute(self, draws: StepDraws) -> LossParts:
         """Forward, backward and gradient clipping of eq. 2 of Ruiz et al. on device tensors; no host sync."""
@@ -233,18 +226,25 @@ class FastStep:
             return self.prompts.frozen[self.context_index]
         return self.modules["text_encoder"](self.prompts.ids)[0][self.context_index]
 
-    def __call__(self, step: int) -> LossParts:
+    def backward(self, step: int) -> LossParts:
+        """Queue the forward and backward of `step` (its update waits for `update()`)."""
         for module in self.modules.values():
             module.train()
         host = self.draws(step)
         if not self.graphed:
-            parts = self.compute(StepDraws(*(t.to(self.device) for t in host)))
-        else:
-            parts = self._replay(host)
+            return self.compute(StepDraws(*(t.to(self.device) for t in host)))
+        return self._replay(host)
+
+    def update(self) -> None:
+        """Apply the gradients of the last `backward`: optimizer and learning-rate schedule."""
         self.optimizer.step()
         self.lr_schedule.step()
         if not self.graphed:  # a graph overwrites its gradients on every replay
             self._drop_grads()
+
+    def __call__(self, step: int) -> LossParts:
+        parts = self.backward(step)
+        self.update()
         return parts
 
     def _drop_grads(self) -> None:
@@ -300,6 +300,9 @@ class LossReadout:
             values = (float(parts.total.detach()), float(parts.instance), float(parts.prior))
             self.pending.append((done, values, lr, None))
             return
+        if parts.total.device.type != "cuda":  # nothing runs ahead of the host: keep the tensors
+            self.pending.append((done, (parts.total.detach(), parts.instance, parts.prior), lr, None))
+            return
         stacked = torch.stack([parts.total.detach(), parts.instance, parts.prior]).float()
         host = torch.empty(3, pin_memory=True)
         host.copy_(stacked, non_blocking=True)  # queued behind this step, before the next one
@@ -314,6 +317,5 @@ class LossReadout:
             done, values, lr, event = self.pending.popleft()
             if event is not None:
                 event.synchronize()
-                values = tuple(float(v) for v in values.tolist())
-            out.append((done, values, lr))
+            out.append((done, tuple(float(v) for v in values), lr))
         return out

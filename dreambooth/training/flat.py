@@ -1,11 +1,10 @@
 """One flat buffer per trained module, for optimizers that work one tensor at a time.
 
-bitsandbytes' 8-bit AdamW launches its kernel, and runs some Python, once per parameter tensor: 686
-times per step for the SD 1.5 UNet, which on an H100 costs more than the step's arithmetic. Here the
-module's parameters become views into one contiguous fp32 buffer, and their gradients views into a
-second one, so the optimizer sees a few large tensors per module (one launch each) while the module
-trains exactly as before. The 8-bit states are quantized in blocks of the flat buffer rather than of each
-tensor; that is the only numerical difference, and it is within what 8-bit AdamW already rounds.
+bitsandbytes' 8-bit AdamW launches its kernel, and runs some Python, once per parameter tensor (686
+tensors in the SD 1.5 UNet). Here the module's parameters become views into one contiguous fp32
+buffer, and their gradients views into a second one, so the optimizer sees a few large tensors per
+module (one launch each) while the module trains exactly as before. The 8-bit states are quantized
+in blocks of the flat buffer rather than of each tensor; that is the only numerical difference.
 
 Gradients accumulate into the flat buffer (autograd adds into an existing `.grad` in place), so
 the buffer is zeroed before each backward instead of being set to None.
@@ -13,9 +12,7 @@ the buffer is zeroed before each backward instead of being set to None.
 Each view keeps its parameter's strides (a channels-last convolution weight stays channels-last),
 and its gradient view has the same strides, so element k of the flat parameter and element k of
 the flat gradient always belong to the same weight, which is what an optimizer reading raw memory
-needs. Per-tensor bitsandbytes AdamW8bit turned channels-last weights into NaN (cause not
-established; it rewrites `p.data` and `p.grad` as contiguous copies); over these flat buffers
-channels-last trains normally (benchmarks/RESULTS.md, session 3).
+needs (docs/training-step.md: channels-last with per-tensor 8-bit AdamW).
 """
 from __future__ import annotations
 
@@ -24,8 +21,8 @@ import torch
 
 BLOCK = 256  # 8-bit AdamW quantizes its states in blocks of 256; torchao needs whole blocks
 # torchao's compiled update holds two fp32 temporaries the size of the tensor it updates (3.4 GB each
-# for the whole SD 1.5 UNet: out of memory under a 15 GB cap on an H100), so the optimizer sees the
-# buffer in equal chunks of at most 16 M elements (2 x 64 MB of temporaries), one launch each.
+# for the whole SD 1.5 UNet), so the optimizer sees the buffer in equal chunks of at most 16 M
+# elements (2 x 64 MB of temporaries), one launch each.
 CHUNK = 2**24
 
 

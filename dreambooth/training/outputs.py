@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from dreambooth.atomic import replace_folder
 from dreambooth.config import RunConfig
-from dreambooth.priors import class_image_key
+from dreambooth.models import model_identity
+from dreambooth.models.builtin import copy_tokenizer_files
+from dreambooth.priors import class_image_key, class_image_progress
 from dreambooth.prompts import fill_prompt
-from dreambooth.sampling import make_grid
 from dreambooth.rundir import RUN_INFO, RunDir
+from dreambooth.sampling import make_grid, make_pipeline, sample_images
 
 
 def prepare_class_images(components, config: RunConfig, device, stop=None):
@@ -21,9 +22,6 @@ def prepare_class_images(components, config: RunConfig, device, stop=None):
 
     A set `stop` ends the iteration early, with the finished images kept in the cache.
     """
-    from dreambooth.sampling import make_pipeline
-    from dreambooth.priors import class_image_progress
-
     yield from class_image_progress(
         class_image_key(components.folder, config), config.prior.num_images,
         lambda: make_pipeline(components, config.prior.sampler, device=device,
@@ -35,8 +33,6 @@ def prepare_class_images(components, config: RunConfig, device, stop=None):
 @torch.no_grad()
 def write_samples(components, config: RunConfig, run: RunDir, step: int) -> Path:
     """A validation grid: one row per prompt, fixed seeds, so grids of different steps compare."""
-    from dreambooth.sampling import make_pipeline, sample_images
-
     out = config.output
     prompts = [fill_prompt(p, config.data.identifier, config.data.class_noun) for p in out.sample_prompts]
     pipe = make_pipeline(components, "dpmpp")
@@ -54,8 +50,6 @@ def write_samples(components, config: RunConfig, run: RunDir, step: int) -> Path
 
 
 def run_info(components, config: RunConfig) -> dict:
-    from dreambooth.models import model_identity
-
     return {
         "format": "dreambooth-run/1",
         "mode": config.train.mode,
@@ -73,8 +67,7 @@ def run_info(components, config: RunConfig) -> dict:
 
 def save_final(components, config: RunConfig, run: RunDir, selection: tuple[int, str] | None = None) -> Path:
     """Write final/ atomically: a diffusers folder (full) or LoRA weights + base reference (lora)."""
-    tmp = Path(tempfile.mkdtemp(prefix=".final-", dir=run.root))
-    try:
+    def write(tmp: Path) -> None:
         if config.train.mode == "full":
             save_pipeline_folder(components, tmp)
         else:
@@ -83,21 +76,14 @@ def save_final(components, config: RunConfig, run: RunDir, selection: tuple[int,
         if selection is not None:
             info["selected_step"], info["selection_reason"] = selection
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
-        if run.final.exists():
-            shutil.rmtree(run.final)
-        os.replace(tmp, run.final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return run.final
+
+    return replace_folder(run.final, write)
 
 
 def save_pipeline_folder(components, folder: Path) -> None:
     """A complete diffusers pipeline (safetensors) with the base model's own scheduler config."""
     import diffusers
     from diffusers import StableDiffusionPipeline
-
-    from dreambooth.models.builtin import copy_tokenizer_files
 
     base = diffusers.DDPMScheduler.load_config(components.folder, subfolder="scheduler")
     scheduler = getattr(diffusers, base["_class_name"]).from_config(base)
@@ -126,8 +112,6 @@ def write_text_encoder(text_encoder, folder: Path, *, dtype: torch.dtype | None 
                        variant: str | None = None) -> Path:
     """The text encoder's weights under `text_model.`, the layout transformers 4 saves and reads and
     ComfyUI's diffusers loader detects (transformers 5 reads it too, though it saves without it)."""
-    from safetensors.torch import save_file
-
     name = f"model.{variant}.safetensors" if variant else "model.safetensors"
     for old in folder.glob(name.replace(".safetensors", "*.safetensors*")):  # also a sharded index
         old.unlink()

@@ -1,18 +1,20 @@
 """Checks of a training start that need the machine or the file system, not only the config, and
-run before the run directory is created or any weights load."""
+run before the run directory is created or any weights load; the config a resumed run continues with."""
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-from dreambooth.config import RunConfig
+import torch
+
+from dreambooth.config import RunConfig, build_config
 from dreambooth.errors import ConfigError, Problem
+from dreambooth.models import detect_source
+from dreambooth.models.builtin import BUILTIN_NAMES
 
 
 def with_local_model_resolved(config: RunConfig) -> RunConfig:
     """A local model path made absolute, so the run (and `generate` on it) works from any folder."""
-    from dreambooth.models.builtin import BUILTIN_NAMES
-
     name = config.model.name
     path = Path(name).expanduser()
     if name in BUILTIN_NAMES or not path.exists() or path.is_absolute() and str(path) == name:
@@ -22,14 +24,23 @@ def with_local_model_resolved(config: RunConfig) -> RunConfig:
 
 def check_before_loading(config: RunConfig) -> None:
     """Refuse a model that cannot be found and a precision this machine lacks, before anything is written."""
-    import torch
-
-    from dreambooth.models import detect_source
-    from dreambooth.models.builtin import BUILTIN_NAMES
-
     if config.model.name not in BUILTIN_NAMES:
         detect_source(config.model.name, revision=config.model.revision)  # raises ModelSourceError
     if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("fp16 mixed precision needs a CUDA GPU", [Problem(
             "train.mixed_precision", "fp16: this machine has no CUDA GPU; use auto (full precision on the CPU), "
             "no, or bf16")])
+
+
+def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:
+    """On resume the saved config rules; only the step count and output settings may change."""
+    a, b = saved.to_dict(), given.to_dict()
+    free = ("output", "eval")  # may change on resume: they do not alter the weights
+    diffs = [f"{g}.{k}" for g in a for k in a[g] if a[g][k] != b[g][k] and g not in free and k != "steps"]
+    if diffs:
+        raise ConfigError("--resume with a changed configuration would not reproduce the run", [
+            Problem(d, f"saved {a[d.split('.')[0]][d.split('.')[1]]!r}, given {b[d.split('.')[0]][d.split('.')[1]]!r}; "
+                    "drop the change or start a new run") for d in diffs])
+    merged = dict(a, output=b["output"], eval=b["eval"])
+    merged["train"] = dict(a["train"], steps=b["train"]["steps"])
+    return build_config(merged)

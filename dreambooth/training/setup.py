@@ -9,6 +9,8 @@ import torch.utils.checkpoint
 
 from dreambooth.config import TrainConfig
 from dreambooth.errors import ConfigError, Problem
+from dreambooth.sampling import use_tool_cache
+from dreambooth.training.adamw_fp8 import AdamWFp8
 
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -52,9 +54,9 @@ def enable_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | 
     RNG state need not be saved and restored (which a CUDA graph capture cannot do).
 
     `levels` > 0: only the UNet's `levels` highest-resolution down blocks and the matching up blocks
-    recompute (SD 1.5 at 512 px: the 64x64 level holds 56 % of the activations and 29 % of the
-    forward's arithmetic); the inner levels and the mid block keep their activations. As many
-    levels as the UNet has, or more, recompute everything, mid block included (= 0).
+    recompute (they hold most of the activations for a smaller share of the arithmetic); the inner
+    levels and the mid block keep their activations. As many levels as the UNet has, or more,
+    recompute everything, mid block included (= 0).
     """
     keep_rng = _has_dropout(unet) or (text_encoder is not None and _has_dropout(text_encoder))
     kwargs = {"use_reentrant": False, "preserve_rng_state": keep_rng}
@@ -97,8 +99,6 @@ def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, devi
                               [Problem("train.optimizer", "pip install 'dreambooth[bnb]' (CUDA only), or use adamw")]) from e
         return bnb.optim.AdamW8bit(groups, **kwargs)
     if train.optimizer == "adamwfp8":
-        from dreambooth.training.adamw_fp8 import AdamWFp8
-
         return AdamWFp8(groups, **kwargs)
     if train.optimizer in TORCHAO_OPTIMIZERS:
         return torchao_adamw(train.optimizer, groups, kwargs)
@@ -137,9 +137,7 @@ def torchao_adamw(name: str, groups: list[dict], kwargs: dict):
                           [Problem("train.optimizer", "pip install 'dreambooth[lean]', or use adamw")]) from e
     finally:
         quiet.setLevel(level)
-    from dreambooth.sampling import use_tool_cache
-
-    use_tool_cache()  # its kernel compiles on the first step: 17 s cold, 5 s from the cache (H100, 8-bit)
+    use_tool_cache()  # its kernel compiles on the first step; the cache makes later runs start sooner
     return getattr(torchao.optim, TORCHAO_OPTIMIZERS[name])(groups, **kwargs)
 
 

@@ -1,0 +1,162 @@
+"""The preparation phase of a training run: load the base model, make or reuse class images, set up
+what trains and how, restore a checkpoint when resuming, cache latents; the result is one
+`TrainState`. Like the loop it yields progress events and makes no UI calls.
+"""
+from __future__ import annotations
+
+import os
+from typing import Generator
+
+import torch
+from accelerate import Accelerator
+
+from dreambooth.config import RunConfig
+from dreambooth.data.images import load_rgb
+from dreambooth.identifier import check_identifier
+from dreambooth.models import load_components
+from dreambooth.rundir import RunDir
+from dreambooth.training import events as ev
+from dreambooth.training.batches import LatentSource
+from dreambooth.training.checkpoints import list_checkpoints, resume_checkpoint
+from dreambooth.training.fast import lower_frozen_weights, prepare_modules, use_fast_path, wants_flat
+from dreambooth.training.flat import flatten_modules
+from dreambooth.training.outputs import prepare_class_images
+from dreambooth.training.scoring import CheckpointScoring
+from dreambooth.training.setup import make_lr_schedule, make_optimizer, mark_trainable
+from dreambooth.training.state import FrozenParking, PromptEmbeddings, TrainState
+
+Events = Generator[ev.Event, None, "TrainState | None"]
+
+
+def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Events:
+    """Yield events while preparing; return the state, or None when `stop` ended it before step 1.
+
+    `report` is `data.images.check_images`'s report of the subject photos; the run directory is
+    prepared and locked.
+    """
+    components = load_components(config.model.name, prediction_type=config.model.prediction_type)
+    for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
+        yield ev.Notice(str(problem))
+    accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.mixed_precision))
+    fast = yield from _place_models(components, config, accelerator)
+    class_paths = []
+    if config.prior.enabled:
+        yield ev.Phase("class images", config.prior.num_images)
+        for done, total, paths in prepare_class_images(components, config, accelerator.device, stop):
+            yield ev.ClassImagesProgress(done, total)
+            class_paths = paths
+        if stop is not None and stop.is_set():  # stopped while making class images: nothing trained yet
+            step, path = (list_checkpoints(run.checkpoints) or [(0, run.checkpoints)])[-1]
+            yield ev.Stopped(step, path)
+            return None
+    trained = yield from _optimization(components, config, run, accelerator, fast, resume)
+    yield ev.Phase("caching latents", len(report.images) + (config.prior.num_images if config.prior.enabled else 0))
+    instances, classes = _latent_sources(components, config, report, class_paths)
+    prompts = PromptEmbeddings(components, config, accelerator.device)
+    scoring = CheckpointScoring(components, config, run) if config.eval.every else None
+    parking = FrozenParking(components, config, accelerator.device)
+    if config.train.offload_frozen and not parking.modules:
+        yield ev.Notice("train.offload_frozen has no effect: the latents are not cached (random crop or "
+                        "cache_latents off), so the VAE and text encoder stay on the device")
+    parking.park()
+    if accelerator.device.type == "cuda":  # hand back the blocks class sampling and VAE encoding left cached
+        torch.cuda.empty_cache()
+    return TrainState(config, run, components, accelerator, instances=instances, classes=classes, prompts=prompts,
+                      parking=parking, scoring=scoring, fast=fast, lag=readout_lag(fast, accelerator.device),
+                      **trained)
+
+
+def _place_models(components, config: RunConfig, accelerator) -> Generator[ev.Event, None, bool]:
+    """Move the models to the device in their dtypes; return whether the fast step runs."""
+    device, frozen_dtype = accelerator.device, frozen_dtype_of(accelerator.mixed_precision)
+    components.vae.to(device, frozen_dtype)
+    components.text_encoder.to(device, frozen_dtype if not config.train.train_text_encoder else torch.float32)
+    components.unet.to(device)
+    fast, why_not = use_fast_path(config, device, accelerator.num_processes, accelerator.mixed_precision)
+    if why_not:
+        yield ev.Notice(why_not)
+    if not fast and config.train.optimizer.endswith("_torchao"):
+        yield ev.Notice(f"{config.train.optimizer} on the plain step updates tensor by tensor: the first step compiles "
+                        "one kernel per parameter shape (minutes), and each step launches one per tensor; "
+                        "the fast step (train.fast) gives it flat buffers")
+    if fast:
+        prepare_modules(components, config, device)
+    return fast
+
+
+def _optimization(components, config: RunConfig, run: RunDir, accelerator, fast: bool,
+                  resume: bool) -> Generator[ev.Event, None, dict]:
+    """What trains, its optimizer and schedule (restored from the newest checkpoint when resuming),
+    as `TrainState` fields."""
+    device, frozen_dtype = accelerator.device, frozen_dtype_of(accelerator.mixed_precision)
+    modules = mark_trainable(components, config.train)
+    flats = flatten_modules(modules) if fast and wants_flat(config, device) else None
+    optimizer = make_optimizer(modules, config.train, device, flats)
+    lr_schedule = make_lr_schedule(optimizer, modules, config.train)
+    start = 0
+    if resume:
+        start, warnings = resume_checkpoint(run.checkpoints, modules, optimizer, lr_schedule)
+        for warning in warnings:
+            yield ev.Notice(warning)
+        if start:
+            run.truncate_log(start)
+    if fast and config.train.mode == "lora" and frozen_dtype != torch.float32:
+        lower_frozen_weights(modules, frozen_dtype)
+    # The fast step runs its own autocast on the bare modules (one process only).
+    wrapped = modules if fast else dict(zip(modules, accelerator.prepare(*modules.values(), optimizer)[:-1]))
+    return dict(modules=modules, wrapped=wrapped, optimizer=optimizer, lr_schedule=lr_schedule, flats=flats,
+                start=start)
+
+
+def _latent_sources(components, config: RunConfig, report, class_paths: list
+                    ) -> tuple[LatentSource, LatentSource | None]:
+    """The subject photos' and the class images' latents (encoded once when they are cached)."""
+    data, cache = config.data, config.train.cache_latents
+    instances = LatentSource([load_rgb(i.path, max_pixels=data.max_pixels) for i in report.images],
+                             components.vae, data.resolution, crop=data.crop, cache=cache)
+    classes = None
+    if config.prior.enabled:
+        classes = LatentSource([load_rgb(p) for p in class_paths[: config.prior.num_images]], components.vae,
+                               data.resolution, crop="center", cache=cache)
+    return instances, classes
+
+
+def readout_lag(fast: bool, device: torch.device) -> int:
+    """Steps by which the loop reads losses late: 1 for the fast step on CUDA, so the host never
+    waits for the step it has just queued; 0 (read at once) elsewhere."""
+    return 1 if fast and device.type == "cuda" else 0
+
+
+def prefer_reproducible_mkl() -> None:
+    """Ask Intel MKL for bitwise run-to-run reproducible results (its CNR mode, MKL_CBWR).
+
+    Without it MKL's multi-threaded SGEMM is not reproducible for some shapes: the backward of a 3x3
+    convolution on a 1x1 map at batch 1 (PyTorch's slow_conv2d, chosen over oneDNN there) gives a
+    different rounding from call to call with 2 threads, so two identical CPU runs, or the plain
+    and the fast step, drift apart. MKL reads the mode once, at its first call, so this runs when
+    training is imported; the user's MKL_CBWR wins. AUTO keeps the CPU's fast code path.
+    """
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+
+prefer_reproducible_mkl()
+
+
+def prefer_expandable_segments() -> None:
+    """Let PyTorch's CUDA allocator grow its segments in place rather than cache fixed-size blocks,
+    which reserves less memory at the same speed. It can only be chosen before CUDA starts, and the
+    user's PYTORCH_(CUDA_)ALLOC_CONF wins."""
+    chosen = any(name in os.environ for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+    if not chosen and not torch.cuda.is_initialized():
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+
+
+def _mixed_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return name
+
+
+def frozen_dtype_of(mixed_precision: str) -> torch.dtype:
+    """The dtype of the frozen models (VAE, a frozen text encoder) under `mixed_precision`."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)

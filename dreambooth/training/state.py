@@ -1,0 +1,113 @@
+"""What a training run holds while its steps run: one `TrainState`, built by `training.prepare`.
+
+The step functions (`step.PlainStep`, `fast.FastStep`) and the loop (`loop.run_steps`) read
+everything from it, so none of them takes a dozen loose arguments.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from dreambooth.config import RunConfig
+from dreambooth.prompts import fill_prompt
+from dreambooth.rundir import RunDir
+from dreambooth.training.batches import LatentSource, latents_cached
+from dreambooth.training.scoring import CheckpointScoring
+
+
+class FrozenParking:
+    """`train.offload_frozen`: the frozen VAE (and text encoder) wait on the CPU while steps run.
+
+    The steps never call them once latents and prompt embeddings are cached; samples, scoring and
+    the end of training bring them back (`back()`). Nothing moves unless asked, nor when latents are
+    not cached (the random-crop step encodes every batch).
+    """
+
+    def __init__(self, components, config: RunConfig, device: torch.device, park_to: str = "cpu"):
+        frozen = [components.vae] + ([] if config.train.train_text_encoder else [components.text_encoder])
+        self.modules = frozen if config.train.offload_frozen and latents_cached(config) else []
+        self.device, self.park_to = device, park_to
+
+    def park(self) -> None:
+        for module in self.modules:
+            module.to(self.park_to)
+
+    @contextlib.contextmanager
+    def back(self):
+        for module in self.modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            self.park()
+
+
+class PromptEmbeddings:
+    """Text-encoder outputs for the subject and class prompts; computed once when it is frozen."""
+
+    def __init__(self, components, config: RunConfig, device: torch.device):
+        tok = components.tokenizer
+        data = config.data
+        texts = [fill_prompt(data.instance_prompt, data.identifier, data.class_noun),
+                 fill_prompt(data.class_prompt, data.identifier, data.class_noun)]
+        self.ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(device)  # (2, 77)
+        self.frozen = None
+        if not config.train.train_text_encoder:
+            with torch.no_grad():
+                self.frozen = components.text_encoder(self.ids)[0]  # (2, 77, D)
+
+    def batch(self, is_prior: torch.Tensor, text_encoder) -> torch.Tensor:
+        index = is_prior.long().to(self.ids.device)
+        if self.frozen is not None:
+            return self.frozen[index]
+        return text_encoder(self.ids)[0][index]
+
+
+@dataclass
+class TrainState:
+    """A prepared run: models on their device, optimizer and schedule (restored when resumed), the
+    latent sources and prompt embeddings, and the flags that pick the step function.
+
+    `modules` are the bare trainable modules ({"unet": ..., "text_encoder": ...}); `wrapped` the
+    same as the plain step calls them (through `accelerator.prepare`; the bare ones on the fast step).
+    `start` is the number of steps already done (> 0 when resumed). With `lag` > 0 the loop reads
+    the losses of a step that many steps late (the fast step on CUDA).
+    """
+
+    config: RunConfig
+    run: RunDir
+    components: object  # models.Components
+    accelerator: object  # accelerate.Accelerator
+    modules: dict[str, torch.nn.Module]
+    wrapped: dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler
+    instances: LatentSource
+    classes: LatentSource | None
+    prompts: PromptEmbeddings
+    parking: FrozenParking
+    scoring: CheckpointScoring | None = None
+    flats: dict | None = None  # {name: flat.FlatModule} when the optimizer trains flat buffers
+    start: int = 0
+    fast: bool = False
+    lag: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def mixed_precision(self) -> str:
+        return self.accelerator.mixed_precision
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return "text_encoder" in self.modules
+
+    @property
+    def seed(self) -> int:
+        """The seed of this process's draws (processes of a multi-GPU run draw different batches)."""
+        return self.config.train.seed + 1000 * self.accelerator.process_index
