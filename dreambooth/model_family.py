@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth.formats.single_file import CONFIGS_METADATA_KEY, UNET, load_pickle_state_dict, read_header
+from dreambooth.formats.single_file import CONFIGS_METADATA_KEY, UNET_PREFIX, load_pickle_state_dict, read_header
 from dreambooth.models.source import ModelSource, detect_source
 
 KNOWN_HUB_IDS = {
@@ -93,8 +93,8 @@ def _from_single_file(source: ModelSource) -> ModelFamily:
     if CONFIGS_METADATA_KEY in metadata:
         configs = json.loads(metadata[CONFIGS_METADATA_KEY])
         return ModelFamily(*family_of_unet(configs.get("unet") or {}, configs.get("vae")), "configs in the file")
-    conv_in = shapes.get(UNET + "input_blocks.0.0.weight") or (0,)
-    to_k = shapes.get(UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight") or (0, None)
+    conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight") or (0,)
+    to_k = shapes.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight") or (0, None)
     family, _ = family_of_unet({"block_out_channels": [conv_in[0]], "cross_attention_dim": to_k[1]})
     return ModelFamily(family, None, "tensor shapes in the file")
 

@@ -43,7 +43,7 @@ from dreambooth.evaluation.results import (
     aggregate,
 )
 from dreambooth.prompts import class_prompt_for
-from dreambooth.sampling import sample_images
+from dreambooth.sampling import sample_per_prompt
 from dreambooth.toyworld import oracle as toy_oracle
 from dreambooth.toyworld.render import CONTEXT_PHRASES, CONTEXTS, SUBJECT_SPECS, context_phrase
 
@@ -72,11 +72,9 @@ def sample_by_prompt(pipe, prompts: Sequence[str], *, num_per_prompt: int, seed:
     """prompt -> its images, seeds seed..seed+N-1 for every prompt (image k of each prompt shares
     its starting noise, so differences between prompts come from the prompt)."""
     prompts = list(dict.fromkeys(prompts))  # a repeated prompt would only repeat its images
-    seeds = [seed + k for _ in prompts for k in range(num_per_prompt)]
-    images = sample_images(pipe, [p for p in prompts for _ in range(num_per_prompt)], seeds,
-                           steps=steps, guidance=guidance, resolution=resolution,
-                           negative_prompt=negative_prompt)
-    return {p: images[i * num_per_prompt:(i + 1) * num_per_prompt] for i, p in enumerate(prompts)}
+    rows = sample_per_prompt(pipe, prompts, [seed + k for k in range(num_per_prompt)], steps=steps,
+                             guidance=guidance, resolution=resolution, negative_prompt=negative_prompt)
+    return dict(zip(prompts, rows))
 
 
 def _counts(rows: Sequence[PromptScores], real: Sequence, class_images: Sequence) -> dict[str, int]:
