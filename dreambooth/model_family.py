@@ -11,7 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dreambooth.formats.single_file import CONFIGS_METADATA_KEY, UNET_PREFIX, load_pickle_state_dict, read_header
+from dreambooth.formats.config_folders import CONFIGS_METADATA_KEY
+from dreambooth.formats.single_file import UNET_PREFIX
+from dreambooth.formats.tensor_files import load_pickle_state_dict, read_header
 from dreambooth.models.source import ModelSource, detect_source
 
 KNOWN_HUB_IDS = {
