@@ -106,12 +106,10 @@ def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int
     """Class images/s through the training run's own path (components as train_events holds them).
     `profile`: the batches after the first run under torch.profiler (kernel time by op, per image;
     the rate is then that of profiled batches)."""
-    from dreambooth.config import RunConfig
     from dreambooth.models import load_components
+    from dreambooth.priors import class_image_key, ensure_class_images
     from dreambooth.sampling import make_pipeline
-    from dreambooth.priors import ensure_class_images
     from dreambooth.training.fast import prepare_modules
-    from dreambooth.priors import class_image_key
 
     config = run_config(model, out, "sd15-fast", [f"prior.sampler={sampler}", f"prior.steps={steps}",
                                                   f"prior.batch_size={batch}", f"prior.cache={out}"])

@@ -20,7 +20,6 @@ from typing import Protocol
 
 from dreambooth.errors import Problem
 
-
 WORD_LIST = Path(__file__).resolve().parent / "assets" / "words" / "english.txt.gz"
 END_OF_WORD = "</w>"  # CLIP BPE marks the last piece of a word with this suffix
 SHORT_LETTERS = re.compile(r"[a-z]{1,3}")

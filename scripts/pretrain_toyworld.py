@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dreambooth.toyworld.architecture import TOKENIZER_DIR, build_scheduler, build_text_encoder, build_unet, build_vae, load_tokenizer
+from dreambooth.toyworld.architecture import (
+    TOKENIZER_DIR,
+    build_scheduler,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    load_tokenizer,
+)
 from dreambooth.toyworld.dataset import render_dataset
 from dreambooth.toyworld.oracle import Oracle, OracleNet, augment
 from dreambooth.toyworld.quality import evaluate_base_model, grid

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_eval_oracle import FakeOracle
+from test_features import tiny_clip_dir, tiny_dino_dir  # noqa: F401  (module fixtures)
 
 from dreambooth.cli import main
 from dreambooth.evaluation.command import evaluate_run
 from dreambooth.evaluation.scorers import load_extractors
-from test_eval_oracle import FakeOracle
-from test_features import tiny_clip_dir, tiny_dino_dir  # noqa: F401  (module fixtures)
 
 PROMPTS = "# two prompts\na {identifier} {class} on the beach\na red {identifier} {class}\n"
 

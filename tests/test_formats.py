@@ -152,9 +152,8 @@ def test_kohya_lora_equals_peft_lora(lora_run, tmp_path):
     with safe_open(str(kohya), "pt") as f:
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-v1/lora"
     base = json.loads((lora_run / "final" / "dreambooth.json").read_text())["base_model"]
-    from dreambooth.models import builtin_path
-
     from dreambooth.formats.lora import load_lora_into_pipeline
+    from dreambooth.models import builtin_path
 
     pipes = {"peft": _pipe(builtin_path(base)), "kohya": _pipe(builtin_path(base))}
     pipes["peft"].load_lora_weights(str(peft.parent), weight_name=peft.name)

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from dreambooth.config import load_config
-from dreambooth.generate import LORA_FILE
 from dreambooth.formats.lora import load_lora_into_pipeline
+from dreambooth.generate import LORA_FILE
 from dreambooth.models import load_components
 from dreambooth.sampling import make_pipeline, sample_images
 from dreambooth.training.outputs import save_lora_weights

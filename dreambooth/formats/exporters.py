@@ -31,8 +31,12 @@ from dreambooth.formats.config_folders import CONFIGS_METADATA_KEY
 from dreambooth.formats.lora import adapter_metadata, merge_lora, peft_to_kohya, read_lora_file, to_peft_layout
 from dreambooth.formats.metadata import STABILITY_IMPL, export_metadata, kohya_metadata, ldm_inference_config
 from dreambooth.formats.single_file import pipeline_to_original
-from dreambooth.formats.writing import ExportError  # noqa: F401  (re-exported: callers of export() catch it here)
-from dreambooth.formats.writing import named_write_errors, write_file_atomically, write_folder_atomically
+from dreambooth.formats.writing import (
+    ExportError,  # noqa: F401  (re-exported: callers of export() catch it here)
+    named_write_errors,
+    write_file_atomically,
+    write_folder_atomically,
+)
 from dreambooth.models import detect_source, load_components, model_folder
 from dreambooth.rundir import RUN_INFO, RunDir
 from dreambooth.training.outputs import save_pipeline_folder, write_text_encoder

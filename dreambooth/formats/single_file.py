@@ -26,9 +26,16 @@ import torch
 
 from dreambooth.atomic import replace_folder
 from dreambooth.errors import ModelSourceError, Problem
-from dreambooth.formats.config_folders import (CONFIGS_METADATA_KEY, SHIPPED_CONFIGS, copy_config_folder,
-                                               folder_configs_digest, set_prediction_type, shipped_configs,
-                                               sidecar_config, write_configs)
+from dreambooth.formats.config_folders import (
+    CONFIGS_METADATA_KEY,
+    SHIPPED_CONFIGS,
+    copy_config_folder,
+    folder_configs_digest,
+    set_prediction_type,
+    shipped_configs,
+    sidecar_config,
+    write_configs,
+)
 from dreambooth.formats.tensor_files import file_shapes, safetensors_view
 from dreambooth.models.builtin import cache_root, copy_tokenizer_files
 from dreambooth.models.hashing import file_digest

@@ -6,8 +6,18 @@ small SD-architecture model pretrained from scratch on this world (see MODEL_CAR
 
 from pathlib import Path
 
-from dreambooth.toyworld.render import (CLASSES, CONTEXTS, SCENES, SUBJECTS, Spec, caption, identity_of, random_spec, render,
-                     render_subject)
+from dreambooth.toyworld.render import (
+                     CLASSES,
+                     CONTEXTS,
+                     SCENES,
+                     SUBJECTS,
+                     Spec,
+                     caption,
+                     identity_of,
+                     random_spec,
+                     render,
+                     render_subject,
+)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-
 BLOCK = 256  # 8-bit AdamW quantizes its states in blocks of 256; torchao needs whole blocks
 # torchao's compiled update holds two fp32 temporaries the size of the tensor it updates (3.4 GB each
 # for the whole SD 1.5 UNet), so the optimizer sees the buffer in equal chunks of at most 16 M
