@@ -109,7 +109,7 @@ def test_a_run_that_never_started_can_be_started_again(tmp_path, subject_dir, ca
         raise ModelSourceError("cannot load the model", [])
 
     run = tmp_path / "run"
-    monkeypatch.setattr(models, "load_components", broken)
+    monkeypatch.setattr(prepare, "load_components", broken)
     assert main(train_args(subject_dir, run, "--model", "tiny-random-v")) == 2
     assert (run / "config.yaml").exists()
     monkeypatch.undo()
