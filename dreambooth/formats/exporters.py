@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 import yaml
-from safetensors.torch import save_file
+import safetensors.torch
 
 from dreambooth.atomic import prune_stale_temporaries
 from dreambooth.errors import ConfigError, Problem, raise_if_errors
@@ -244,7 +244,8 @@ def export_lora_kohya(source: ExportSource, output: Path, dtype: torch.dtype) ->
 
 
 def save_safetensors(output: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    return write_file_atomically(output, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    # called through the module, as diffusers' save_pretrained does: one name for every weights write
+    return write_file_atomically(output, lambda tmp: safetensors.torch.save_file(state, str(tmp), metadata=metadata))
 
 
 EXPORTERS: dict[str, Callable[[ExportSource, Path, torch.dtype], Path]] = {
