@@ -102,8 +102,8 @@ def test_second_process_on_a_locked_run_is_refused_with_the_pid(tmp_path, subjec
 def test_a_run_that_never_started_can_be_started_again(tmp_path, subject_dir, capsys, monkeypatch, rerun):
     """The first start fails while loading the model (as `--model` of a broken folder does); the
     corrected command, with or without --resume, must start the run rather than refuse it."""
-    import dreambooth.models as models
     from dreambooth.errors import ModelSourceError
+    from dreambooth.training import prepare
 
     def broken(*a, **k):
         raise ModelSourceError("cannot load the model", [])

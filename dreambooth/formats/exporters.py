@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import safetensors.torch
 import torch
 import yaml
-import safetensors.torch
 
 from dreambooth.atomic import prune_stale_temporaries
 from dreambooth.errors import ConfigError, Problem, raise_if_errors
