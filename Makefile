@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-cpu.txt | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test test-fast browser clean
+.PHONY: setup demo test test-fast lint browser clean
 
 setup: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 demo: setup
 	$(VENV)/bin/dreambooth demo --output demo-output
 
-test: setup browser
+test: setup browser lint
 	$(PY) -m pytest
+
+# pyflakes, import order and line length (pyproject.toml [tool.ruff])
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # Debian's Chromium for the web app's browser test (never `playwright install`: it downloads
 # browsers). Needs root or sudo; without either the browser test skips and says why.
