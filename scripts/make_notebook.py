@@ -31,7 +31,7 @@ IDENTIFIER = "sks"         # a rare word that will mean your subject
 CLASS_NOUN = "dog"         # what your subject is
 WORK = "dreambooth-work"   # photos, the run and the images go here
 INSTALL = True             # pip install the package first (off where it is installed already)
-PACKAGE = "dreambooth @ git+https://github.com/OWNER/dreambooth"  # where to install it from
+PACKAGE = "./dreambooth"     # a checkout of this repository uploaded or cloned next to the notebook
 TINY = False               # smoke test: the built-in tiny model, toy photos, a few steps, nothing downloaded
 STEPS = None               # None: the preset's number of steps
 SETTINGS = []              # extra --set group.key=value overrides for training

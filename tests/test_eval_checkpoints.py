@@ -6,7 +6,7 @@ from PIL import Image
 
 from dreambooth.evaluation import EvaluationResult, PromptScores, plot_scores, select_and_explain
 from dreambooth.evaluation.plot import SERIES
-from dreambooth.training.scoring import checkpoint_prompts, score_checkpoint
+from dreambooth.training.scoring import ScoringSamples, checkpoint_prompts, score_checkpoint
 
 
 def row(step, fidelity, prompt_fidelity, drift):
@@ -88,8 +88,8 @@ def test_score_checkpoint_samples_in_memory_components(subject_dir):
     components = load_components(config.model.name)
     components.unet.train()
     scorer = RecordingScorer()
-    result = score_checkpoint(components, config, 40, scorer=scorer, num_per_prompt=2, seed=3,
-                              prompts=["a {identifier} {class} on the beach", "a red sks dog"])
+    samples = ScoringSamples(["a {identifier} {class} on the beach", "a red sks dog"], num_per_prompt=2, seed=3)
+    result = score_checkpoint(components, config, 40, scorer, samples)
     generated, class_images = scorer.calls[0]
     assert list(generated) == ["a sks dog on the beach", "a red sks dog"]
     assert all(len(ims) == 2 and ims[0].size == (64, 64) for ims in generated.values())

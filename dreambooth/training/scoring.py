@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -60,8 +61,8 @@ class CheckpointScoring:
         return step % self.config.eval.every == 0 or step == self.config.train.steps
 
     def score(self, step: int, modules: dict) -> dict:
-        row = score_checkpoint(self.components, self.config, step, scorer=self.scorer, prompts=self.prompts,
-                               num_per_prompt=self.config.eval.num_per_prompt, seed=self.config.train.seed)
+        samples = ScoringSamples(self.prompts, self.config.eval.num_per_prompt, self.config.train.seed)
+        row = score_checkpoint(self.components, self.config, step, self.scorer, samples)
         self.rows = [r for r in self.rows if r["step"] != step] + [row]
         self.run.append_log({"step": step, "eval": row})
         if self.config.eval.select == "best":
@@ -131,23 +132,33 @@ def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def score_checkpoint(components, config: RunConfig, step: int, *, scorer: Scorer, prompts: Sequence[str],
-                     num_per_prompt: int = 2, seed: int = 0, steps: int | None = None,
-                     guidance: float = 7.5, sampler: str = "dpmpp") -> dict:
-    """Generate `prompts` (and the plain class prompt) from the in-memory model and score them.
+@dataclass(frozen=True)
+class ScoringSamples:
+    """What `score_checkpoint` generates: `prompts` (with `{identifier}`/`{class}`) and the plain class
+    prompt, `num_per_prompt` images each from seeds seed.., `steps` sampler steps (None: the run's
+    output.sample_steps). The seeds are the same at every step, so rows compare."""
+
+    prompts: Sequence[str]
+    num_per_prompt: int = 2
+    seed: int = 0
+    steps: int | None = None
+    guidance: float = 7.5
+    sampler: str = "dpmpp"
+
+
+def score_checkpoint(components, config: RunConfig, step: int, scorer: Scorer, samples: ScoringSamples) -> dict:
+    """Generate the samples from the in-memory model and score them.
 
     Returns one JSON-ready row: step, fidelity, prompt_fidelity, drift (the keys
     `select_and_explain` uses), every overall metric of the scorer, and seconds taken.
-    `{identifier}`/`{class}` in prompts are filled from the config; steps defaults to
-    config.output.sample_steps. The seeds are the same at every step, so rows compare.
     """
     began = time.perf_counter()
     data = config.data
-    filled = [fill_prompt(p, data.identifier, data.class_noun) for p in prompts]
+    filled = [fill_prompt(p, data.identifier, data.class_noun) for p in samples.prompts]
     plain = class_prompt(data.class_noun)
-    common = dict(num_per_prompt=num_per_prompt, seed=seed, guidance=guidance,
-                  steps=steps or config.output.sample_steps, resolution=data.resolution)
-    pipe = make_pipeline(components, sampler)
+    common = dict(num_per_prompt=samples.num_per_prompt, seed=samples.seed, guidance=samples.guidance,
+                  steps=samples.steps or config.output.sample_steps, resolution=data.resolution)
+    pipe = make_pipeline(components, samples.sampler)
     with _eval_mode(components.unet, components.text_encoder):
         generated = sample_by_prompt(pipe, filled, **common)
         class_images = sample_by_prompt(pipe, [plain], **common)[plain]
