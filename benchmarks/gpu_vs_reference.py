@@ -34,9 +34,11 @@ def part_specs(tiny: bool) -> dict[str, dict]:
     """name -> what to run and its time budget in seconds (priority order is `DEFAULT_ORDER`)."""
     n = (lambda big, small: small if tiny else big)
     return {
-        "ref_full": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full", "stop": n(45, 6), "budget": 100},
+        "ref_full": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full", "stop": n(45, 6),
+                     "budget": 100},
         "ours_full": {"kind": "train", "preset": FAST, "dotted": [], "measure": n(120, 6), "budget": 90, "profile": 3},
-        "ref_lora": {"kind": "ref", "script": "train_dreambooth_lora.py", "variant": "lora", "stop": n(45, 6), "budget": 80},
+        "ref_lora": {"kind": "ref", "script": "train_dreambooth_lora.py", "variant": "lora", "stop": n(45, 6),
+                     "budget": 80},
         "ours_lora": {"kind": "train", "preset": FAST, "dotted": LORA, "measure": n(150, 6), "budget": 60},
         "ours_cls_pndm50": {"kind": "classes", "sampler": "pndm", "steps": n(50, 3), "batch": n(16, 2),
                             "num": n(48, 4), "budget": 70},

@@ -85,8 +85,9 @@ def main() -> None:
         moved = (finals[name] - init).abs().mean().item()
         diff = (finals[name] - finals["fused_adamw"]).abs().mean().item() if "fused_adamw" in finals else None
         print(json.dumps({"optimizer": name, "ms_per_step": start.elapsed_time(end) / args.steps - copy_ms,
-                          "host_ms_per_step": host * 1e3, "first_step_s": first, "state_gb": state_bytes(optimizer) / 1e9,
-                          "mean_abs_update": moved, "mean_abs_diff_vs_fused": diff,
+                          "host_ms_per_step": host * 1e3, "first_step_s": first,
+                          "state_gb": state_bytes(optimizer) / 1e9, "mean_abs_update": moved,
+                          "mean_abs_diff_vs_fused": diff,
                           "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9}), flush=True)
         del optimizer, param
         torch.cuda.empty_cache()

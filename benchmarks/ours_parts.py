@@ -84,7 +84,8 @@ def train_part(model: Path, images: Path, out: Path, *, preset: str, dotted: lis
                 stamps.append(time.perf_counter())
                 losses.append(event.loss)
             if event.step == measure:
-                print("RESULT " + json.dumps(_train_result(stamps, losses, notices, measure, began, started)), flush=True)
+                print("RESULT " + json.dumps(_train_result(stamps, losses, notices, measure, began, started)),
+                      flush=True)
                 if profile:
                     profiler = start_profiler()
             if event.step >= measure + profile:

@@ -38,7 +38,8 @@ class Progress:
             if not seen or int(n) > seen[-1][1]:
                 seen.append((now, int(n)))
         for alloc, reserved in MEM.findall(text):
-            self.peak_allocated, self.peak_reserved = max(self.peak_allocated, int(alloc)), max(self.peak_reserved, int(reserved))
+            self.peak_allocated, self.peak_reserved = (max(self.peak_allocated, int(alloc)),
+                                                       max(self.peak_reserved, int(reserved)))
 
     def steps(self) -> int:
         return self.stamps["Steps"][-1][1] if self.stamps["Steps"] else 0

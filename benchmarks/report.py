@@ -63,7 +63,8 @@ def memory_rows(p: dict) -> list[list[str]]:
                                ("ours lean full UNet, channels-last", "lean_full_cl", 10),
                                ("ours lean full UNet, no CUDA graph", "lean_full_nograph", 10),
                                ("ours lean full UNet, cuDNN workspace <= 256 MB", "lean_full_wscap", 10),
-                               ("ours lean full UNet, channels-last, expandable segments", "lean_full_cl_expandable", 10),
+                               ("ours lean full UNet, channels-last, expandable segments", "lean_full_cl_expandable",
+                                10),
                                ("ours lean full UNet, FP8 AdamW states", "lean_full_fp8", 10),
                                ("ours lean full UNet, FP8 states, checkpoint_levels=3", "lean_full_fp8_l3", 10),
                                ("ours lean full UNet, our fused FP8 AdamW", "lean_full_ours_fp8", 10),
@@ -81,8 +82,10 @@ def memory_rows(p: dict) -> list[list[str]]:
         rows.append([label, _fmt(alloc, " GB"), _fmt(reserved, " GB"), _fmt(get(part, "steps_per_s")),
                      f"<= {limit} GB" if limit else "-", _verdict(ok)])
     for lean, fast in [("lean_full", "ours_full"), ("lean_full_cl", "ours_full"),
-                       ("lean_full_cl_expandable", "ours_full"), ("lean_full", "ours_full_compile"), ("lean_lora", "ours_lora"),
-                       ("lean_full_fp8", "ours_full"), ("lean_full_fp8_l3", "ours_full"), ("lean_full_ours_fp8", "ours_full"), ("lean_lora_l1", "ours_lora"), ("lean_lora_preset", "ours_lora"), ("lean_lora_l2", "ours_lora"),
+                       ("lean_full_cl_expandable", "ours_full"), ("lean_full", "ours_full_compile"),
+                       ("lean_lora", "ours_lora"), ("lean_full_fp8", "ours_full"), ("lean_full_fp8_l3", "ours_full"),
+                       ("lean_full_ours_fp8", "ours_full"), ("lean_lora_l1", "ours_lora"),
+                       ("lean_lora_preset", "ours_lora"), ("lean_lora_l2", "ours_lora"),
                        ("lean_lora_compile", "ours_lora_compile")]:
         a, b = get(lean, "steps_per_s"), get(fast, "steps_per_s")
         slower = 1 - a / b if a and b else None
@@ -100,7 +103,8 @@ def e2e_rows(p: dict) -> list[list[str]]:
         gen = ref.get("generation_s") or 0.0
         estimate = (ref["startup_s"] - gen) + 200 / ref["class_images_per_s"] + 800 / ref["steps_per_s"]
     measured = p.get("ref_e2e", {}).get("total_s")
-    reference = _fmt(measured, " s (measured)", 1) if measured else _fmt(estimate, " s (estimate, excl. validation+save)", 0)
+    reference = (_fmt(measured, " s (measured)", 1) if measured
+                 else _fmt(estimate, " s (estimate, excl. validation+save)", 0))
     return [["paper recipe end to end (200 class images, 800 steps, 4 val. images, saved)",
              reference, _fmt(total, " s", 1), _fmt(_ratio(measured or estimate, total), "x", 1), "<= 60 s",
              _verdict(None if total is None else total <= 60)]]

@@ -48,7 +48,8 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 3)]
     for r in rows:
         cells = [f"{_f(r.get('before', {}).get(c))} -> {_f(r.get('after', {}).get(c))}" for c in COLUMNS]
-        lines.append(f"| {r['run']} | {r.get('selected_step', '-')} | " + " | ".join(cells) + f" | {r['wall_seconds']} |")
+        lines.append(f"| {r['run']} | {r.get('selected_step', '-')} | " + " | ".join(cells)
+                     + f" | {r['wall_seconds']} |")
     return "\n".join(lines)
 
 

@@ -66,7 +66,8 @@ class DataConfig:
 
     def problems(self) -> list[Problem]:
         return bound_problems("data", self) + _failed([
-            (bool(self.class_noun.strip()), "data.class_noun", "is empty: say what the subject is, e.g. --class-noun dog"),
+            (bool(self.class_noun.strip()), "data.class_noun",
+             "is empty: say what the subject is, e.g. --class-noun dog"),
             (bool(self.identifier.strip()) and not any(c.isspace() for c in self.identifier), "data.identifier",
              f"{self.identifier!r} must be one word, e.g. sks"),
             ("{identifier}" in self.instance_prompt, "data.instance_prompt", "must contain {identifier}"),
@@ -136,7 +137,8 @@ class TrainConfig:
             (self.fast in ("auto", "always", "never"), "train.fast", f"{self.fast!r}: use auto, always or never"),
             (self.compile in COMPILE_MODES, "train.compile", f"{self.compile!r}: use {', '.join(COMPILE_MODES)}"),
             (self.mode in ("full", "lora"), "train.mode", f"{self.mode!r}: use full or lora"),
-            (self.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"{self.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}"),
+            (self.lr_schedule in LR_SCHEDULES, "train.lr_schedule",
+             f"{self.lr_schedule!r}: use {', '.join(LR_SCHEDULES)}"),
             (self.optimizer in OPTIMIZERS, "train.optimizer", f"{self.optimizer!r}: use {', '.join(OPTIMIZERS)}"),
             (self.mixed_precision in ("auto", "no", "fp16", "bf16"), "train.mixed_precision",
              f"{self.mixed_precision!r}: use auto, no, fp16 or bf16"),
@@ -207,7 +209,8 @@ class RunConfig:
     def __post_init__(self):
         problems = [p for name in GROUPS for p in getattr(self, name).problems()]
         if self.prior.enabled and "{identifier}" in self.data.class_prompt:
-            problems.append(Problem("data.class_prompt", "must not contain {identifier}: class images show the plain class"))
+            problems.append(Problem("data.class_prompt",
+                                    "must not contain {identifier}: class images show the plain class"))
         if problems:
             raise ConfigError(f"{len(problems)} problem(s) in the configuration", problems)
 
@@ -285,7 +288,8 @@ def _coerce(value, hint):
                 return True, float(value)
             except ValueError:
                 return False, value
-        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else value
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number, float(value) if isinstance(value, (int, float)) else value
     if hint is int:  # 1e9 from JSON or YAML is a whole number too; its range is checked later
         if isinstance(value, float) and value.is_integer():
             return True, int(value)

@@ -111,7 +111,8 @@ def _drain(events):
 def before_after(out: Path, config, model: str, subject: str, photos: list[Path]) -> dict:
     """Images of the same prompts and seeds from the base model and the trained one, and scores."""
     d = config.data
-    prompts = [fill_prompt("a photo of {identifier} {class} " + context_phrase(c), d.identifier, d.class_noun) for c in NEW_CONTEXTS]
+    prompts = [fill_prompt("a photo of {identifier} {class} " + context_phrase(c), d.identifier, d.class_noun)
+               for c in NEW_CONTEXTS]
     plain = fill_prompt("a photo of a {class}", d.identifier, d.class_noun)
     settings = GenerationSettings(steps=config.output.sample_steps, guidance=GUIDANCE)
     images = {}

@@ -72,7 +72,8 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.stage_dir = Path("/tmp/toy-stage") if args.device == "cuda" else self.out / "stage"
         self.device = torch.device(args.device)
-        self.amp = torch.autocast("cuda", torch.bfloat16) if args.device == "cuda" else torch.autocast("cpu", enabled=False)
+        self.amp = (torch.autocast("cuda", torch.bfloat16) if args.device == "cuda"
+                    else torch.autocast("cpu", enabled=False))
 
     def elapsed(self) -> float:
         return time.time() - self.t0
@@ -145,7 +146,8 @@ def oracle_batch(data: dict[str, torch.Tensor], idx: torch.Tensor, vae: torch.nn
     return augment(x)
 
 
-def oracle_accuracy(net: OracleNet, data: dict[str, torch.Tensor], vae: torch.nn.Module | None, run: Run) -> dict[str, float]:
+def oracle_accuracy(net: OracleNet, data: dict[str, torch.Tensor], vae: torch.nn.Module | None,
+                    run: Run) -> dict[str, float]:
     """Per-head accuracy on (held-out) images, optionally after a VAE round-trip."""
     net.eval()
     hits = {"class": 0, "context": 0, "identity": 0}

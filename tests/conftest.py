@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("DREAMBOOTH_NO_PROGRESS", "1")
@@ -53,3 +54,38 @@ def full_run(train_run):
 def full_run_v(train_run):
     """A full fine-tune on the SD 2-v-style tiny model (v-prediction)."""
     return train_run("full-v", "tiny", ["model.name=tiny-random-v"])
+
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "dreambooth" / "assets" / "clip-tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tiny_dino_dir(tmp_path_factory) -> Path:
+    """A tiny random DINO (ViT) saved to a folder."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37, image_size=32, patch_size=8)
+    folder = tmp_path_factory.mktemp("tiny-dino")
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP with the bundled tokenizer, saved to a folder."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **tower),
+        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=16)
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

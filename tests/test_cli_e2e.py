@@ -26,7 +26,8 @@ def test_check_priors_train_generate(tmp_path, subject_dir, model, preset, extra
     args = ["train", "--images", str(subject_dir), "--class-noun", "dog", "--model", model, "--preset", preset,
             "--output", str(run), "--set", f"prior.cache={cache}", *extra]
     assert main(args) == 0
-    assert run_dir_tree(run) == [".dreambooth-run", ".lock", "checkpoints/step-00002/optimizer.pt", "checkpoints/step-00002/scheduler.pt",
+    assert run_dir_tree(run) == [".dreambooth-run", ".lock",
+                                 "checkpoints/step-00002/optimizer.pt", "checkpoints/step-00002/scheduler.pt",
                                  "checkpoints/step-00002/state.json", "checkpoints/step-00002/trainable.safetensors",
                                  "checkpoints/step-00004/optimizer.pt", "checkpoints/step-00004/scheduler.pt",
                                  "checkpoints/step-00004/state.json", "checkpoints/step-00004/trainable.safetensors",

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 from test_eval_oracle import FakeOracle
-from test_features import tiny_clip_dir, tiny_dino_dir  # noqa: F401  (module fixtures)
 
 from dreambooth.cli import main
 from dreambooth.evaluation.command import evaluate_run

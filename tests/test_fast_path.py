@@ -115,7 +115,8 @@ def test_flat_buffers_train_like_separate_tensors(tmp_path, photos, monkeypatch)
 
     made = []
     monkeypatch.setattr(prepare, "wants_flat", lambda config, device: True)
-    monkeypatch.setattr(prepare, "flatten_modules", lambda modules: made.append(flat.flatten_modules(modules)) or made[-1])
+    monkeypatch.setattr(prepare, "flatten_modules",
+                        lambda modules: made.append(flat.flatten_modules(modules)) or made[-1])
     extra = ["train.train_text_encoder=true", "train.max_grad_norm=1000"]  # inactive: exact
     plain_losses, _ = run(tmp_path, photos, "plain", "never", "tiny", extra)
     flat_losses, _ = run(tmp_path, photos, "flat", "always", "tiny", extra)
@@ -167,7 +168,8 @@ def test_flat_views_keep_each_weights_memory_layout():
     assert torch.equal(net[2].bias, 2 * before["2.bias"])
 
 
-@pytest.mark.parametrize("optimizer,codes", [("adamw8bit_torchao", torch.uint8), ("adamwfp8_torchao", torch.float8_e4m3fn)])
+@pytest.mark.parametrize("optimizer,codes", [("adamw8bit_torchao", torch.uint8),
+                                             ("adamwfp8_torchao", torch.float8_e4m3fn)])
 def test_torchao_low_bit_adamw_keeps_quantized_states_on_padded_flat_buffers_and_tracks_adamw(optimizer, codes):
     """torchao's 8-bit and FP8 AdamW over a flat buffer: the buffer is padded to whole 256-blocks, so
     torchao keeps quantized states (it falls back to fp32 states otherwise), and a few steps land
@@ -184,7 +186,8 @@ def test_torchao_low_bit_adamw_keeps_quantized_states_on_padded_flat_buffers_and
     used = sum(p.numel() for p in nets[1].parameters())
     assert [c.numel() for c in flat.params] == [4608, 4608] and flat.data.numel() - used < 2 * BLOCK
     train = TrainConfig(lr=1e-2, optimizer=optimizer, lr_schedule="cosine", steps=4)
-    optimizers = [make_optimizer({"unet": nets[0]}, TrainConfig(lr=1e-2, lr_schedule="cosine", steps=4), torch.device("cpu")),
+    optimizers = [make_optimizer({"unet": nets[0]}, TrainConfig(lr=1e-2, lr_schedule="cosine", steps=4),
+                                 torch.device("cpu")),
                   make_optimizer({"unet": nets[1]}, train, torch.device("cpu"), {"unet": flat})]
     schedules = [make_lr_schedule(o, {"unet": n}, train) for o, n in zip(optimizers, nets)]
     for step in range(4):

@@ -1,8 +1,6 @@
 """Feature extractors: tiny random DINO/CLIP saved and loaded back by path; the real stand-in."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -18,36 +16,6 @@ from dreambooth.evaluation.features import (
     load_standin,
 )
 from dreambooth.evaluation.metrics import mean_pairwise_cosine
-
-TOKENIZER = Path(__file__).resolve().parents[1] / "dreambooth" / "assets" / "clip-tokenizer"
-
-
-@pytest.fixture(scope="module")
-def tiny_dino_dir(tmp_path_factory) -> Path:
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                       intermediate_size=37, image_size=32, patch_size=8)
-    folder = tmp_path_factory.mktemp("tiny-dino")
-    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_clip_dir(tmp_path_factory) -> Path:
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
-    tower = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, **tower),
-        vision_config=dict(image_size=32, patch_size=8, **tower), projection_dim=16)
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def random_images(n: int, seed: int = 0, size=(40, 30)) -> list[Image.Image]:

@@ -294,8 +294,9 @@ def test_shipped_configs_are_the_published_architectures():
                     CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")))
         assert tuple(sum(p.numel() for p in n.parameters()) for n in nets) == counts
     u = "model.diffusion_model."
-    sd15 = {u + "input_blocks.0.0.weight": (320, 4, 3, 3), u + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
-            (320, 768), "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
+    sd15 = {u + "input_blocks.0.0.weight": (320, 4, 3, 3),
+            u + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+            "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
             "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (49408, 768)}
     assert match_shipped_config(sd15, "sd1", "x") == "sd15"
     sd21 = {k: v for k, v in sd15.items() if "cond_stage" not in k}

@@ -323,7 +323,8 @@ def test_message_corrupt_weight_file_in_a_diffusers_folder_is_named(tmp_path):
     from dreambooth.models import load_components
 
     folder = _tiny_model_copy(tmp_path / "model")
-    bad = [folder / "unet" / "diffusion_pytorch_model.safetensors", folder / "vae" / "diffusion_pytorch_model.safetensors"]
+    bad = [folder / "unet" / "diffusion_pytorch_model.safetensors",
+           folder / "vae" / "diffusion_pytorch_model.safetensors"]
     for path in bad:
         _truncate(path)
     with pytest.raises(ModelSourceError) as caught:

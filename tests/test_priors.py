@@ -35,9 +35,9 @@ class FakePipe:
         return type("Out", (), {"images": images})
 
 
-@pytest.mark.parametrize("field,value", [("model", "other"), ("prompt", "a photo of a cat"), ("negative_prompt", "blurry"),
-                                         ("sampler", "ddim"), ("steps", 3), ("guidance", 5.0), ("resolution", 16),
-                                         ("seed", 1)])
+@pytest.mark.parametrize("field,value", [("model", "other"), ("prompt", "a photo of a cat"),
+                                         ("negative_prompt", "blurry"), ("sampler", "ddim"), ("steps", 3),
+                                         ("guidance", 5.0), ("resolution", 16), ("seed", 1)])
 def test_every_field_changes_the_key(field, value):
     changed = ClassImageKey(**{**KEY.__dict__, field: value})
     assert changed.digest() != KEY.digest()

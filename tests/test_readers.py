@@ -94,7 +94,8 @@ def test_plain_from_pretrained_generates_and_the_fp16_variant_loads(full_run, tm
     # `*.safetensors` in each part's folder
     for part, name in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                        ("text_encoder", "model")):
-        assert (folder / part / f"{name}.fp16.safetensors").is_file() and (folder / part / f"{name}.safetensors").is_file()
+        assert ((folder / part / f"{name}.fp16.safetensors").is_file()
+                and (folder / part / f"{name}.safetensors").is_file())
     half = StableDiffusionPipeline.from_pretrained(folder, variant="fp16", torch_dtype=torch.float16,
                                                    safety_checker=None)
     for part in ("unet", "vae", "text_encoder"):  # fp16 inference on CPU is not supported everywhere

@@ -22,7 +22,8 @@ def test_render_is_deterministic_by_seed() -> None:
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
     assert np.array_equal(np.asarray(render_subject("dog", "moon", 3)), np.asarray(render_subject("dog", "moon", 3)))
-    assert not np.array_equal(np.asarray(render_subject("dog", "moon", 3)), np.asarray(render_subject("dog", "moon", 4)))
+    assert not np.array_equal(np.asarray(render_subject("dog", "moon", 3)),
+                              np.asarray(render_subject("dog", "moon", 4)))
 
 
 def test_every_class_renders_in_every_context() -> None:

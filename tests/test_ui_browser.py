@@ -244,7 +244,8 @@ def fill_subject(page) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DREAMBOOTH_UI_SCREENSHOTS"),
-                    reason="retakes the screenshots (about 15 min on 2 CPU cores): set DREAMBOOTH_UI_SCREENSHOTS=docs/ui")
+                    reason="retakes the screenshots (about 15 min on 2 CPU cores): "
+                           "set DREAMBOOTH_UI_SCREENSHOTS=docs/ui")
 def test_screenshots_on_the_toy_model(app_url, page, shots, subject_dir):
     """The README's screenshots: a short LoRA run on the built-in toy model (a few minutes on a CPU)."""
     from playwright.sync_api import expect

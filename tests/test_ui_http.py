@@ -147,7 +147,8 @@ def test_a_bug_in_a_handler_is_a_logged_500_and_a_project_error_keeps_its_4xx(ap
     monkeypatch.setattr(app, "info", refused)
     status, answer, _ = request(url + "/api/info")
     assert status == 400 and json.loads(answer) == {
-        "error": "that cannot be done", "problems": [{"where": "Steps", "severity": "error", "message": "use at most 100"}]}
+        "error": "that cannot be done",
+        "problems": [{"where": "Steps", "severity": "error", "message": "use at most 100"}]}
     monkeypatch.setattr(app, "info", lambda: app.runner.get("0123456789ab"))  # a well-formed id of no job
     status, answer, _ = request(url + "/api/info")
     assert status == 404 and json.loads(answer)["error"] == "no such job"

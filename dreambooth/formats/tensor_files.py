@@ -26,7 +26,8 @@ def read_header(path: Path) -> tuple[dict[str, tuple], dict[str, str]]:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             return shapes, dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise ModelSourceError(f"cannot read {path}", [Problem(str(path), f"not a valid safetensors file ({e})")]) from e
+        raise ModelSourceError(f"cannot read {path}",
+                               [Problem(str(path), f"not a valid safetensors file ({e})")]) from e
 
 
 def safetensors_view(path: Path, work: Path) -> tuple[Path, dict[str, tuple], dict[str, str]]:
@@ -86,7 +87,8 @@ def load_pickle_state_dict(path: Path, *, lazy: bool = False) -> dict[str, torch
                     f"holds more ({str(e).splitlines()[0][:200]}). If you trust its source, convert it once in "
                     "an isolated environment: sd = torch.load(PATH, weights_only=False); "
                     "sd = sd.get('state_dict', sd); safetensors.torch.save_file({k: v.contiguous() for k, v in "
-                    "sd.items() if isinstance(v, torch.Tensor)}, 'model.safetensors'); then pass the .safetensors")]) from e
+                    "sd.items() if isinstance(v, torch.Tensor)}, 'model.safetensors'); "
+                    "then pass the .safetensors")]) from e
     except Exception as e:  # corrupt zip, truncated file
         raise _not_a_checkpoint(path, f"not a readable torch checkpoint ({str(e).splitlines()[0][:200]})") from e
     while isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):

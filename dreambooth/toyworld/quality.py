@@ -61,9 +61,11 @@ def evaluate_base_model(pipe, oracle: Oracle, per_prompt: int = 4, seed: int = 0
         "images": float(n), "steps": float(steps), "guidance": guidance,
     }
     for x in CONTEXTS:
-        metrics[f"context_accuracy/{x}"] = sum(r.context_hits for r in results if r.context == x) / (per_prompt * len(CLASSES))
+        metrics[f"context_accuracy/{x}"] = (sum(r.context_hits for r in results if r.context == x)
+                                            / (per_prompt * len(CLASSES)))
     for c in CLASSES:
-        metrics[f"class_accuracy/{c}"] = sum(r.class_hits for r in results if r.class_name == c) / (per_prompt * len(CONTEXTS))
+        metrics[f"class_accuracy/{c}"] = (sum(r.class_hits for r in results if r.class_name == c)
+                                          / (per_prompt * len(CONTEXTS)))
     return metrics, results
 
 

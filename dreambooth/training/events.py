@@ -88,5 +88,5 @@ class Finished:
     seconds: float
 
 
-Event = (Notice | ClassImagesProgress | Phase | Started | StepDone | SampleWritten | CheckpointSaved | Evaluated | Selected
-         | Stopped | Finished)
+Event = (Notice | ClassImagesProgress | Phase | Started | StepDone | SampleWritten | CheckpointSaved | Evaluated
+         | Selected | Stopped | Finished)

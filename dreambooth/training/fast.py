@@ -170,7 +170,8 @@ class FastStep:
         self.keep_grads = bool(state.flats)  # flat buffers (training/flat.py): zeroed in place, never dropped
         self.fold_clip = takes_grad_scale(self.optimizer) and bool(config.train.max_grad_norm)
         self.unet = self._compiled(state.components.unet)
-        self.graphed = self.device.type == "cuda" and config.train.cuda_graph and config.train.compile != "reduce-overhead"
+        self.graphed = (self.device.type == "cuda" and config.train.cuda_graph
+                        and config.train.compile != "reduce-overhead")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: StepDraws | None = None
         self.parts: LossParts | None = None

@@ -96,7 +96,8 @@ def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, devi
             import bitsandbytes as bnb
         except ImportError as e:
             raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes",
-                              [Problem("train.optimizer", "pip install 'dreambooth[bnb]' (CUDA only), or use adamw")]) from e
+                              [Problem("train.optimizer",
+                                       "pip install 'dreambooth[bnb]' (CUDA only), or use adamw")]) from e
         return bnb.optim.AdamW8bit(groups, **kwargs)
     if train.optimizer == "adamwfp8":
         return AdamWFp8(groups, **kwargs)

@@ -41,7 +41,8 @@ def job_name(form: dict) -> str:
 def sample_prompts(config: dict) -> list[str]:
     """The filled prompts of the validation grids' rows, so the page can label them."""
     data, out = config.get("data", {}), config.get("output", {})
-    return [fill_prompt(p, data.get("identifier", ""), data.get("class_noun", "")) for p in out.get("sample_prompts", [])]
+    return [fill_prompt(p, data.get("identifier", ""), data.get("class_noun", ""))
+            for p in out.get("sample_prompts", [])]
 
 
 def default_workspace() -> Path:

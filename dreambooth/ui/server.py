@@ -143,7 +143,8 @@ def build_app(app: api.App, policy: Policy | None = None, on_shutdown=None) -> G
         Route("/api/identifier/check", call(lambda body: app.check_identifier(
             str(body.get("identifier", "")), str(body.get("class_noun", ""))), body=True), methods=["POST"]),
         Route("/api/identifier/suggest", suggest),
-        Route("/api/model/check", call(lambda body: app.check_model(str(body.get("model", ""))), body=True), methods=["POST"]),
+        Route("/api/model/check", call(lambda body: app.check_model(str(body.get("model", ""))), body=True),
+              methods=["POST"]),
         Route("/api/jobs", call(lambda: app.list_jobs())),
         Route("/api/jobs", call(app.submit, 201, body=True), methods=["POST"]),
         Route("/api/jobs/{job_id}", call(app.job_json)),
