@@ -102,14 +102,14 @@ def test_second_process_on_a_locked_run_is_refused_with_the_pid(tmp_path, subjec
 def test_a_run_that_never_started_can_be_started_again(tmp_path, subject_dir, capsys, monkeypatch, rerun):
     """The first start fails while loading the model (as `--model` of a broken folder does); the
     corrected command, with or without --resume, must start the run rather than refuse it."""
-    import dreambooth.models as models
     from dreambooth.errors import ModelSourceError
+    from dreambooth.training import prepare
 
     def broken(*a, **k):
         raise ModelSourceError("cannot load the model", [])
 
     run = tmp_path / "run"
-    monkeypatch.setattr(models, "load_components", broken)
+    monkeypatch.setattr(prepare, "load_components", broken)
     assert main(train_args(subject_dir, run, "--model", "tiny-random-v")) == 2
     assert (run / "config.yaml").exists()
     monkeypatch.undo()
