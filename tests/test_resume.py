@@ -165,7 +165,7 @@ def test_select_best_puts_the_chosen_step_in_final(tmp_path, subject_dir, monkey
 
     scores = {2: 0.9, 4: 0.5}  # step 2 is the better checkpoint
     monkeypatch.setattr(scoring, "build_checkpoint_scorer", lambda *a, **k: object())
-    monkeypatch.setattr(scoring, "score_checkpoint", lambda components, config, step, **k: {
+    monkeypatch.setattr(scoring, "score_checkpoint", lambda components, config, step, scorer, samples: {
         "step": step, "fidelity": scores[step], "prompt_fidelity": 0.9, "drift": 0.0})
     config = config_for(subject_dir, "tiny", "output.checkpoint_every=2", "eval.every=2", "eval.select=best")
     last = train(config, tmp_path / "run")

@@ -131,7 +131,6 @@ def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
             m.train(training)
 
 
-@torch.no_grad()
 @dataclass(frozen=True)
 class ScoringSamples:
     """What `score_checkpoint` generates: `prompts` (with `{identifier}`/`{class}`) and the plain class
@@ -146,6 +145,7 @@ class ScoringSamples:
     sampler: str = "dpmpp"
 
 
+@torch.no_grad()
 def score_checkpoint(components, config: RunConfig, step: int, scorer: Scorer, samples: ScoringSamples) -> dict:
     """Generate the samples from the in-memory model and score them.
 
