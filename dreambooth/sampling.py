@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 import threading
+from typing import Iterator
 
 import torch
 from PIL import Image
@@ -116,6 +117,19 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
             break
         images.extend(out.images)
     return images
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Put modules in eval mode for sampling and restore each one's mode afterwards."""
+    before = [(m, m.training) for m in modules]
+    for m, _ in before:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in before:
+            m.train(training)
 
 
 def sample_per_prompt(pipe, prompts: list[str], seeds: list[int], **options) -> list[list]:

@@ -12,7 +12,6 @@ what to do when it cannot be loaded. Heavy imports happen inside the loaders.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Protocol, Sequence, runtime_checkable
@@ -23,6 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from dreambooth.errors import ModelSourceError, Problem
+from dreambooth.models.source import hub_offline
 
 DEFAULT_DINO = "facebook/dino-vits16"
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -199,8 +199,7 @@ def _load_failed(source: str, what: str, err: Exception, standin_hint: bool) -> 
     hint = "pass the path of a local folder holding the model (config.json and weights)"
     if standin_hint:
         hint += ", or use the offline stand-in (load_standin)"
-    offline = " (HF_HUB_OFFLINE is set, so the hub is not contacted)" if os.environ.get(
-        "HF_HUB_OFFLINE") not in (None, "", "0") else ""
+    offline = " (HF_HUB_OFFLINE is set, so the hub is not contacted)" if hub_offline() else ""
     return ModelSourceError(f"Cannot load the {what} model {source!r}{offline}", [
         Problem(source, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"),
         Problem(source, f"to fix: download it where the network allows, then {hint}", "note"),

@@ -14,7 +14,7 @@ from dreambooth.models.builtin import copy_tokenizer_files
 from dreambooth.priors import class_image_key, class_image_progress
 from dreambooth.prompts import fill_prompt
 from dreambooth.rundir import RUN_INFO, RunDir
-from dreambooth.sampling import make_grid, make_pipeline, sample_images
+from dreambooth.sampling import eval_mode, make_grid, make_pipeline, sample_per_prompt
 
 
 def prepare_class_images(components, config: RunConfig, device, stop=None):
@@ -36,14 +36,10 @@ def write_samples(components, config: RunConfig, run: RunDir, step: int) -> Path
     out = config.output
     prompts = [fill_prompt(p, config.data.identifier, config.data.class_noun) for p in out.sample_prompts]
     pipe = make_pipeline(components, "dpmpp")
-    was_training = {m: m.training for m in (components.unet, components.text_encoder)}
-    components.unet.eval()
-    components.text_encoder.eval()
-    images = sample_images(pipe, [p for p in prompts for _ in range(out.sample_images)],
-                           [s for _ in prompts for s in range(out.sample_images)],
-                           steps=out.sample_steps, guidance=7.5, resolution=config.data.resolution)
-    for module, training in was_training.items():
-        module.train(training)
+    with eval_mode(components.unet, components.text_encoder):
+        rows = sample_per_prompt(pipe, prompts, list(range(out.sample_images)), steps=out.sample_steps,
+                                 guidance=7.5, resolution=config.data.resolution)
+    images = [image for row in rows for image in row]
     path = run.samples / f"step-{step:05d}.png"
     make_grid(images, cols=out.sample_images).save(path)
     return path

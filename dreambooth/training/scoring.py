@@ -8,12 +8,11 @@ holds it.
 """
 from __future__ import annotations
 
-import contextlib
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,7 +33,7 @@ from dreambooth.evaluation.scorers import (
 from dreambooth.evaluation.selection import select_and_explain, selection_scores
 from dreambooth.prompts import class_prompt, fill_prompt, prompts_for
 from dreambooth.rundir import RunDir
-from dreambooth.sampling import make_pipeline
+from dreambooth.sampling import eval_mode, make_pipeline
 from dreambooth.training.checkpoints import module_part, trainable_state
 
 # Prompts for checkpoint scoring: a few contexts, so that scoring every N steps stays cheap.
@@ -118,19 +117,6 @@ def build_checkpoint_scorer(config: RunConfig, *, oracle: bool = False, subject:
                          identifier=config.data.identifier, class_noun=config.data.class_noun)
 
 
-@contextlib.contextmanager
-def _eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
-    """Put modules in eval mode for sampling and restore each one's mode afterwards."""
-    before = [(m, m.training) for m in modules]
-    for m, _ in before:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, training in before:
-            m.train(training)
-
-
 @dataclass(frozen=True)
 class ScoringSamples:
     """What `score_checkpoint` generates: `prompts` (with `{identifier}`/`{class}`) and the plain class
@@ -159,7 +145,7 @@ def score_checkpoint(components, config: RunConfig, step: int, scorer: Scorer, s
     common = dict(num_per_prompt=samples.num_per_prompt, seed=samples.seed, guidance=samples.guidance,
                   steps=samples.steps or config.output.sample_steps, resolution=data.resolution)
     pipe = make_pipeline(components, samples.sampler)
-    with _eval_mode(components.unet, components.text_encoder):
+    with eval_mode(components.unet, components.text_encoder):
         generated = sample_by_prompt(pipe, filled, **common)
         class_images = sample_by_prompt(pipe, [plain], **common)[plain]
     result = scorer.score(generated, class_images)

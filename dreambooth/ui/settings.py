@@ -7,7 +7,6 @@ CLI validate the same way and report every problem at once.
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from dreambooth.config_files import list_presets
 from dreambooth.data.images import check_images
 from dreambooth.errors import ConfigError, DreamboothError, Problem
 from dreambooth.identifier import check_identifier, suggest_identifiers
-from dreambooth.models import detect_source
+from dreambooth.models import detect_source, hub_offline
 from dreambooth.models.builtin import TOKENIZER_DIR, TOY_WEIGHTS
 
 # purpose -> (preset for tiny-random, preset for the toy model, preset for SD-class models)
@@ -42,7 +41,7 @@ def model_options() -> list[dict]:
 
 
 def hub_online() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "YES", "yes")
+    return not hub_offline()
 
 
 def preset_for(purpose: str, model: str) -> str:
