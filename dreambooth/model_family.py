@@ -14,6 +14,7 @@ from pathlib import Path
 from dreambooth.formats.config_folders import CONFIGS_METADATA_KEY
 from dreambooth.formats.single_file import UNET_PREFIX
 from dreambooth.formats.tensor_files import load_pickle_state_dict, read_header
+from dreambooth.models.builtin import FULL_SIZE_RANDOM, SHIPPED_CONFIGS
 from dreambooth.models.source import ModelSource, detect_source
 
 KNOWN_HUB_IDS = {
@@ -39,6 +40,8 @@ def model_family(model: str) -> ModelFamily:
     """The family of MODEL; a missing or unreadable MODEL raises ModelSourceError as training would."""
     if model == "toy":
         return ModelFamily("toy", 64, "built-in")
+    if model in FULL_SIZE_RANDOM:  # the shipped configs it is built from tell it
+        return _from_folder(SHIPPED_CONFIGS / FULL_SIZE_RANDOM[model], "built-in, random weights")
     if model in ("tiny-random", "tiny-random-v"):
         return ModelFamily("tiny", 64, "built-in")  # not detect_source: it would build the model
     source = detect_source(model)

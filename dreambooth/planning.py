@@ -16,7 +16,7 @@ from pathlib import Path
 from dreambooth.config import GROUPS
 from dreambooth.config_files import PRESET_DIR, read_preset
 from dreambooth.errors import ConfigError, Problem
-from dreambooth.model_family import model_family
+from dreambooth.model_family import ModelFamily, model_family
 
 TIERS_FILE = PRESET_DIR / "tiers.json"
 # The CUDA context and the allocator's slack take about this much of a card before any tensor:
@@ -161,15 +161,16 @@ def _notes(family: str, card: Card, rows: tuple[Row, ...], best: str | None) -> 
     return notes
 
 
-def pick_preset(model: str, card: Card | None = None) -> str:
-    """The preset `train --preset auto` should use for MODEL on this machine's (or the given) card."""
+def pick_preset(model: str, card: Card | None = None) -> tuple[Plan, ModelFamily]:
+    """The plan `train --preset auto` follows for MODEL on this machine's (or the given) card, with
+    the family it was made for; `plan.best` is the preset. Raises ConfigError when none fits."""
     card = read_card() if card is None else card
-    family = model_family(model).family
-    result = plan(family, card)
+    found = model_family(model)
+    result = plan(found.family, card)
     if result.best is None:
         raise ConfigError(f"no tier preset fits {model} on {card.name}", [
-            Problem("--preset auto", "; ".join(result.notes) or "no preset fits")])
-    return result.best
+            Problem("--preset auto", "; ".join(result.notes) or "no preset fits; see `dreambooth plan`")])
+    return result, found
 
 
 def read_card(gpu_memory: str | None = None) -> Card:

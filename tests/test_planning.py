@@ -145,8 +145,11 @@ def test_model_family_of_a_single_file_from_its_tensor_shapes(tmp_path):
 
 
 def test_pick_preset_for_train_preset_auto():
-    assert pick_preset("tiny-random", CPU) == "tiny"
-    assert pick_preset("stabilityai/stable-diffusion-2-1", T4) == "sd21-16gb"
+    assert pick_preset("tiny-random", CPU)[0].best == "tiny"
+    result, found = pick_preset("stabilityai/stable-diffusion-2-1", T4)
+    assert (result.best, found.family, found.resolution) == ("sd21-16gb", "sd21", 768)
+    assert pick_preset("random-sd21", T4)[0].best == "sd21-16gb"  # the built-in random SD 2.1
+    assert pick_preset("random-sd15", T4)[0].best == "sd15-12gb"  # sd15-24gb needs 23 GB
     with pytest.raises(ConfigError, match="no tier preset fits"):
         pick_preset("stable-diffusion-v1-5/stable-diffusion-v1-5", CPU)
 
@@ -164,3 +167,23 @@ def test_plan_command_prints_the_table_and_the_pick(monkeypatch, capsys):
     assert "best preset: none" in capsys.readouterr().out
     assert main(["plan", "--model", "nobody/uncached", "--gpu-memory", "12GB", "--family", "sd15"]) == 0
     assert "best preset: sd15-12gb" in capsys.readouterr().out
+
+
+def test_train_preset_auto_prints_the_plan_and_trains_with_its_pick(tmp_path, subject_dir, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "auto", "--model", "tiny-random", "--images", str(subject_dir),
+                 "--class-noun", "dog", "--output", str(run), "--steps", "2",
+                 "--set", "prior.num_images=2", "--set", "output.sample_images=0"]) == 0
+    err = capsys.readouterr().err
+    assert "best preset: tiny" in err
+    saved = (run / "config.yaml").read_text()
+    assert "tiny-random" in saved and (run / "final" / "unet").is_dir()
+    # the preset is for the family: a big model on this CPU has none, and training does not start
+    assert main(["train", "--preset", "auto", "--model", "random-sd21", "--images", str(subject_dir),
+                 "--class-noun", "dog", "--output", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "no tier preset fits random-sd21" in err and not (tmp_path / "none").exists()
+    assert main(["train", "--preset", "auto", "--images", str(subject_dir), "--class-noun", "dog",
+                 "--output", str(tmp_path / "no-model")]) == 2
+    assert "--preset auto needs --model" in capsys.readouterr().err

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--class-noun", required=True)
     tr.add_argument("--model", default=None, help="overrides the preset's model.name")
     tr.add_argument("--output", required=True)
-    tr.add_argument("--preset", default="sd15-full")
+    tr.add_argument("--preset", default="sd15-full",
+                    help="a preset name or YAML file; auto: the tier preset that fits this GPU for --model "
+                         "(what `dreambooth plan` prints)")
     tr.add_argument("--steps", type=int, default=None)
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="delete an existing run in --output first")

@@ -15,16 +15,18 @@ from tqdm import tqdm
 from transformers import CLIPTokenizer
 
 from dreambooth.cli.main import EXIT_BAD_INPUT, EXIT_STOPPED
+from dreambooth.cli.plan import format_plan
 from dreambooth.config import DataConfig, PriorConfig, TrainConfig, load_config
 from dreambooth.config_ranges import bounds_of, value_problems
 from dreambooth.data.images import check_images
 from dreambooth.demo import run_demo
-from dreambooth.errors import ConfigError
+from dreambooth.errors import ConfigError, Problem
 from dreambooth.formats.exporters import check_formats, export_after_training
 from dreambooth.generate import GenerationSettings, generate, read_prompts
 from dreambooth.identifier import check_identifier, suggest_identifiers
 from dreambooth.models import load_components
 from dreambooth.models.builtin import TOKENIZER_DIR
+from dreambooth.planning import pick_preset
 from dreambooth.priors import class_image_key, ensure_class_images
 from dreambooth.sampling import default_device, make_pipeline
 from dreambooth.training import events as ev
@@ -91,7 +93,7 @@ def cmd_train(args) -> int:
     if args.steps is not None:
         overrides["train"] = {"steps": args.steps}
     overrides["eval"] = {k: v for k, v in (("every", args.eval_every), ("select", args.select)) if v is not None}
-    config = load_config(args.preset, overrides, args.overrides)
+    config = load_config(_preset(args), overrides, args.overrides)
     formats = [f.strip() for f in args.export.split(",") if f.strip()]
     if formats:
         check_formats(formats, config.train.mode)  # a typo fails now, not after an hour of training
@@ -105,6 +107,19 @@ def cmd_train(args) -> int:
         for path in export_after_training(args.output, formats):
             print(f"exported {path}")
     return 0 if last is not None else 1
+
+
+def _preset(args) -> str:
+    """The --preset given, or for `auto` the tier preset the plan picks for --model on this card."""
+    if args.preset != "auto":
+        return args.preset
+    if not args.model:
+        raise ConfigError("--preset auto needs --model", [
+            Problem("--model", "name the base model (hub id, folder or file), e.g. --model "
+                    "stabilityai/stable-diffusion-2-1: the preset is chosen for its family")])
+    result, found = pick_preset(args.model)
+    print(format_plan(result, args.model, found), file=sys.stderr)
+    return result.best
 
 
 def render_training(events):

@@ -12,9 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
-from dreambooth.models.builtin import TOKENIZER_DIR, copy_tokenizer_files
+from dreambooth.models.builtin import SHIPPED_CONFIGS, TOKENIZER_DIR, copy_tokenizer_files
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parent / "single_file_configs"
 CONFIGS_METADATA_KEY = "dreambooth.diffusers_configs"
 
 

@@ -4,6 +4,10 @@
 hundred thousand UNet parameters, with the real CLIP tokenizer vocabulary, initialised
 deterministically from a seed. They make smoke tests and CI possible on a CPU without any model hub.
 `toy` is the pretrained base model of the toy world, shipped in the package.
+`random-sd15` and `random-sd21` are the full-size SD 1.5 (512 px) and SD 2.1 (768 px,
+v-prediction) architectures from the shipped config folders with seeded random weights: their
+speed and memory are those of the real models, so tier presets and benchmarks can be measured on
+a GPU with no model hub. They are several GB on disk and built in a minute or so on a GPU.
 
 Each built-in is materialised once as an ordinary diffusers folder in the cache, so it is loaded by
 exactly the same code path as a user's diffusers folder.
@@ -21,7 +25,9 @@ from dreambooth.atomic import replace_folder
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"
 TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
-BUILTIN_NAMES = ("tiny-random", "tiny-random-v", "toy")
+SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "formats" / "single_file_configs"
+FULL_SIZE_RANDOM = {"random-sd15": "sd15", "random-sd21": "sd21"}  # name -> shipped config folder
+BUILTIN_NAMES = ("tiny-random", "tiny-random-v", "toy", *FULL_SIZE_RANDOM)
 TINY_SEED = 0
 _VARIANTS = {"tiny-random": "sd1", "tiny-random-v": "sd2-v"}
 
@@ -40,7 +46,11 @@ def builtin_path(name: str) -> Path:
     if not (target / "model_index.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # a process that built it meanwhile made the same folder (same seed): keep theirs
-        replace_folder(target, lambda tmp: save_tiny_pipeline(tmp, _VARIANTS[name], TINY_SEED), if_exists="keep")
+        if name in FULL_SIZE_RANDOM:
+            build = (lambda tmp: save_random_pipeline(tmp, SHIPPED_CONFIGS / FULL_SIZE_RANDOM[name], TINY_SEED))
+        else:
+            build = (lambda tmp: save_tiny_pipeline(tmp, _VARIANTS[name], TINY_SEED))
+        replace_folder(target, build, if_exists="keep")
     return target
 
 
@@ -116,6 +126,29 @@ def save_tiny_pipeline(out: Path, variant: str, seed: int) -> None:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer_files(Path(out) / "tokenizer")
+
+
+def save_random_pipeline(out: Path, configs: Path, seed: int) -> None:
+    """A full-size pipeline with seeded random weights from a config folder (fp32 safetensors).
+
+    Initialised on the GPU when there is one: a billion parameters take minutes on a CPU.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), unet=unet,
+        scheduler=DDIMScheduler.from_pretrained(configs / "scheduler"), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     copy_tokenizer_files(Path(out) / "tokenizer")
