@@ -200,13 +200,18 @@ def test_output_that_is_a_file_is_refused(tmp_path, subject_dir, capsys):
     assert "is a file" in capsys.readouterr().err and target.read_text() == "mine"
 
 
-def test_fp16_on_a_machine_without_cuda_is_refused_before_loading(tmp_path, subject_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("cuda,settings,named", [
+    (False, ["train.mixed_precision=fp16"], ["train.mixed_precision", "bf16"]),
+    (False, ["train.device=cuda"], ["train.device", "no CUDA GPU"]),
+    (True, ["train.mixed_precision=fp16", "train.device=cpu"], ["train.mixed_precision", "train.device is cpu"])])
+def test_a_device_or_precision_the_machine_lacks_is_refused_before_loading(tmp_path, subject_dir, capsys,
+                                                                          monkeypatch, cuda, settings, named):
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(train_args(subject_dir, tmp_path / "run", "--set", "train.mixed_precision=fp16")) == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert main(train_args(subject_dir, tmp_path / "run", *[a for s in settings for a in ("--set", s)])) == 2
     err = capsys.readouterr().err
-    assert "train.mixed_precision" in err and "bf16" in err and not (tmp_path / "run").exists()
+    assert all(n in err for n in named) and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("targets,named", [("[nope]", "names no module"), ("[]", "give module names")])
