@@ -117,6 +117,8 @@ class TrainConfig:
     lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)", 0, 4096, above=True)
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
     mixed_precision: str = _f("auto", "auto (bf16 on GPU, no on CPU), no, fp16 or bf16")
+    device: str = _f("auto", "where training runs (class images, latent caching, steps, samples, scoring): auto "
+                             "(CUDA when available, else the CPU), cpu or cuda")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     checkpoint_levels: int = _f(0, "with gradient_checkpointing: recompute only the N highest-resolution UNet levels "
                                    "(their down and up blocks, where activations are largest); 0, or the UNet's "
@@ -142,6 +144,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, "train.optimizer", f"{self.optimizer!r}: use {', '.join(OPTIMIZERS)}"),
             (self.mixed_precision in ("auto", "no", "fp16", "bf16"), "train.mixed_precision",
              f"{self.mixed_precision!r}: use auto, no, fp16 or bf16"),
+            (self.device in DEVICES, "train.device", f"{self.device!r}: use {', '.join(DEVICES)}"),
             (bool(self.lora_targets) and all(isinstance(t, str) and t.strip() for t in self.lora_targets),
              "train.lora_targets", f"{self.lora_targets!r}: give module names, e.g. [to_q, to_k, to_v, to_out.0]"),
             (not self.checkpoint_levels or self.gradient_checkpointing, "train.checkpoint_levels",
@@ -190,6 +193,7 @@ class EvalConfig:
         ])
 
 
+DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("adamw", "adamwfp8", "adamw8bit", "adamw8bit_torchao", "adamwfp8_torchao")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")

@@ -66,6 +66,11 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def pick_device(choice: str = "auto") -> torch.device:
+    """`train.device` as a device: auto is CUDA when available, else the CPU."""
+    return default_device() if choice == "auto" else torch.device(choice)
+
+
 def seeded_generators(seeds: list[int], device: torch.device | str) -> list[torch.Generator]:
     """One generator per image, so image i depends only on its seed, not on the batch it is in."""
     # CPU generators: the same seed gives the same starting noise on any device.

@@ -89,3 +89,41 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     CLIPModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# The NaN tests run on either training step: the plain one, and the fast one as on CUDA (losses read a
+# step late). A CUDA graph replays its step without running Python, so a patched loss would act only
+# while it is captured: the fast step runs eagerly here.
+STEP_KINDS = {"plain": ("dreambooth_loss", ["train.fast=never"]),
+              "fast": ("split_loss", ["train.fast=always", "train.cuda_graph=false"])}
+
+
+@pytest.fixture(params=list(STEP_KINDS))
+def step_kind(request, monkeypatch):
+    """(the name of its loss function, config overrides) of the training step a test runs; the fast
+    one reads losses a step late."""
+    from dreambooth.training import prepare
+
+    if request.param == "fast":
+        monkeypatch.setattr(prepare, "readout_lag", lambda fast, device: 1 if fast else 0)  # as on CUDA
+    return STEP_KINDS[request.param]
+
+
+@pytest.fixture
+def poison_loss(monkeypatch):
+    """`poison_loss(on_pred, on_parts)` wraps the loss of whichever training step runs: the plain
+    step's (`dreambooth_loss` as training/step.py calls it) and the fast step's (`split_loss`).
+    Each callback gets the call number (1 = the first step's loss) and the prediction or the loss
+    parts, and returns them changed or not. Returns the names of the functions called, in order."""
+    from dreambooth.training import fast, step
+
+    calls = []
+
+    def poison(on_pred=lambda n, pred: pred, on_parts=lambda n, parts: parts):
+        for module, name in ((step, "dreambooth_loss"), (fast, "split_loss")):
+            def wrapped(pred, target, *rest, real=getattr(module, name), name=name):
+                calls.append(name)
+                return on_parts(len(calls), real(on_pred(len(calls), pred), target, *rest))
+            monkeypatch.setattr(module, name, wrapped)
+        return calls
+    return poison

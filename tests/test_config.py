@@ -39,6 +39,13 @@ def test_all_problems_reported_together():
     assert "8 problem(s)" in str(info.value) or len(info.value.problems) >= 8
 
 
+def test_a_bad_train_device_names_the_choices():
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", REQUIRED, ["train.device=gpu"])
+    [problem] = info.value.problems
+    assert problem.where == "train.device" and "'gpu'" in problem.message and "auto, cpu, cuda" in problem.message
+
+
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ConfigError, match="sd15-full"):
         load_config("no-such-preset", REQUIRED)

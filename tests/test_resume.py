@@ -49,7 +49,8 @@ def stop_at(step):
                                           ("tiny", ["train.optimizer=adamwfp8", "train.fast=always",
                                                     "train.train_text_encoder=true", "train.lr_schedule=cosine"])])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, subject_dir, preset, extra):
-    config = config_for(subject_dir, preset, *extra)
+    """Bit for bit on the CPU (`train.device=cpu`); CUDA kernels are not promised to repeat exactly."""
+    config = config_for(subject_dir, preset, *extra, "train.device=cpu")
     straight = train(config, tmp_path / "straight")
     assert isinstance(straight, ev.Finished)
 
@@ -73,11 +74,12 @@ def test_a_stop_lands_on_the_asked_step_when_losses_are_read_a_step_late(tmp_pat
     """On CUDA the fast step's losses are read one step late (the host never waits for the step it
     has just queued), so StepDone(2) arrives while step 3 is already queued. A stop asked on seeing
     step 2 must still end at step 2, as on the plain step, and resuming must give the uninterrupted
-    run. Here the late readout runs on the CPU."""
+    run. Here the late readout runs on the CPU (`train.device=cpu`: the weights compare bit for bit)."""
     from dreambooth.training import prepare
 
     monkeypatch.setattr(prepare, "readout_lag", lambda fast, device: 1 if fast else 0)  # as on a GPU
-    config = config_for(subject_dir, "tiny", "train.fast=always", "train.train_text_encoder=true")
+    config = config_for(subject_dir, "tiny", "train.fast=always", "train.train_text_encoder=true",
+                        "train.device=cpu")
     assert isinstance(train(config, tmp_path / "straight"), ev.Finished)
     flag, stop_on = stop_at(2)
     seen = []
@@ -94,17 +96,20 @@ def test_a_stop_lands_on_the_asked_step_when_losses_are_read_a_step_late(tmp_pat
 def test_resume_across_optimizer_layouts_is_a_clear_error(tmp_path, subject_dir, monkeypatch):
     """8-bit AdamW on the fast step keeps flat-buffer chunks; a plain-step resume has one state per
     tensor (same config, `train.fast=auto`: a GPU run resumed on a CPU). The mismatch must name the
-    checkpoint and what to do, not surface torch's ValueError."""
+    checkpoint and what to do, not surface torch's ValueError. Both runs are on the CPU
+    (`train.device=cpu`), where `auto` gives the plain step even on a GPU machine."""
     from dreambooth.errors import RunDirError
     from dreambooth.training import prepare
 
-    config = config_for(subject_dir, "tiny", "train.optimizer=adamw8bit_torchao", "train.fast=auto")
+    config = config_for(subject_dir, "tiny", "train.optimizer=adamw8bit_torchao", "train.fast=auto",
+                        "train.device=cpu")
     real = prepare.use_fast_path
     monkeypatch.setattr(prepare, "use_fast_path", lambda *a: (True, ""))  # as on a GPU
     flag, on_event = stop_at(2)
     stopped = train(config, tmp_path / "run", stop=flag, on_event=on_event)
     assert isinstance(stopped, ev.Stopped)
-    monkeypatch.setattr(prepare, "use_fast_path", real)  # auto on this CPU: the plain step
+    monkeypatch.setattr(prepare, "use_fast_path", real)  # auto on the CPU: the plain step
+    assert real(config, torch.device("cpu"), 1, "no") == (False, "")
     with pytest.raises(RunDirError, match="different parameter layout") as caught:
         train(config, tmp_path / "run", resume=True)
     assert "train.fast" in str(caught.value.problems[0])
@@ -119,23 +124,14 @@ def test_resume_is_refused_when_the_config_changed(tmp_path, subject_dir):
         train(config_for(subject_dir, "tiny", "train.lr=0.5"), tmp_path / "run", resume=True)
 
 
-def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, subject_dir, monkeypatch):
-    from dreambooth.training import step
-
-    real = step.dreambooth_loss
-    calls = []
-
-    def poisoned(pred, target, is_prior, weight):
-        calls.append(1)
-        parts = real(pred, target, is_prior, weight)
-        if len(calls) == 3:
-            return parts._replace(total=parts.total * float("nan"))
-        return parts
-
-    monkeypatch.setattr(step, "dreambooth_loss", poisoned)
-    config = config_for(subject_dir, "tiny", "output.checkpoint_every=2")
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(tmp_path, subject_dir, step_kind, poison_loss):
+    loss_name, settings = step_kind
+    calls = poison_loss(on_parts=lambda n, parts: parts._replace(total=parts.total * float("nan")) if n == 3
+                        else parts)
+    config = config_for(subject_dir, "tiny", "output.checkpoint_every=2", *settings)
     with pytest.raises(TrainingDiverged) as info:
         train(config, tmp_path / "run")
+    assert set(calls) == {loss_name} and len(calls) >= 3  # the step meant ran, and its loss was poisoned
     assert "step 3" in str(info.value) and "step-00002" in str(info.value)
     assert (tmp_path / "run" / "checkpoints" / "step-00002" / "state.json").exists()
     assert not (tmp_path / "run" / "final").exists()

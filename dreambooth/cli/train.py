@@ -28,7 +28,7 @@ from dreambooth.models import load_components
 from dreambooth.models.builtin import TOKENIZER_DIR
 from dreambooth.planning import pick_preset
 from dreambooth.priors import class_image_key, ensure_class_images
-from dreambooth.sampling import default_device, make_pipeline
+from dreambooth.sampling import make_pipeline, pick_device
 from dreambooth.training import events as ev
 from dreambooth.training import train_events
 from dreambooth.training.loop import stop_on_signals
@@ -77,7 +77,7 @@ def cmd_priors(args) -> int:
     bar = _bar("class images", args.num)
     paths = ensure_class_images(
         class_image_key(components.folder, config), args.num,
-        lambda: make_pipeline(components.to(default_device()), config.prior.sampler),
+        lambda: make_pipeline(components.to(pick_device(config.train.device)), config.prior.sampler),
         cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size,
         progress=lambda done, total: _advance(bar, done),
     )

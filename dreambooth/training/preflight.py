@@ -11,6 +11,7 @@ from dreambooth.config import RunConfig, build_config
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.models import detect_source
 from dreambooth.models.builtin import BUILTIN_NAMES
+from dreambooth.sampling import pick_device
 
 
 def with_local_model_resolved(config: RunConfig) -> RunConfig:
@@ -23,13 +24,17 @@ def with_local_model_resolved(config: RunConfig) -> RunConfig:
 
 
 def check_before_loading(config: RunConfig) -> None:
-    """Refuse a model that cannot be found and a precision this machine lacks, before anything is written."""
+    """Refuse a model that cannot be found and a device or precision this machine lacks, before anything
+    is written."""
     if config.model.name not in BUILTIN_NAMES:
         detect_source(config.model.name, revision=config.model.revision)  # raises ModelSourceError
-    if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda needs a CUDA GPU", [Problem(
+            "train.device", "cuda: this machine has no CUDA GPU (or torch was built without CUDA); use auto or cpu")])
+    if config.train.mixed_precision == "fp16" and pick_device(config.train.device).type != "cuda":
+        where = "this machine has no CUDA GPU" if config.train.device != "cpu" else "train.device is cpu"
         raise ConfigError("fp16 mixed precision needs a CUDA GPU", [Problem(
-            "train.mixed_precision", "fp16: this machine has no CUDA GPU; use auto (full precision on the CPU), "
-            "no, or bf16")])
+            "train.mixed_precision", f"fp16: {where}; use auto (full precision on the CPU), no, or bf16")])
 
 
 def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:

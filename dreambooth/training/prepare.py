@@ -9,12 +9,14 @@ from typing import Generator
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 
 from dreambooth.config import RunConfig
 from dreambooth.data.images import load_rgb
 from dreambooth.identifier import check_identifier
 from dreambooth.models import load_components
 from dreambooth.rundir import RunDir
+from dreambooth.sampling import pick_device
 from dreambooth.training import events as ev
 from dreambooth.training.batches import LatentSource
 from dreambooth.training.checkpoints import list_checkpoints, resume_checkpoint
@@ -37,7 +39,8 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Event
     components = load_components(config.model.name, prediction_type=config.model.prediction_type)
     for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
         yield ev.Notice(str(problem))
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.mixed_precision))
+    device = pick_device(config.train.device)
+    accelerator = make_accelerator(device, _mixed_precision(config.train.mixed_precision, device))
     fast = yield from _place_models(components, config, accelerator)
     class_paths = []
     if config.prior.enabled:
@@ -151,10 +154,28 @@ def prefer_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def _mixed_precision(name: str) -> str:
+def _mixed_precision(name: str, device: torch.device) -> str:
     if name == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
+        return "bf16" if device.type == "cuda" else "no"
     return name
+
+
+def make_accelerator(device: torch.device, mixed_precision: str) -> Accelerator:
+    """An Accelerator on `device` (`cpu=True` for the CPU, even where CUDA is present).
+
+    accelerate keeps its state in process-wide singletons set by the first Accelerator, and a later
+    one asking for another device or precision raises ("AcceleratorState has already been
+    initialized"); `cpu=True` cannot move an existing CUDA state. A process that trains run after
+    run (the web app, a test session) needs each run's own choice, so a single-process state that
+    differs is cleared first (accelerate's `_reset_state`, what its own tests do between cases).
+    Under a distributed launch the state belongs to the launcher and is left as it is.
+    """
+    old_device = PartialState._shared_state.get("device")
+    old_precision = AcceleratorState._shared_state.get("_mixed_precision", mixed_precision)
+    differs = old_device is not None and (old_device.type != device.type or old_precision != mixed_precision)
+    if differs and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
 
 
 def frozen_dtype_of(mixed_precision: str) -> torch.dtype:
