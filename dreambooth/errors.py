@@ -60,6 +60,16 @@ class TrainingDiverged(DreamboothError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class OutOfMemory(DreamboothError):
+    """A phase of training ran out of device memory; names the phase, its peak, the device's total
+    and what to change. The run directory and its checkpoints are kept."""
+
+    def __init__(self, summary: str, problems: Iterable[Problem] = (), *, phase: str = "",
+                 peak_mb: float = 0.0, total_mb: float = 0.0):
+        self.phase, self.peak_mb, self.total_mb = phase, peak_mb, total_mb
+        super().__init__(summary, problems)
+
+
 class BadRequest(DreamboothError):
     """A web app request the user can fix (a bad number, an unusable upload); answered as 400."""
 

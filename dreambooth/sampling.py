@@ -57,6 +57,7 @@ def make_pipeline(components, sampler: str = DEFAULT_SAMPLER, *, device: torch.d
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    components.vae.enable_slicing()  # a batch decodes one image at a time: the same images, one image's peak
     if device is not None:
         pipe.to(device)
     return pipe
@@ -88,7 +89,26 @@ def sampling_precision(pipe):
     if len(dtypes) == 1:
         return contextlib.nullcontext()
     low = min(dtypes, key=lambda d: torch.finfo(d).bits)
-    return torch.autocast(pipe._execution_device.type, dtype=low)
+    # Autocast's cast cache would keep a low-precision copy of every trainable weight for the whole
+    # call (it caches casts of leaf tensors that require grad): a second UNet. Without it each
+    # layer's weight is cast when used and freed after.
+    return torch.autocast(pipe._execution_device.type, dtype=low, cache_enabled=False)
+
+
+TILED_FROM = 768  # px: where VAE tiling starts (the decoder's attention grows with the square of the pixels)
+
+
+@contextlib.contextmanager
+def vae_tiling(vae, resolution: int) -> Iterator[None]:
+    """Decode in overlapping tiles at `TILED_FROM` px and above (diffusers tiles only images larger
+    than the VAE's own sample size). Below that the images stay exactly as without tiling."""
+    before = vae.use_tiling
+    if resolution >= TILED_FROM:
+        vae.enable_tiling()
+    try:
+        yield
+    finally:
+        vae.use_tiling = before
 
 
 @torch.no_grad()
@@ -107,7 +127,7 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
         if stop is not None and stop.is_set():
             break
         chunk = slice(start, start + batch_size)
-        with sampling_precision(pipe):
+        with sampling_precision(pipe), vae_tiling(pipe.vae, resolution):
             out = pipe(
                 prompt=prompts[chunk],
                 negative_prompt=[negative_prompt] * len(prompts[chunk]) if negative_prompt else None,

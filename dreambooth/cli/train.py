@@ -32,6 +32,7 @@ from dreambooth.sampling import make_pipeline, pick_device
 from dreambooth.training import events as ev
 from dreambooth.training import train_events
 from dreambooth.training.loop import stop_on_signals
+from dreambooth.training.memory import memory_table
 
 MAX_IMAGES = 1000  # generate --num: images per prompt
 
@@ -154,6 +155,8 @@ def render_training(events):
         elif isinstance(last, ev.Finished):
             bars.pop("steps").close()
             print(f"done in {last.seconds:.1f} s: {last.final}")
+            if last.memory:
+                print(memory_table(last.memory))
     for bar in bars.values():
         bar.close()
     return last

@@ -86,6 +86,7 @@ class Finished:
     step: int
     final: Path
     seconds: float
+    memory: tuple = ()  # memory.PhasePeak per phase, in the order the phases first ran
 
 
 Event = (Notice | ClassImagesProgress | Phase | Started | StepDone | SampleWritten | CheckpointSaved | Evaluated

@@ -16,19 +16,21 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Generator, Iterator, Protocol
 
 import torch
 
 from dreambooth.config import RunConfig, read_run_config, save_config
 from dreambooth.data.images import check_images
 from dreambooth.errors import Problem, TrainingDiverged
+from dreambooth.planning import read_card
 from dreambooth.rundir import RunDir
 from dreambooth.training import events as ev
 from dreambooth.training.checkpoints import newest_intact, save_checkpoint, weights_are_finite
 from dreambooth.training.fast import FastStep, LossReadout
 from dreambooth.training.losses import LossParts
-from dreambooth.training.outputs import save_final, write_samples
+from dreambooth.training.memory import PhaseMeter, oom_advice
+from dreambooth.training.outputs import add_memory_summary, save_final, write_samples
 from dreambooth.training.preflight import check_before_loading, resume_config, with_local_model_resolved
 from dreambooth.training.prepare import prefer_expandable_segments, prepare
 from dreambooth.training.setup import count_trainable
@@ -65,7 +67,11 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
 
 def _train(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Iterator[ev.Event]:
     """Prepare (the run directory is prepared and locked), then run the steps."""
-    state = yield from prepare(config, run, report, resume, stop)
+    meter = PhaseMeter(run.append_log, advice=lambda phase: oom_advice(phase, config, run.checkpoints, _card()))
+    try:
+        state = yield from prepare(config, run, report, resume, stop, meter)
+    except torch.OutOfMemoryError as e:  # outside a measured phase: moving the models to the device
+        raise meter.unmeasured_out_of_memory("model setup", e) from None
     if state is None:  # stopped before step 1
         return
     yield ev.Started(state.start, config.train.steps, count_trainable(state.modules), str(state.device),
@@ -90,9 +96,17 @@ def run_steps(state: TrainState, step_fn: StepFunction, stop: threading.Event | 
     step's backward is queued, before its update: a stop asked on seeing step k then still ends at
     step k, as with lag 0. Samples, scoring, checkpoints and the end see every step reported first.
     """
+    began = time.perf_counter()
+    with state.meter.phase("training steps", state.device):  # samples and scoring are measured apart
+        finished = yield from _steps(state, step_fn, stop, began)
+    if finished:
+        yield from _finish(state, began)
+
+
+def _steps(state: TrainState, step_fn: StepFunction, stop, began: float) -> Generator[ev.Event, None, bool]:
+    """The steps of `run_steps`; returns False when a stop ended them (after its checkpoint)."""
     config, run, scoring, modules = state.config, state.run, state.scoring, state.modules
     out = config.output
-    began = time.perf_counter()
     clock = {"began": began, "last": began}
     readout = LossReadout(state.lag)
     for step in range(state.start, config.train.steps):
@@ -101,7 +115,7 @@ def run_steps(state: TrainState, step_fn: StepFunction, stop: threading.Event | 
         reported = yield from _report_steps(readout.take(flush=True), config, run, clock)
         if reported and stop is not None and stop.is_set():  # this step's gradients are dropped
             yield from _stop(state, reported)
-            return
+            return False
         step_fn.update()
         done = step + 1
         readout.push(done, parts, float(state.lr_schedule.get_last_lr()[0]))  # a tensor for torchao
@@ -109,17 +123,17 @@ def run_steps(state: TrainState, step_fn: StepFunction, stop: threading.Event | 
         if wants_samples(config) and out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
             yield from _samples(state, done)
         if scoring is not None and scoring.due(done):
-            with state.parking.back():
+            with state.meter.phase("checkpoint scoring", state.device), state.parking.back():
                 row = scoring.score(done, modules)
             yield ev.Evaluated(done, row)
         stopping = stop is not None and stop.is_set()
         yield from _report_steps(readout.take(flush=stopping), config, run, clock)
         if stopping:
             yield from _stop(state, done)
-            return
+            return False
         if out.checkpoint_every and done % out.checkpoint_every == 0:
             yield from _checkpoint(state, done)
-    yield from _finish(state, began)
+    return True
 
 
 def _checkpoint(state: TrainState, done: int) -> Iterator[ev.Event]:
@@ -140,21 +154,24 @@ def _stop(state: TrainState, done: int) -> Iterator[ev.Event]:
 def _finish(state: TrainState, began: float) -> Iterator[ev.Event]:
     """After the last step: choose a checkpoint (when scored), write final/, then the last samples."""
     config, scoring = state.config, state.scoring
-    choice = scoring.finish(state.modules) if scoring is not None else None
-    if choice is not None:
-        yield ev.Selected(*choice)
-    final = save_final(state.components, config, state.run, selection=choice)  # first: nothing optional can lose it
+    with state.meter.phase("save", state.device):
+        choice = scoring.finish(state.modules) if scoring is not None else None
+        if choice is not None:
+            yield ev.Selected(*choice)
+        final = save_final(state.components, config, state.run, selection=choice)  # first: nothing optional can lose it
     if scoring is not None:
         scoring.cleanup()
     if wants_samples(config):
         yield from _samples(state, config.train.steps)
-    yield ev.Finished(config.train.steps, final, time.perf_counter() - began)
+    memory = state.meter.summary()
+    add_memory_summary(final, memory)
+    yield ev.Finished(config.train.steps, final, time.perf_counter() - began, memory)
 
 
 def _samples(state: TrainState, step: int) -> Iterator[ev.Event]:
     out = state.config.output
     yield ev.Phase("validation images", len(out.sample_prompts) * out.sample_images)
-    with state.parking.back():
+    with state.meter.phase("validation samples", state.device), state.parking.back():
         path = write_samples(state.components, state.config, state.run, step)
     yield ev.SampleWritten(step, path)
 
@@ -230,6 +247,11 @@ def train(config: RunConfig, output: str | Path, *, resume: bool = False, overwr
             if on_event:
                 on_event(last)
     return last
+
+
+def _card():
+    """The GPU an out-of-memory advice plans for (None without CUDA)."""
+    return read_card() if torch.cuda.is_available() else None
 
 
 def _memory_mb() -> float:

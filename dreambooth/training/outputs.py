@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dreambooth.atomic import replace_folder
+from dreambooth.atomic import replace_folder, write_json
 from dreambooth.config import RunConfig
 from dreambooth.models import model_identity
 from dreambooth.models.builtin import copy_tokenizer_files
@@ -74,6 +74,15 @@ def save_final(components, config: RunConfig, run: RunDir, selection: tuple[int,
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
 
     return replace_folder(run.final, write)
+
+
+def add_memory_summary(final: Path, peaks) -> None:
+    """Add each phase's peak memory (`memory.PhasePeak`s) to final/'s run summary, once every phase
+    has run (the final save comes before the last samples)."""
+    path = final / RUN_INFO
+    info = json.loads(path.read_text())
+    info["memory"] = {p.phase: {k: v for k, v in p.record().items() if k != "phase"} for p in peaks}
+    write_json(path, info, indent=2)
 
 
 def save_pipeline_folder(components, folder: Path) -> None:

@@ -22,6 +22,7 @@ from dreambooth.training.batches import LatentSource
 from dreambooth.training.checkpoints import list_checkpoints, resume_checkpoint
 from dreambooth.training.fast import lower_frozen_weights, prepare_modules, use_fast_path, wants_flat
 from dreambooth.training.flat import flatten_modules
+from dreambooth.training.memory import PhaseMeter, release_memory
 from dreambooth.training.outputs import prepare_class_images
 from dreambooth.training.scoring import CheckpointScoring
 from dreambooth.training.setup import make_lr_schedule, make_optimizer, mark_trainable
@@ -30,12 +31,14 @@ from dreambooth.training.state import FrozenParking, PromptEmbeddings, TrainStat
 Events = Generator[ev.Event, None, "TrainState | None"]
 
 
-def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Events:
+def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: PhaseMeter | None = None) -> Events:
     """Yield events while preparing; return the state, or None when `stop` ended it before step 1.
 
     `report` is `data.images.check_images`'s report of the subject photos; the run directory is
-    prepared and locked.
+    prepared and locked. `meter` measures the phases (class images, model setup: what trains and its
+    optimizer, latent cache, text embeddings) and carries on into the state.
     """
+    meter = meter or PhaseMeter()
     components = load_components(config.model.name, prediction_type=config.model.prediction_type)
     for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
         yield ev.Notice(str(problem))
@@ -45,17 +48,22 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Event
     class_paths = []
     if config.prior.enabled:
         yield ev.Phase("class images", config.prior.num_images)
-        for done, total, paths in prepare_class_images(components, config, accelerator.device, stop):
-            yield ev.ClassImagesProgress(done, total)
-            class_paths = paths
+        with meter.phase("class images", accelerator.device):
+            for done, total, paths in prepare_class_images(components, config, accelerator.device, stop):
+                yield ev.ClassImagesProgress(done, total)
+                class_paths = paths
+        release_memory(accelerator.device)  # the sampling pipeline's leftovers, before the optimizer
         if stop is not None and stop.is_set():  # stopped while making class images: nothing trained yet
             step, path = (list_checkpoints(run.checkpoints) or [(0, run.checkpoints)])[-1]
             yield ev.Stopped(step, path)
             return None
-    trained = yield from _optimization(components, config, run, accelerator, fast, resume)
+    with meter.phase("model setup", accelerator.device):
+        trained = yield from _optimization(components, config, run, accelerator, fast, resume)
     yield ev.Phase("caching latents", len(report.images) + (config.prior.num_images if config.prior.enabled else 0))
-    instances, classes = _latent_sources(components, config, report, class_paths)
-    prompts = PromptEmbeddings(components, config, accelerator.device)
+    with meter.phase("latent cache", accelerator.device):
+        instances, classes = _latent_sources(components, config, report, class_paths)
+    with meter.phase("text embeddings", accelerator.device):
+        prompts = PromptEmbeddings(components, config, accelerator.device)
     scoring = CheckpointScoring(components, config, run) if config.eval.every else None
     parking = FrozenParking(components, config, accelerator.device)
     if config.train.offload_frozen and not parking.modules:
@@ -66,7 +74,7 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Event
         torch.cuda.empty_cache()
     return TrainState(config, run, components, accelerator, instances=instances, classes=classes, prompts=prompts,
                       parking=parking, scoring=scoring, fast=fast, lag=readout_lag(fast, accelerator.device),
-                      **trained)
+                      meter=meter, **trained)
 
 
 def _place_models(components, config: RunConfig, accelerator) -> Generator[ev.Event, None, bool]:

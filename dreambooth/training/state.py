@@ -6,7 +6,7 @@ everything from it, so none of them takes a dozen loose arguments.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -14,6 +14,7 @@ from dreambooth.config import RunConfig
 from dreambooth.prompts import fill_prompt
 from dreambooth.rundir import RunDir
 from dreambooth.training.batches import LatentSource, latents_cached
+from dreambooth.training.memory import PhaseMeter
 from dreambooth.training.scoring import CheckpointScoring
 
 
@@ -94,6 +95,7 @@ class TrainState:
     start: int = 0
     fast: bool = False
     lag: int = 0
+    meter: PhaseMeter = field(default_factory=PhaseMeter)  # per-phase peak memory, logged
 
     @property
     def device(self) -> torch.device:
