@@ -14,6 +14,7 @@ from dreambooth.config import RunConfig
 from dreambooth.data.images import load_rgb
 from dreambooth.identifier import check_identifier
 from dreambooth.models import load_components
+from dreambooth.precision import resolve_precision
 from dreambooth.rundir import RunDir
 from dreambooth.training import events as ev
 from dreambooth.training.batches import LatentSource
@@ -37,7 +38,7 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Event
     components = load_components(config.model.name, prediction_type=config.model.prediction_type)
     for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
         yield ev.Notice(str(problem))
-    accelerator = Accelerator(mixed_precision=_mixed_precision(config.train.mixed_precision))
+    accelerator = Accelerator(mixed_precision=mixed_precision_here(config.train.mixed_precision))
     fast = yield from _place_models(components, config, accelerator)
     class_paths = []
     if config.prior.enabled:
@@ -151,10 +152,10 @@ def prefer_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def _mixed_precision(name: str) -> str:
-    if name == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    return name
+def mixed_precision_here(name: str) -> str:
+    """`train.mixed_precision` resolved for this machine's first CUDA device (or the CPU)."""
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    return resolve_precision(name, capability)
 
 
 def frozen_dtype_of(mixed_precision: str) -> torch.dtype:
