@@ -3,6 +3,7 @@ run before the run directory is created or any weights load; the config a resume
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -26,10 +27,19 @@ def check_before_loading(config: RunConfig) -> None:
     """Refuse a model that cannot be found and a precision this machine lacks, before anything is written."""
     if config.model.name not in BUILTIN_NAMES:
         detect_source(config.model.name, revision=config.model.revision)  # raises ModelSourceError
-    if config.train.mixed_precision == "fp16" and not torch.cuda.is_available():
+    if config.train.mixed_precision == "fp16" and not torch.cuda.is_available() and not cpu_fp16_allowed():
         raise ConfigError("fp16 mixed precision needs a CUDA GPU", [Problem(
             "train.mixed_precision", "fp16: this machine has no CUDA GPU; use auto (full precision on the CPU), "
-            "no, or bf16")])
+            f"no, or bf16 (to test fp16 numerics on the CPU, slowly, set {CPU_FP16}=1)")])
+
+
+CPU_FP16 = "DREAMBOOTH_CPU_FP16"
+
+
+def cpu_fp16_allowed() -> bool:
+    """fp16 on the CPU is emulated and slow, useful only to test fp16 training (loss scaling,
+    overflow skips) without a GPU; it runs only when this variable is 1."""
+    return os.environ.get(CPU_FP16) == "1"
 
 
 def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:
