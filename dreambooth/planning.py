@@ -17,7 +17,8 @@ from dreambooth.config import GROUPS
 from dreambooth.config_files import PRESET_DIR, read_preset
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.model_family import model_family
-from dreambooth.precision import auto_precision as precision_for, has_native_bf16
+from dreambooth.precision import auto_precision as precision_for
+from dreambooth.precision import has_native_bf16
 
 TIERS_FILE = PRESET_DIR / "tiers.json"
 # The CUDA context and the allocator's slack take about this much of a card before any tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreambooth.planning import Card, auto_precision as planned_precision
+from dreambooth.planning import Card
+from dreambooth.planning import auto_precision as planned_precision
 from dreambooth.precision import resolve_precision
 from dreambooth.training.prepare import mixed_precision_here
 
