@@ -116,7 +116,8 @@ class TrainConfig:
     lora_rank: int = _f(4, "LoRA rank", 1, 1024)
     lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / rank)", 0, 4096, above=True)
     lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get LoRA adapters")
-    mixed_precision: str = _f("auto", "auto (bf16 on GPU, no on CPU), no, fp16 or bf16")
+    mixed_precision: str = _f("auto", "auto (bf16 on GPUs with native bf16, compute capability 8.0+; fp16 "
+                                          "with dynamic loss scaling on older GPUs; no on the CPU), no, fp16 or bf16")
     device: str = _f("auto", "where training runs (class images, latent caching, steps, samples, scoring): auto "
                              "(CUDA when available, else the CPU), cpu or cuda")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")

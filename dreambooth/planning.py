@@ -17,6 +17,8 @@ from dreambooth.config import GROUPS
 from dreambooth.config_files import PRESET_DIR, read_preset
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.model_family import ModelFamily, model_family
+from dreambooth.precision import auto_precision as precision_for
+from dreambooth.precision import has_native_bf16
 
 TIERS_FILE = PRESET_DIR / "tiers.json"
 # The CUDA context and the allocator's slack take about this much of a card before any tensor:
@@ -42,7 +44,7 @@ class Card:
     @property
     def bf16(self) -> bool:
         """Native bf16 arithmetic: Ampere (8.0) and later; older cards emulate it or lack it."""
-        return self.capability is not None and self.capability >= (8, 0)
+        return has_native_bf16(self.capability)
 
     @property
     def usable_gb(self) -> float:
@@ -107,11 +109,10 @@ def _preset_facts(preset: str) -> dict:
 def auto_precision(card: Card) -> str:
     """What `train.mixed_precision=auto` means on this card: bf16 only where it is native, fp16
     (with loss scaling) on older GPUs, fp32 on the CPU. "bf16/fp16" when the capability is unknown."""
-    if not card.is_gpu:
-        return "fp32"
-    if card.capability is None:
+    if card.is_gpu and card.capability is None:
         return "bf16/fp16"
-    return "bf16" if card.bf16 else "fp16"
+    name = precision_for(card.capability if card.is_gpu else None)
+    return {"no": "fp32"}.get(name, name)
 
 
 def plan(family: str, card: Card, tiers: tuple[Tier, ...] | None = None) -> Plan:

@@ -1,7 +1,8 @@
 """Resumable checkpoints, written atomically (dreambooth.atomic) and pruned to the last K.
 
 A checkpoint holds the trainable tensors (the whole UNet for a full fine-tune, only the adapters
-for LoRA), the optimizer and LR-scheduler states and the step. No RNG state is needed: every
+for LoRA), the optimizer and LR-scheduler states, the fp16 loss scaler's state (scale and growth
+tracker, when the run has one) and the step. No RNG state is needed: every
 random draw of step k comes from a generator seeded by (seed, k), so resuming at k reproduces the
 uninterrupted run exactly.
 """
@@ -32,11 +33,13 @@ def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tens
 
 
 def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], optimizer,
-                    lr_scheduler, keep: int) -> Path:
+                    lr_scheduler, keep: int, scaler=None) -> Path:
     def write(tmp: Path) -> None:
         save_file(trainable_state(modules), tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / SCALER_FILE)
         (tmp / "state.json").write_text(json.dumps({"step": step}))
 
     target = replace_folder(folder / f"step-{step:05d}", write)  # an older one of the same step is replaced
@@ -70,6 +73,7 @@ class CheckpointDamaged(Exception):
 
 
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
+SCALER_FILE = "scaler.pt"  # fp16 runs only; checkpoints written before it existed lack it
 
 
 def read_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
@@ -104,20 +108,25 @@ def newest_intact(folder: Path) -> Path | None:
     return None
 
 
-def resume_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler
+def resume_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler, scaler=None
                       ) -> tuple[int, list[str]]:
     """Restore the newest intact checkpoint; return its step (0: none) and a warning per damaged
-    newer one, which is renamed to step-NNNNN.damaged so it is neither resumed nor kept as a good one."""
+    newer one, which is renamed to step-NNNNN.damaged so it is neither resumed nor kept as a good one
+    (and a notice when an fp16 run resumes a checkpoint without loss-scaler state)."""
     notes = []
     for _, path in reversed(list_checkpoints(folder)):
         try:
-            return load_checkpoint(path, modules, optimizer, lr_scheduler), notes
+            step = load_checkpoint(path, modules, optimizer, lr_scheduler)
         except CheckpointDamaged as e:
             aside = path.with_name(path.name + ".damaged")
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
             notes.append(f"warning: checkpoint {path} is damaged ({e}); moved it to {aside.name} and "
                          "resumed from the newest intact one")
+            continue
+        if scaler is not None:
+            notes.extend(load_scaler(path, scaler))
+        return step, notes
     if notes:
         raise RunDirError(f"no intact checkpoint in {folder}", [Problem(n, "") for n in notes] + [Problem(
             str(folder), "start again with --overwrite")])
@@ -150,3 +159,17 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
                     "buffers), or start a new run")]) from e
     lr_scheduler.load_state_dict(scheduler_state)
     return step
+
+
+def load_scaler(path: Path, scaler) -> list[str]:
+    """Restore the fp16 loss scaler from checkpoint `path`; a checkpoint without its state (written
+    before it was saved) leaves the scaler fresh, with a notice."""
+    if not (path / SCALER_FILE).is_file():
+        return [f"checkpoint {path} has no loss-scaler state (written before it was saved): fp16 "
+                f"resumes with a fresh scale of {scaler.state_dict()['scale']:g}, which adapts within a few steps"]
+    try:
+        scaler.load_state_dict(torch.load(path / SCALER_FILE, weights_only=True))
+    except Exception as e:  # a torn file: the scale re-adapts, the weights are what matters
+        return [f"warning: checkpoint {path}: loss-scaler state unreadable ({type(e).__name__}: {e}); "
+                "fp16 resumes with a fresh scaler"]
+    return []

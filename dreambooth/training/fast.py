@@ -21,6 +21,7 @@ from dreambooth.sampling import compiled
 from dreambooth.training.adamw_fp8 import AdamWFp8
 from dreambooth.training.batches import latents_cached, pick, step_generator
 from dreambooth.training.losses import LossParts, add_noise, prediction_target, sample_timesteps
+from dreambooth.training.scaling import Scaling
 from dreambooth.training.state import TrainState
 
 
@@ -31,7 +32,6 @@ def fast_path_problems(config, device: torch.device, num_processes: int, mixed_p
         (train.grad_accum == 1, "train.grad_accum > 1"),
         (latents_cached(config), "latents are not cached (random crop or cache_latents off)"),
         (num_processes == 1, "more than one process"),
-        (mixed_precision in ("no", "bf16"), f"mixed precision {mixed_precision} (fp16 needs a loss scaler)"),
     ]
     return [why for ok, why in checks if not ok]
 
@@ -165,10 +165,12 @@ class FastStep:
         scheduler = state.components.noise_scheduler
         self.alphas = scheduler.alphas_cumprod.to(self.device)
         self.num_t = scheduler.config.num_train_timesteps
-        self.dtype = {"bf16": torch.bfloat16}.get(state.mixed_precision)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.mixed_precision)
+        self.scaler = state.scaler  # fp16: its scale and overflow flag are device tensors the graph reads
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.keep_grads = bool(state.flats)  # flat buffers (training/flat.py): zeroed in place, never dropped
-        self.fold_clip = takes_grad_scale(self.optimizer) and bool(config.train.max_grad_norm)
+        # fold clipping and the loss scale's 1/scale into the optimizer's read of each gradient
+        self.fold = takes_grad_scale(self.optimizer) and (bool(config.train.max_grad_norm) or self.scaler is not None)
         self.unet = self._compiled(state.components.unet)
         self.graphed = (self.device.type == "cuda" and config.train.cuda_graph
                         and config.train.compile != "reduce-overhead")
@@ -194,7 +196,8 @@ class FastStep:
         return draw_step(step, self.state.seed, layout, self.config.data.flip_prob)
 
     def compute(self, draws: StepDraws) -> LossParts:
-        """Forward, backward and gradient clipping of eq. 2 of Ruiz et al. on device tensors; no host sync."""
+        """Forward, backward, unscaling (fp16) and gradient clipping of eq. 2 of Ruiz et al. on device
+        tensors; no host sync."""
         if self.keep_grads:  # autograd adds into the flat gradient buffers
             torch._foreach_zero_([p.grad for p in self.params])
         mean, std = self.means[draws.rows], self.stds[draws.rows]
@@ -206,21 +209,29 @@ class FastStep:
             context = self._context()  # (B, 77, D)
             pred = self.unet(noisy, draws.timesteps, context).sample
             parts = split_loss(pred, target, self.batch, self.config.prior.weight)
-        parts.total.backward()
-        self._clip()
+        (parts.total if self.scaler is None else self.scaler.scale(parts.total)).backward()
+        self._unscale_and_clip()
         return parts
 
-    def _clip(self) -> None:
-        """`clip_grad_norm_`'s arithmetic. With fused AdamW or AdamWFp8 the scale goes into the optimizer kernel
-        (its `grad_scale` divides each gradient as it is read), which saves a pass over the gradients."""
-        max_norm = self.config.train.max_grad_norm
-        if not max_norm:
-            return
-        if not self.fold_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # what the plain step calls
+    def _unscale_and_clip(self) -> None:
+        """The plain step's unscaling and `clip_grad_norm_` arithmetic. With fused AdamW or AdamWFp8
+        both go into the optimizer kernel (its `grad_scale` divides each gradient as it is read),
+        which saves a pass over the gradients; overflow is then told from the scaled norm."""
+        max_norm, scaler = self.config.train.max_grad_norm, self.scaler
+        if not self.fold:
+            if scaler is not None:
+                scaler.unscale_(self.params)
+            if max_norm:
+                torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # what the plain step calls
             return
         total = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        self.optimizer.grad_scale = grad_scale_for_clipping(total, max_norm)
+        if scaler is None:
+            self.optimizer.grad_scale = grad_scale_for_clipping(total, max_norm)
+            return
+        scaler.note_norm(total)
+        scale = scaler.scale_tensor
+        clip = grad_scale_for_clipping(total / scale, max_norm) if max_norm else torch.ones_like(scale)
+        self.optimizer.grad_scale = clip * scale
 
     def _context(self) -> torch.Tensor:
         if self.prompts.frozen is not None:
@@ -236,12 +247,16 @@ class FastStep:
             return self.compute(StepDraws(*(t.to(self.device) for t in host)))
         return self._replay(host)
 
-    def update(self) -> None:
-        """Apply the gradients of the last `backward`: optimizer and learning-rate schedule."""
-        self.optimizer.step()
+    def update(self) -> Scaling | None:
+        """Apply the gradients of the last `backward`: optimizer (skipped when fp16 gradients
+        overflowed) and learning-rate schedule. Returns what the loss scaler did (None without one)."""
+        scaling = self.scaler.finish() if self.scaler is not None else None  # the one host read under fp16
+        if scaling is None or not scaling.skipped:
+            self.optimizer.step()
         self.lr_schedule.step()
         if not self.graphed:  # a graph overwrites its gradients on every replay
             self._drop_grads()
+        return scaling
 
     def __call__(self, step: int) -> LossParts:
         parts = self.backward(step)
@@ -296,27 +311,28 @@ class LossReadout:
         self.lag = lag
         self.pending: deque = deque()
 
-    def push(self, done: int, parts: LossParts, lr: float) -> None:
+    def push(self, done: int, parts: LossParts, lr: float, scaling: Scaling | None = None) -> None:
+        """`scaling`: what the fp16 loss scaler did at this step, passed on with its losses."""
         if not self.lag:
             values = (float(parts.total.detach()), float(parts.instance), float(parts.prior))
-            self.pending.append((done, values, lr, None))
+            self.pending.append((done, values, lr, None, scaling))
             return
         if parts.total.device.type != "cuda":  # nothing runs ahead of the host: keep the tensors
-            self.pending.append((done, (parts.total.detach(), parts.instance, parts.prior), lr, None))
+            self.pending.append((done, (parts.total.detach(), parts.instance, parts.prior), lr, None, scaling))
             return
         stacked = torch.stack([parts.total.detach(), parts.instance, parts.prior]).float()
         host = torch.empty(3, pin_memory=True)
         host.copy_(stacked, non_blocking=True)  # queued behind this step, before the next one
         event = torch.cuda.Event()
         event.record()
-        self.pending.append((done, host, lr, event))
+        self.pending.append((done, host, lr, event, scaling))
 
-    def take(self, flush: bool = False) -> list[tuple[int, tuple[float, float, float], float]]:
+    def take(self, flush: bool = False) -> list[tuple[int, tuple[float, float, float], float, Scaling | None]]:
         """Records of finished steps, oldest first: all of them when `flush`, else all but `lag`."""
         out = []
         while self.pending and (flush or len(self.pending) > self.lag):
-            done, values, lr, event = self.pending.popleft()
+            done, values, lr, event, scaling = self.pending.popleft()
             if event is not None:
                 event.synchronize()
-            out.append((done, tuple(float(v) for v in values), lr))
+            out.append((done, tuple(float(v) for v in values), lr, scaling))
         return out

@@ -10,7 +10,6 @@ the base model, make or reuse class images, then train with the prior-preservati
 from __future__ import annotations
 
 import contextlib
-import math
 import resource
 import signal
 import threading
@@ -33,6 +32,7 @@ from dreambooth.training.memory import PhaseMeter, oom_advice
 from dreambooth.training.outputs import add_memory_summary, save_final, write_samples
 from dreambooth.training.preflight import check_before_loading, resume_config, with_local_model_resolved
 from dreambooth.training.prepare import prefer_expandable_segments, prepare
+from dreambooth.training.scaling import Scaling, divergence
 from dreambooth.training.setup import count_trainable
 from dreambooth.training.state import TrainState
 from dreambooth.training.step import PlainStep
@@ -86,7 +86,7 @@ class StepFunction(Protocol):
 
     def backward(self, step: int) -> LossParts: ...
 
-    def update(self) -> None: ...
+    def update(self) -> Scaling | None: ...
 
 
 def run_steps(state: TrainState, step_fn: StepFunction, stop: threading.Event | None) -> Iterator[ev.Event]:
@@ -116,9 +116,9 @@ def _steps(state: TrainState, step_fn: StepFunction, stop, began: float) -> Gene
         if reported and stop is not None and stop.is_set():  # this step's gradients are dropped
             yield from _stop(state, reported)
             return False
-        step_fn.update()
+        scaling = step_fn.update()
         done = step + 1
-        readout.push(done, parts, float(state.lr_schedule.get_last_lr()[0]))  # a tensor for torchao
+        readout.push(done, parts, float(state.lr_schedule.get_last_lr()[0]), scaling)  # a tensor for torchao
         yield from _report_steps(readout.take(flush=_acts_after(done, config, scoring, stop)), config, run, clock)
         if wants_samples(config) and out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
             yield from _samples(state, done)
@@ -141,7 +141,7 @@ def _checkpoint(state: TrainState, done: int) -> Iterator[ev.Event]:
     if not weights_are_finite(state.modules):  # a finite loss, then an update that overflowed
         raise _diverged("the weights became NaN or infinite", done, state.run)
     path = save_checkpoint(state.run.checkpoints, done, state.modules, state.optimizer, state.lr_schedule,
-                           state.config.output.keep_checkpoints)
+                           state.config.output.keep_checkpoints, state.scaler)
     yield ev.CheckpointSaved(done, path)
     return path
 
@@ -190,20 +190,27 @@ def _acts_after(done: int, config: RunConfig, scoring, stop) -> bool:
 
 
 def _report_steps(records, config: RunConfig, run: RunDir, clock: dict) -> Iterator[ev.Event]:
-    """StepDone events and log lines for finished steps; stop at a non-finite loss. Returns the
-    last step reported (0 for none)."""
+    """StepDone events and log lines for finished steps; stop when the run diverged (a non-finite
+    loss; under fp16 see `scaling.divergence`: an overflow the scaler skipped is not divergence).
+    fp16 lines carry the loss scale the step used; skipped steps are always logged, with the count
+    so far. Returns the last step reported (0 for none)."""
     out = config.output
     done = 0
-    for done, (loss, instance, prior), lr in records:
-        if not math.isfinite(loss):
-            raise _diverged(f"the loss became {loss}", done, run)
+    for done, (loss, instance, prior), lr, scaling in records:
+        why = divergence(loss, scaling)
+        if why:
+            raise _diverged(why, done, run)
+        skipped = scaling is not None and scaling.skipped
+        clock["skipped"] = clock.get("skipped", 0) + skipped
         now = time.perf_counter()
         event = ev.StepDone(done, config.train.steps, loss, instance, prior, lr, now - clock["last"])
         clock["last"] = now
-        if done % out.log_every == 0 or done == config.train.steps:
+        if done % out.log_every == 0 or done == config.train.steps or skipped:
+            scaled = {} if scaling is None else {"loss_scale": scaling.loss_scale, "skipped": skipped,
+                                                 "skipped_steps": clock["skipped"]}
             run.append_log({"step": done, "loss": loss, "instance_loss": event.instance_loss,
                             "prior_loss": event.prior_loss, "lr": event.lr, "time": round(now - clock["began"], 4),
-                            "memory_mb": _memory_mb()})
+                            "memory_mb": _memory_mb(), **scaled})
         yield event
     return done
 

@@ -3,6 +3,7 @@ run before the run directory is created or any weights load; the config a resume
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
@@ -31,10 +32,21 @@ def check_before_loading(config: RunConfig) -> None:
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda needs a CUDA GPU", [Problem(
             "train.device", "cuda: this machine has no CUDA GPU (or torch was built without CUDA); use auto or cpu")])
-    if config.train.mixed_precision == "fp16" and pick_device(config.train.device).type != "cuda":
+    if (config.train.mixed_precision == "fp16" and pick_device(config.train.device).type != "cuda"
+            and not cpu_fp16_allowed()):
         where = "this machine has no CUDA GPU" if config.train.device != "cpu" else "train.device is cpu"
         raise ConfigError("fp16 mixed precision needs a CUDA GPU", [Problem(
-            "train.mixed_precision", f"fp16: {where}; use auto (full precision on the CPU), no, or bf16")])
+            "train.mixed_precision", f"fp16: {where}; use auto (full precision on the CPU), no, or bf16 "
+            f"(to test fp16 numerics on the CPU, slowly, set {CPU_FP16}=1)")])
+
+
+CPU_FP16 = "DREAMBOOTH_CPU_FP16"
+
+
+def cpu_fp16_allowed() -> bool:
+    """fp16 on the CPU is emulated and slow, useful only to test fp16 training (loss scaling,
+    overflow skips) without a GPU; it runs only when this variable is 1."""
+    return os.environ.get(CPU_FP16) == "1"
 
 
 def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:

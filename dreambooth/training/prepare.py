@@ -15,6 +15,7 @@ from dreambooth.config import RunConfig
 from dreambooth.data.images import load_rgb
 from dreambooth.identifier import check_identifier
 from dreambooth.models import load_components
+from dreambooth.precision import resolve_precision
 from dreambooth.rundir import RunDir
 from dreambooth.sampling import pick_device
 from dreambooth.training import events as ev
@@ -24,6 +25,7 @@ from dreambooth.training.fast import lower_frozen_weights, prepare_modules, use_
 from dreambooth.training.flat import flatten_modules
 from dreambooth.training.memory import PhaseMeter, release_memory
 from dreambooth.training.outputs import prepare_class_images
+from dreambooth.training.scaling import LossScaler
 from dreambooth.training.scoring import CheckpointScoring
 from dreambooth.training.setup import make_lr_schedule, make_optimizer, mark_trainable
 from dreambooth.training.state import FrozenParking, PromptEmbeddings, TrainState
@@ -43,8 +45,11 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
         yield ev.Notice(str(problem))
     device = pick_device(config.train.device)
-    accelerator = make_accelerator(device, _mixed_precision(config.train.mixed_precision, device))
-    fast = yield from _place_models(components, config, accelerator)
+    precision = mixed_precision_here(config.train.mixed_precision, device)
+    # fp16: the steps run their own autocast and loss scaler (training/scaling.py) on any device;
+    # accelerate's scaler lives in its optimizer wrapper and would scale a second time
+    accelerator = make_accelerator(device, "no" if precision == "fp16" else precision)
+    fast = yield from _place_models(components, config, accelerator, precision)
     class_paths = []
     if config.prior.enabled:
         yield ev.Phase("class images", config.prior.num_images)
@@ -58,7 +63,7 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
             yield ev.Stopped(step, path)
             return None
     with meter.phase("model setup", accelerator.device):
-        trained = yield from _optimization(components, config, run, accelerator, fast, resume)
+        trained = yield from _optimization(components, config, run, accelerator, precision, fast, resume)
     yield ev.Phase("caching latents", len(report.images) + (config.prior.num_images if config.prior.enabled else 0))
     with meter.phase("latent cache", accelerator.device):
         instances, classes = _latent_sources(components, config, report, class_paths)
@@ -77,13 +82,13 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
                       meter=meter, **trained)
 
 
-def _place_models(components, config: RunConfig, accelerator) -> Generator[ev.Event, None, bool]:
+def _place_models(components, config: RunConfig, accelerator, precision: str) -> Generator[ev.Event, None, bool]:
     """Move the models to the device in their dtypes; return whether the fast step runs."""
-    device, frozen_dtype = accelerator.device, frozen_dtype_of(accelerator.mixed_precision)
+    device, frozen_dtype = accelerator.device, frozen_dtype_of(precision)
     components.vae.to(device, frozen_dtype)
     components.text_encoder.to(device, frozen_dtype if not config.train.train_text_encoder else torch.float32)
     components.unet.to(device)
-    fast, why_not = use_fast_path(config, device, accelerator.num_processes, accelerator.mixed_precision)
+    fast, why_not = use_fast_path(config, device, accelerator.num_processes, precision)
     if why_not:
         yield ev.Notice(why_not)
     if not fast and config.train.optimizer.endswith("_torchao"):
@@ -95,28 +100,31 @@ def _place_models(components, config: RunConfig, accelerator) -> Generator[ev.Ev
     return fast
 
 
-def _optimization(components, config: RunConfig, run: RunDir, accelerator, fast: bool,
+def _optimization(components, config: RunConfig, run: RunDir, accelerator, precision: str, fast: bool,
                   resume: bool) -> Generator[ev.Event, None, dict]:
-    """What trains, its optimizer and schedule (restored from the newest checkpoint when resuming),
-    as `TrainState` fields."""
-    device, frozen_dtype = accelerator.device, frozen_dtype_of(accelerator.mixed_precision)
+    """What trains, its optimizer, schedule and fp16 loss scaler (restored from the newest
+    checkpoint when resuming), as `TrainState` fields."""
+    device, frozen_dtype = accelerator.device, frozen_dtype_of(precision)
     modules = mark_trainable(components, config.train)
     flats = flatten_modules(modules) if fast and wants_flat(config, device) else None
     optimizer = make_optimizer(modules, config.train, device, flats)
     lr_schedule = make_lr_schedule(optimizer, modules, config.train)
+    scaler = LossScaler(device) if precision == "fp16" else None
     start = 0
     if resume:
-        start, warnings = resume_checkpoint(run.checkpoints, modules, optimizer, lr_schedule)
+        start, warnings = resume_checkpoint(run.checkpoints, modules, optimizer, lr_schedule, scaler)
         for warning in warnings:
             yield ev.Notice(warning)
         if start:
             run.truncate_log(start)
     if fast and config.train.mode == "lora" and frozen_dtype != torch.float32:
         lower_frozen_weights(modules, frozen_dtype)
-    # The fast step runs its own autocast on the bare modules (one process only).
+    # The fast step runs its own autocast on the bare modules (one process only). The plain step
+    # keeps the bare optimizer too: accelerate's wrapper only adds its own fp16 scaler's step and
+    # update, and the scaler here is the steps' own.
     wrapped = modules if fast else dict(zip(modules, accelerator.prepare(*modules.values(), optimizer)[:-1]))
     return dict(modules=modules, wrapped=wrapped, optimizer=optimizer, lr_schedule=lr_schedule, flats=flats,
-                start=start)
+                scaler=scaler, start=start)
 
 
 def _latent_sources(components, config: RunConfig, report, class_paths: list
@@ -162,10 +170,10 @@ def prefer_expandable_segments() -> None:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
-def _mixed_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        return "bf16" if device.type == "cuda" else "no"
-    return name
+def mixed_precision_here(name: str, device: torch.device) -> str:
+    """`train.mixed_precision` resolved for the training device (its compute capability, or the CPU)."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return resolve_precision(name, capability)
 
 
 def make_accelerator(device: torch.device, mixed_precision: str) -> Accelerator:

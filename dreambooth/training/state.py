@@ -15,6 +15,7 @@ from dreambooth.prompts import fill_prompt
 from dreambooth.rundir import RunDir
 from dreambooth.training.batches import LatentSource, latents_cached
 from dreambooth.training.memory import PhaseMeter
+from dreambooth.training.scaling import LossScaler
 from dreambooth.training.scoring import CheckpointScoring
 
 
@@ -92,6 +93,7 @@ class TrainState:
     parking: FrozenParking
     scoring: CheckpointScoring | None = None
     flats: dict | None = None  # {name: flat.FlatModule} when the optimizer trains flat buffers
+    scaler: LossScaler | None = None  # fp16: the dynamic loss scaler both step functions use
     start: int = 0
     fast: bool = False
     lag: int = 0
@@ -103,7 +105,8 @@ class TrainState:
 
     @property
     def mixed_precision(self) -> str:
-        return self.accelerator.mixed_precision
+        """fp16 is the one precision accelerate is not told about: the steps scale it themselves."""
+        return "fp16" if self.scaler is not None else self.accelerator.mixed_precision
 
     @property
     def trains_text_encoder(self) -> bool:

@@ -7,6 +7,7 @@ import torch
 
 from dreambooth.training.batches import build_batch, step_generator
 from dreambooth.training.losses import LossParts, add_noise, dreambooth_loss, prediction_target, sample_timesteps
+from dreambooth.training.scaling import Scaling
 from dreambooth.training.state import TrainState
 
 
@@ -20,13 +21,17 @@ class PlainStep:
     def backward(self, step: int) -> LossParts:
         return backward(self.state, step)
 
-    def update(self) -> None:
-        update(self.state)
+    def update(self) -> Scaling | None:
+        return update(self.state)
 
 
 def backward(state: TrainState, step: int) -> LossParts:
-    """Forward and backward of each micro-batch of `step`, then gradient clipping."""
-    config, accelerator, optimizer = state.config, state.accelerator, state.optimizer
+    """Forward and backward of each micro-batch of `step`, then gradient clipping.
+
+    fp16 runs its own autocast and loss scaler (`state.scaler`; accelerate is told "no"), so the
+    plain and the fast step scale, unscale and skip the same way on any device.
+    """
+    config, accelerator, optimizer, scaler = state.config, state.accelerator, state.optimizer, state.scaler
     train = config.train
     unet = state.wrapped["unet"]
     for module in state.wrapped.values():
@@ -43,19 +48,27 @@ def backward(state: TrainState, step: int) -> LossParts:
         noisy = add_noise(latents, noise, t, alphas)
         target = prediction_target(latents, noise, t, alphas, state.components.prediction_type)
         sync = micro == train.grad_accum - 1
-        with contextlib.nullcontext() if sync else accelerator.no_sync(unet), accelerator.autocast():
+        autocast = accelerator.autocast() if scaler is None else torch.autocast(latents.device.type, torch.float16)
+        with contextlib.nullcontext() if sync else accelerator.no_sync(unet), autocast:
             context = state.prompts.batch(is_prior, state.wrapped.get("text_encoder"))  # (B, 77, D)
             pred = unet(noisy, t, context).sample
             parts = dreambooth_loss(pred, target, is_prior.to(pred.device), config.prior.weight)
-            accelerator.backward(parts.total / train.grad_accum)
+            loss = parts.total / train.grad_accum
+            accelerator.backward(loss if scaler is None else scaler.scale(loss))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if scaler is not None:
+        scaler.unscale_(params)
     if train.max_grad_norm:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         accelerator.clip_grad_norm_(params, train.max_grad_norm)
     return parts
 
 
-def update(state: TrainState) -> None:
-    """Apply the accumulated gradients: optimizer step, learning-rate schedule, gradients dropped."""
-    state.optimizer.step()
+def update(state: TrainState) -> Scaling | None:
+    """Apply the accumulated gradients: optimizer step (skipped when fp16 gradients overflowed),
+    learning-rate schedule, gradients dropped. Returns what the loss scaler did (None without one)."""
+    scaling = state.scaler.finish() if state.scaler is not None else None
+    if scaling is None or not scaling.skipped:
+        state.optimizer.step()
     state.lr_schedule.step()
     state.optimizer.zero_grad(set_to_none=True)
+    return scaling
