@@ -25,7 +25,9 @@ def config_for(subject_dir, *extra, steps=5):
 
 
 def log_of(run):
-    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    """The step lines of the run's log (phase lines carry memory peaks, not steps)."""
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r for r in lines if "step" in r]
 
 
 def unet(run):
