@@ -122,16 +122,17 @@ def ours_worker(name: str, spec: dict, work: Path, steps: int, tiny: bool) -> di
 
 
 def phase_peaks(log: Path) -> dict:
-    """{phase: peak allocated GB} from the phase records of a run's log.jsonl (the highest record
-    per phase, as validation can run more than once)."""
-    peaks: dict[str, float] = {}
+    """{phase: [peak allocated GB, peak reserved GB]} from the phase records of a run's log.jsonl
+    (the highest per phase, as validation can run more than once). The cap limits reserved memory."""
+    peaks: dict[str, list[float]] = {}
     if not log.exists():
         return peaks
     for line in log.read_text().splitlines():
         record = json.loads(line)
         if "phase" in record and record.get("peak_allocated_mb") is not None:
-            gb = record["peak_allocated_mb"] * 2**20 / 1e9
-            peaks[record["phase"]] = max(gb, peaks.get(record["phase"], 0.0))
+            now = [record["peak_allocated_mb"] * 2**20 / 1e9, record["peak_reserved_mb"] * 2**20 / 1e9]
+            old = peaks.get(record["phase"], [0.0, 0.0])
+            peaks[record["phase"]] = [round(max(a, b), 3) for a, b in zip(now, old)]
     return peaks
 
 
