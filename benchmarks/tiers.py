@@ -159,15 +159,16 @@ def reference_row(name: str, spec: dict, work: Path, reference: Path, tiny: bool
     return result
 
 
-def setup(work: Path, tiny: bool) -> None:
-    """The subject photos at each resolution and the random-weight models (built once, cached)."""
+def setup(work: Path, tiny: bool, rows: list[str]) -> None:
+    """The subject photos at each resolution and the random-weight models the rows use (built once,
+    cached)."""
     from sd15_random import write_subject_photos
 
     from dreambooth.models.builtin import builtin_path
 
     for size in ([64] if tiny else [512, 768]):
         write_subject_photos(work / f"instance{size}", size=size)
-    for model in (["tiny-random"] if tiny else ["random-sd15", "random-sd21"]):
+    for model in (["tiny-random"] if tiny else sorted({ROWS[r]["model"] for r in rows})):
         t = time.perf_counter()
         builtin_path(model)
         print(f"built {model} in {time.perf_counter() - t:.0f} s", flush=True)
@@ -177,7 +178,7 @@ def run_rows(args) -> None:
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path, log = args.out / "results.jsonl", open(args.out / "bench.log", "a", buffering=1)
-    setup(args.work, args.tiny)
+    setup(args.work, args.tiny, args.rows.split(","))
     for name in args.rows.split(","):
         spec = ROWS[name]
         left = args.budget - (time.perf_counter() - began)

@@ -19,9 +19,11 @@ def cpu_fp16(monkeypatch):
     monkeypatch.setenv("DREAMBOOTH_CPU_FP16", "1")
 
 
-def config_for(subject_dir, *extra, steps=5):
+def config_for(subject_dir, *extra, steps=5, device="cpu"):
+    """The CPU unless asked: the exact comparisons below hold for one device's kernels."""
     return load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}},
-                       [f"train.steps={steps}", "output.checkpoint_every=0", "output.sample_images=0", *extra])
+                       [f"train.steps={steps}", "output.checkpoint_every=0", "output.sample_images=0",
+                        f"train.device={device}", *extra])
 
 
 def log_of(run):
@@ -34,7 +36,9 @@ def unet(run):
     return load_file(run / "final" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_fp16_loss_curve_tracks_fp32(tmp_path, subject_dir, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 on a CUDA card"))])
+def test_fp16_loss_curve_tracks_fp32(tmp_path, subject_dir, monkeypatch, device):
     """fp16 autocast rounds activations to a 10-bit mantissa (relative error ~5e-4 per op, a few
     1e-3 through the tiny UNet), and AdamW moves each weight by about lr whatever its gradient's
     size, so gradients that round to the other sign move weights apart by lr: step 1 agrees to
@@ -42,8 +46,9 @@ def test_fp16_loss_curve_tracks_fp32(tmp_path, subject_dir, monkeypatch):
     small initial scale keeps every step applied (the tiny model overflows at 2^14), so only
     rounding separates the curves; skipping and scaling are checked exactly below."""
     monkeypatch.setattr(scaling, "INIT_SCALE", 1024.0)
-    assert isinstance(train(config_for(subject_dir, "train.mixed_precision='no'"), tmp_path / "fp32"), ev.Finished)
-    assert isinstance(train(config_for(subject_dir, "train.mixed_precision=fp16"), tmp_path / "fp16"), ev.Finished)
+    for name, precision in (("fp32", "'no'"), ("fp16", "fp16")):
+        config = config_for(subject_dir, f"train.mixed_precision={precision}", device=device)
+        assert isinstance(train(config, tmp_path / name), ev.Finished)
     full, half = log_of(tmp_path / "fp32"), log_of(tmp_path / "fp16")
     assert [r["step"] for r in half] == [1, 2, 3, 4, 5]
     assert all(r["loss_scale"] == 1024.0 and not r["skipped"] for r in half)

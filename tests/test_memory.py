@@ -35,7 +35,9 @@ def test_every_phase_that_ran_logs_its_peak_and_the_cli_prints_the_table(tmp_pat
         assert "step" not in r  # a phase line never reads as a step (RunDir.started, truncate_log)
         assert all(isinstance(r[k], float) and r[k] >= 0 for k in ("peak_allocated_mb", "peak_reserved_mb",
                                                                    "seconds"))
-        assert r["peak_allocated_mb"] > 0 and r["measure"] == memory.CPU_MEASURE
+        # the run's device: CUDA where there is one (train.device=auto)
+        expected = memory.CUDA_MEASURE if torch.cuda.is_available() else memory.CPU_MEASURE
+        assert r["peak_allocated_mb"] > 0 and r["measure"] == expected
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # step lines as they were
     summary = json.loads((run / "final" / "dreambooth.json").read_text())["memory"]
     assert list(summary) == list(dict.fromkeys(r["phase"] for r in phases))
@@ -230,3 +232,31 @@ def test_the_class_image_pipeline_is_gone_before_the_optimizer_is_made(tmp_path,
                           "output.sample_images=0"])
     train(config, tmp_path / "run")
     assert pipes and alive == [False]
+
+
+@pytest.mark.parametrize("fast", ["never", "always"])
+def test_optimizer_state_and_gradients_are_released_before_the_final_save(tmp_path, subject_dir, monkeypatch,
+                                                                           fast):
+    """After the last step the save and the last samples need only the models: AdamW's moments and
+    the gradients (a 12 GB SD 1.5 full fine-tune's final save ran out of memory while they lived)
+    are dropped first."""
+    from dreambooth.config import load_config
+    from dreambooth.training import events as ev
+    from dreambooth.training import loop, train
+
+    seen = {}
+    real = loop.save_final
+
+    def inspect(components, config, run, selection=None):
+        seen["grads"] = [n for n, p in components.unet.named_parameters() if p.grad is not None]
+        seen["has_trainable"] = any(p.requires_grad for p in components.unet.parameters())
+        return real(components, config, run, selection=selection)
+
+    monkeypatch.setattr(loop, "save_final", inspect)
+    states = []
+    monkeypatch.setattr(loop, "release_memory", lambda device: states.append(device))
+    config = load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}},
+                         ["train.steps=3", "output.checkpoint_every=0", f"train.fast={fast}", "train.device=cpu"])
+    assert isinstance(train(config, tmp_path / "run"), ev.Finished)
+    assert seen["has_trainable"] and seen["grads"] == []
+    assert states  # and the allocator was asked to hand the memory back

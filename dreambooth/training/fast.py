@@ -263,6 +263,11 @@ class FastStep:
         self.update()
         return parts
 
+    def release(self) -> None:
+        """Drop the CUDA graph and its static tensors (the graph's memory pool goes with them); a
+        later `backward` would capture a new one."""
+        self.graph, self.static, self.parts = None, None, None
+
     def _drop_grads(self) -> None:
         if not self.keep_grads:
             self.optimizer.zero_grad(set_to_none=True)

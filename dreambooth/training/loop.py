@@ -28,7 +28,7 @@ from dreambooth.training import events as ev
 from dreambooth.training.checkpoints import newest_intact, save_checkpoint, weights_are_finite
 from dreambooth.training.fast import FastStep, LossReadout
 from dreambooth.training.losses import LossParts
-from dreambooth.training.memory import PhaseMeter, oom_advice
+from dreambooth.training.memory import PhaseMeter, oom_advice, release_memory
 from dreambooth.training.outputs import add_memory_summary, save_final, write_samples
 from dreambooth.training.preflight import check_before_loading, resume_config, with_local_model_resolved
 from dreambooth.training.prepare import prefer_expandable_segments, prepare
@@ -100,7 +100,28 @@ def run_steps(state: TrainState, step_fn: StepFunction, stop: threading.Event | 
     with state.meter.phase("training steps", state.device):  # samples and scoring are measured apart
         finished = yield from _steps(state, step_fn, stop, began)
     if finished:
+        release_training_memory(state, step_fn)
         yield from _finish(state, began)
+
+
+def release_training_memory(state: TrainState, step_fn) -> None:
+    """After the last step nothing needs the optimizer's moments, the gradients or the fast step's
+    CUDA graph (its private pool keeps a step's activations): hand them back, so the final save and
+    the last samples fit in what the models alone take. A 12 GB SD 1.5 full fine-tune ran out of
+    memory in its final save without this."""
+    release = getattr(step_fn, "release", None)
+    if release is not None:
+        release()
+    state.optimizer.state.clear()
+    for group in state.optimizer.param_groups:
+        for p in group["params"]:
+            p.grad = None
+    for module in state.modules.values():
+        for p in module.parameters():
+            p.grad = None
+    for flat in (state.flats or {}).values():
+        flat.grad = None
+    release_memory(state.device)
 
 
 def _steps(state: TrainState, step_fn: StepFunction, stop, began: float) -> Generator[ev.Event, None, bool]:
