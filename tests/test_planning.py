@@ -52,7 +52,8 @@ def test_cpu_plans_for_the_tiny_models_only():
 
 
 def test_a_card_below_every_target_gets_none_and_the_smallest_preset_named():
-    result = plan("sd15", Card("GTX 1660", 6.2, (7, 5)))
+    """A 4 GB card: below even the LoRA tier's measured 5.4 GB peak."""
+    result = plan("sd15", Card("GTX 1650", 4.2, (7, 5)))
     assert result.best is None and not any(r.fits for r in result.rows)
     assert any("sd15-8gb" in n for n in result.notes)
 
@@ -158,7 +159,7 @@ def test_plan_command_prints_the_table_and_the_pick(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["plan", "--model", "stabilityai/stable-diffusion-2-1", "--gpu-memory", "16GB"]) == 0
     out = capsys.readouterr().out
-    assert "best preset: sd21-16gb" in out and "not measured" in out
+    assert "best preset: sd21-16gb" in out and "13.94 GB" in out and "capped at 15 GB" in out  # the measured tier
     assert "sd21-lora-8gb" in out and "sd15-12gb" not in out
     assert main(["plan", "--model", "tiny-random"]) == 0
     out = capsys.readouterr().out
