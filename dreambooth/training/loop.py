@@ -24,6 +24,7 @@ from dreambooth.data.images import check_images
 from dreambooth.errors import Problem, TrainingDiverged
 from dreambooth.planning import read_card
 from dreambooth.rundir import RunDir
+from dreambooth.sampling import pick_device
 from dreambooth.training import events as ev
 from dreambooth.training.checkpoints import newest_intact, save_checkpoint, weights_are_finite
 from dreambooth.training.fast import FastStep, LossReadout
@@ -231,7 +232,7 @@ def _report_steps(records, config: RunConfig, run: RunDir, clock: dict) -> Itera
                                                  "skipped_steps": clock["skipped"]}
             run.append_log({"step": done, "loss": loss, "instance_loss": event.instance_loss,
                             "prior_loss": event.prior_loss, "lr": event.lr, "time": round(now - clock["began"], 4),
-                            "memory_mb": _memory_mb(), **scaled})
+                            "memory_mb": _memory_mb(config), **scaled})
         yield event
     return done
 
@@ -282,7 +283,8 @@ def _card():
     return read_card() if torch.cuda.is_available() else None
 
 
-def _memory_mb() -> float:
-    if torch.cuda.is_available():
+def _memory_mb(config: RunConfig) -> float:
+    """The process's peak so far on the training device: CUDA's allocator, or the CPU's peak RSS."""
+    if pick_device(config.train.device).type == "cuda":
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
