@@ -24,6 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
+from ours_parts import run_worker_process  # noqa: E402
 from report import make_table  # noqa: E402
 
 FAST, LEAN, LORA_LEAN = "sd15-fast", "sd15-lean", "sd15-lora-lean"
@@ -160,21 +161,11 @@ def run_worker(name: str, spec: dict, work: Path, tiny: bool, reference: Path, l
     if spec["kind"] == "e2e":
         env["DREAMBOOTH_CACHE"] = str(work / f"cache_{name}")  # cold: no class images, no identity memo
     began = time.perf_counter()
-    # The worker's output goes to a file as it is written, so a part killed at its budget still shows
-    # how far it got (phase stamps, compiler logs).
-    part_log = Path(log.name).parent / f"part_{name}.log"
-    with open(part_log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
-        try:
-            proc.wait(timeout=spec["budget"])
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    text = part_log.read_text()
+    result, returncode, text = run_worker_process(cmd, Path(log.name).parent / f"part_{name}.log", spec["budget"], env)
     log.write(text)
-    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
-    result = json.loads(lines[-1][7:]) if lines else {"failed": True, "error_tail": text[-3000:]}
-    if proc.returncode and lines:
+    if result is None:
+        result = {"failed": True, "error_tail": text[-3000:]}
+    elif returncode:
         result["killed_after_result"] = True
     result["process_s"] = time.perf_counter() - began
     return result

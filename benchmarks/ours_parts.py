@@ -5,6 +5,7 @@ cache), so what is timed is what a user runs.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +31,23 @@ def limit_memory(cap_gb: float | None) -> None:
         prefer_expandable_segments()  # what train_events does first; the cap below starts CUDA
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total))
+
+
+def run_worker_process(cmd: list[str], part_log: Path, budget: float, env: dict | None = None
+                       ) -> tuple[dict | None, int, str]:
+    """Run a benchmark worker with its output going to `part_log` as it is written (a worker killed
+    at its budget still shows how far it got); return its last `RESULT {json}` line (None without
+    one), its exit status and its whole output."""
+    with open(part_log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
+        try:
+            proc.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    text = part_log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("RESULT ")]
+    return (json.loads(lines[-1][7:]) if lines else None), proc.returncode, text
 
 
 def start_profiler():

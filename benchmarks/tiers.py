@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
+
+from ours_parts import limit_memory, run_worker_process  # noqa: E402
 
 # card: (cap GB, precision forced or None for the preset's auto, TF32 allowed)
 CARDS = {"t4-16gb": (15.0, "fp16", False), "rtx3060-12gb": (11.5, None, True), "rtx3070-8gb": (7.5, None, True),
@@ -52,16 +53,10 @@ def emulate_card(cap_gb: float | None, tf32: bool = True) -> None:
     """Cap this process's CUDA memory at `cap_gb` (GB = 1e9 bytes) and set TF32 as the card has it."""
     import torch
 
-    if not torch.cuda.is_available():
-        return
-    from dreambooth.training.prepare import prefer_expandable_segments
-
-    prefer_expandable_segments()  # what train_events does first; the cap below starts CUDA
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    if cap_gb:
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 1e9 / total))
+    limit_memory(cap_gb)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def row_dotted(spec: dict, steps: int, tiny: bool) -> list[str]:
@@ -198,18 +193,10 @@ def run_rows(args) -> None:
 def run_ours(name: str, spec: dict, args, budget: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(args.work),
            "--steps", str(args.steps)] + (["--tiny"] if args.tiny else [])
-    part_log = args.out / f"row_{name}.log"
-    with open(part_log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
-        try:
-            proc.wait(timeout=budget)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    lines = [x for x in part_log.read_text().splitlines() if x.startswith("RESULT ")]
-    if lines:
-        return json.loads(lines[-1][7:])
-    return {"failed": True, "error_tail": part_log.read_text()[-2000:], "over_budget": proc.returncode == -9,
+    result, returncode, text = run_worker_process(cmd, args.out / f"row_{name}.log", budget)
+    if result is not None:
+        return result
+    return {"failed": True, "error_tail": text[-2000:], "over_budget": returncode == -9,
             "phases": phase_peaks(args.work / f"run_{name}" / "log.jsonl")}
 
 
