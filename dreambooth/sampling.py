@@ -102,10 +102,10 @@ TILED_FROM = 768  # px: where VAE tiling starts (the decoder's attention grows w
 def vae_tiling(vae, resolution: int) -> Iterator[None]:
     """Decode in overlapping tiles at `TILED_FROM` px and above (diffusers tiles only images larger
     than the VAE's own sample size). Below that the images stay exactly as without tiling."""
-    before = getattr(vae, "use_tiling", None)
-    if before is None or resolution < TILED_FROM:  # a VAE without tiling, or no need for it
+    if resolution < TILED_FROM:
         yield
         return
+    before = vae.use_tiling
     vae.enable_tiling()
     try:
         yield

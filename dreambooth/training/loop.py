@@ -10,7 +10,6 @@ the base model, make or reuse class images, then train with the prior-preservati
 from __future__ import annotations
 
 import contextlib
-import resource
 import signal
 import threading
 import time
@@ -29,7 +28,7 @@ from dreambooth.training import events as ev
 from dreambooth.training.checkpoints import newest_intact, save_checkpoint, weights_are_finite
 from dreambooth.training.fast import FastStep, LossReadout
 from dreambooth.training.losses import LossParts
-from dreambooth.training.memory import PhaseMeter, oom_advice, release_memory
+from dreambooth.training.memory import PhaseMeter, oom_advice, peak_now, release_memory
 from dreambooth.training.outputs import add_memory_summary, save_final, write_samples
 from dreambooth.training.preflight import check_before_loading, resume_config, with_local_model_resolved
 from dreambooth.training.prepare import prefer_expandable_segments, prepare
@@ -284,7 +283,5 @@ def _card():
 
 
 def _memory_mb(config: RunConfig) -> float:
-    """The process's peak so far on the training device: CUDA's allocator, or the CPU's peak RSS."""
-    if pick_device(config.train.device).type == "cuda":
-        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    """The peak allocated on the training device since its phase began (CUDA), or the process's peak RSS."""
+    return round(peak_now(pick_device(config.train.device))[0], 1)
