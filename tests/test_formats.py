@@ -206,13 +206,16 @@ def test_merged_lora_equals_runtime_lora(lora_run, tmp_path):
                 checked += 1
     assert checked == 80 + 8  # UNet: 10 attention layers x 8 (to_q/k/v/out of attn1, attn2); text: 2 x 4
     # Outputs: equal up to fp32 rounding. Random weights with large deltas amplify rounding a lot
-    # (1e-4 to 1e-2 relative, depending on the trained adapters), so the bound is the runtime
-    # model's own fp32 rounding error, measured against the same model in float64.
+    # (1e-4 to 1e-2 relative, depending on the trained adapters and the CPU), so both fp32 models are
+    # compared with the runtime model in float64: the merged one may be no further from it than a few
+    # times the runtime model's own fp32 rounding error.
     for name, fn in (("unet", _unet_out), ("text_encoder", _text_hidden)):
         ours, theirs, plain = fn(merged_pipe), fn(runtime), fn(base)
         scale = theirs.abs().max()
-        rounding = (theirs.double() - _in_float64(getattr(runtime, name), fn, runtime)).abs().max() / scale
-        assert (ours - theirs).abs().max() / scale <= max(2e-3, 2 * rounding), (name, float(rounding))
+        exact = _in_float64(getattr(runtime, name), fn, runtime)
+        rounding = (theirs.double() - exact).abs().max() / scale
+        error = (ours.double() - exact).abs().max() / scale
+        assert error <= max(2e-3, 4 * rounding), (name, float(error), float(rounding))
         assert (ours - plain).abs().max() > max(0.05, 10 * rounding) * scale, name  # the LoRA matters
     info = json.loads((merged / "dreambooth.json").read_text())
     assert info["merged_lora"] and info["metadata"]["modelspec.architecture"] == "stable-diffusion-v1"
