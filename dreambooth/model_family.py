@@ -1,9 +1,10 @@
-"""The family of MODEL (sd15, sd21, tiny, toy or other) without loading its weights.
+"""The family of MODEL (sd15, sd21, sdxl, tiny, tiny-xl, toy or other) without loading its weights.
 
 Built-ins are known by name; a diffusers folder by its unet/config.json; a single file by the
 shapes in its header (or the configs it carries); a hub id by a list of well-known names, else by
 the UNet config in the local hub cache, else it is unknown. The UNet's cross-attention width tells
-the families apart: 768 (CLIP ViT-L) for SD 1.x, 1024 (OpenCLIP ViT-H) for SD 2.x.
+the families apart: 768 (CLIP ViT-L) for SD 1.x, 1024 (OpenCLIP ViT-H) for SD 2.x; SDXL's UNet
+takes `text_time` added embeddings (pooled text and image sizes) and 2048-wide context.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ KNOWN_HUB_IDS = {
     "stabilityai/stable-diffusion-2": ("sd21", 768),
     "stabilityai/stable-diffusion-2-1-base": ("sd21", 512),
     "stabilityai/stable-diffusion-2-base": ("sd21", 512),
+    "stabilityai/stable-diffusion-xl-base-1.0": ("sdxl", 1024),
 }
 SD_WIDTH = 320  # first UNet level's channels in SD 1.x and 2.x; narrower ones are test-sized models
 
@@ -43,7 +45,9 @@ def model_family(model: str) -> ModelFamily:
     if model in FULL_SIZE_RANDOM:  # the shipped configs it is built from tell it
         return _from_folder(SHIPPED_CONFIGS / FULL_SIZE_RANDOM[model], "built-in, random weights")
     if model in ("tiny-random", "tiny-random-v"):
-        return ModelFamily("tiny", 64, "built-in")  # not detect_source: it would build the model
+        return ModelFamily("tiny", 64, "built-in")
+    if model == "tiny-random-xl":
+        return ModelFamily("tiny-xl", 64, "built-in")  # not detect_source: it would build the model
     source = detect_source(model)
     if source.kind == "diffusers":
         return _from_folder(source.path, "unet/config.json")
@@ -65,8 +69,11 @@ def family_of_unet(unet: dict, vae: dict | None = None) -> tuple[str, int | None
     factor = 2 ** (len((vae or {}).get("block_out_channels") or [0] * 4) - 1)
     size = unet.get("sample_size")
     resolution = int(size) * factor if isinstance(size, int) else None
+    xl = unet.get("addition_embed_type") == "text_time"
     if widths[0] < SD_WIDTH:
-        return "tiny", resolution
+        return ("tiny-xl" if xl else "tiny"), resolution
+    if xl:
+        return ("sdxl" if cross == 2048 else "other"), resolution
     return {768: "sd15", 1024: "sd21"}.get(cross if isinstance(cross, int) else None, "other"), resolution
 
 

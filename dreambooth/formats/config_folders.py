@@ -46,6 +46,8 @@ def copy_config_folder(src: Path, dest: Path) -> None:
             (dest / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, dest / f.relative_to(src))
     copy_tokenizer_files(dest / "tokenizer")
+    if (src / "tokenizer_2").is_dir():  # SDXL
+        copy_tokenizer_files(dest / "tokenizer_2")
 
 
 def shipped_configs(name: str) -> tuple[dict, dict, dict]:

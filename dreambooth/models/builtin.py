@@ -4,8 +4,10 @@
 hundred thousand UNet parameters, with the real CLIP tokenizer vocabulary, initialised
 deterministically from a seed. They make smoke tests and CI possible on a CPU without any model hub.
 `toy` is the pretrained base model of the toy world, shipped in the package.
-`random-sd15` and `random-sd21` are the full-size SD 1.5 (512 px) and SD 2.1 (768 px,
-v-prediction) architectures from the shipped config folders with seeded random weights: their
+`tiny-random-xl` is the SDXL architecture (two text encoders, pooled text embedding and
+micro-conditioning through `text_time` added embeddings) shrunk the same way.
+`random-sd15`, `random-sd21` and `random-sdxl` are the full-size SD 1.5 (512 px), SD 2.1 (768 px,
+v-prediction) and SDXL base (1024 px) architectures from the shipped config folders with seeded random weights: their
 speed and memory are those of the real models, so tier presets and benchmarks can be measured on
 a GPU with no model hub. They are several GB on disk and built in a minute or so on a GPU.
 
@@ -26,10 +28,10 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"
 TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "toyworld" / "weights"
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "formats" / "single_file_configs"
-FULL_SIZE_RANDOM = {"random-sd15": "sd15", "random-sd21": "sd21"}  # name -> shipped config folder
-BUILTIN_NAMES = ("tiny-random", "tiny-random-v", "toy", *FULL_SIZE_RANDOM)
+FULL_SIZE_RANDOM = {"random-sd15": "sd15", "random-sd21": "sd21", "random-sdxl": "sdxl"}  # -> shipped configs
+BUILTIN_NAMES = ("tiny-random", "tiny-random-v", "tiny-random-xl", "toy", *FULL_SIZE_RANDOM)
 TINY_SEED = 0
-_VARIANTS = {"tiny-random": "sd1", "tiny-random-v": "sd2-v"}
+_VARIANTS = {"tiny-random": "sd1", "tiny-random-v": "sd2-v", "tiny-random-xl": "sdxl"}
 
 
 def cache_root() -> Path:
@@ -55,7 +57,9 @@ def builtin_path(name: str) -> Path:
 
 
 def tiny_configs(variant: str) -> dict:
-    """Configs of the tiny SD architectures: same block layout as SD 1.5 / 2.1, tiny widths."""
+    """Configs of the tiny SD architectures: same block layout as SD 1.5 / 2.1 / SDXL, tiny widths."""
+    if variant == "sdxl":
+        return tiny_xl_configs()
     sd2 = variant == "sd2-v"
     unet = dict(
         sample_size=8,
@@ -105,12 +109,45 @@ def tiny_configs(variant: str) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text, "scheduler": scheduler}
 
 
+def tiny_xl_configs() -> dict:
+    """SDXL's layout (three levels, no attention at the first, 1-2 transformer layers, linear
+    projections, `text_time` added embeddings) at tiny widths. The UNet's cross-attention width is
+    the two encoders' hidden sizes side by side (32 + 32; SDXL: 768 + 1280); its added-embedding
+    input is six micro-conditioning numbers of 8 sinusoidal features each plus the second encoder's
+    pooled projection (6 * 8 + 32; SDXL: 6 * 256 + 1280 = 2816)."""
+    base = tiny_configs("sd1")
+    unet = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=64,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    vae = dict(base["vae"], scaling_factor=0.13025, force_upcast=True)
+    text_2 = dict(base["text_encoder"], hidden_act="gelu")
+    scheduler = {k: v for k, v in base["scheduler"].items() if k not in ("clip_sample", "set_alpha_to_one")}
+    scheduler["timestep_spacing"] = "leading"  # EulerDiscreteScheduler, as SDXL ships
+    return {"unet": unet, "vae": vae, "text_encoder": base["text_encoder"], "text_encoder_2": text_2,
+            "scheduler": scheduler}
+
+
 def save_tiny_pipeline(out: Path, variant: str, seed: int) -> None:
     """Build a tiny SD pipeline with seeded random weights and save it as a diffusers folder."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     cfg = tiny_configs(variant)
+    if variant == "sdxl":
+        return _save_tiny_xl(out, cfg, seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg["unet"])
     torch.manual_seed(seed + 1)
@@ -131,6 +168,35 @@ def save_tiny_pipeline(out: Path, variant: str, seed: int) -> None:
     copy_tokenizer_files(Path(out) / "tokenizer")
 
 
+def _save_tiny_xl(out: Path, cfg: dict, seed: int) -> None:
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**cfg["unet"])
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**cfg["vae"])
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), tokenizer_2=_tokenizer_2(), unet=unet,
+        scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer_files(Path(out) / "tokenizer")
+    copy_tokenizer_files(Path(out) / "tokenizer_2")
+
+
+def _tokenizer_2():
+    """SDXL's second tokenizer: the same vocabulary, padded with "!" (id 0) as OpenCLIP pads."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")
+
+
 def save_random_pipeline(out: Path, configs: Path, seed: int) -> None:
     """A full-size pipeline with seeded random weights from a config folder (fp32 safetensors).
 
@@ -145,6 +211,8 @@ def save_random_pipeline(out: Path, configs: Path, seed: int) -> None:
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(configs / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / "vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(configs / "text_encoder"))
+        if (configs / "text_encoder_2").is_dir():
+            return _save_random_xl(out, configs, unet, vae, text_encoder)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), unet=unet,
         scheduler=DDIMScheduler.from_pretrained(configs / "scheduler"), safety_checker=None,
@@ -152,6 +220,21 @@ def save_random_pipeline(out: Path, configs: Path, seed: int) -> None:
     )
     pipe.save_pretrained(out, safe_serialization=True)
     copy_tokenizer_files(Path(out) / "tokenizer")
+
+
+def _save_random_xl(out: Path, configs: Path, unet, vae, text_encoder) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    with torch.device(unet.device):
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(configs / "text_encoder_2"))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), tokenizer_2=_tokenizer_2(), unet=unet,
+        scheduler=EulerDiscreteScheduler.from_pretrained(configs / "scheduler"))
+    pipe.save_pretrained(out, safe_serialization=True)
+    copy_tokenizer_files(Path(out) / "tokenizer")
+    copy_tokenizer_files(Path(out) / "tokenizer_2")
 
 
 def copy_tokenizer_files(dest: Path) -> None:

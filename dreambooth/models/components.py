@@ -18,7 +18,11 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 @dataclass
 class Components:
-    """Tokenizer, text encoder, VAE, UNet and the training noise scheduler of one base model."""
+    """Tokenizer(s), text encoder(s), VAE, UNet and the training noise scheduler of one base model.
+
+    SDXL has a second tokenizer and text encoder (OpenCLIP ViT-bigG with its projection, whose
+    pooled output conditions the UNet); SD 1.x/2.x leave them None.
+    """
 
     tokenizer: object  # transformers.CLIPTokenizer
     text_encoder: torch.nn.Module  # transformers.CLIPTextModel
@@ -27,12 +31,27 @@ class Components:
     noise_scheduler: object  # diffusers.DDPMScheduler with the model's betas and prediction type
     source: ModelSource
     folder: Path  # the diffusers folder the parts came from
+    tokenizer_2: object | None = None  # SDXL
+    text_encoder_2: torch.nn.Module | None = None  # SDXL: transformers.CLIPTextModelWithProjection
 
     def to(self, device, dtype: torch.dtype | None = None) -> "Components":
-        """Move the three networks (in place) and return self."""
-        for part in (self.unet, self.vae, self.text_encoder):
+        """Move the networks (in place) and return self."""
+        for part in (self.unet, self.vae, *self.text_encoders):
             part.to(device, dtype)
         return self
+
+    @property
+    def is_xl(self) -> bool:
+        """SDXL: two text encoders, and a UNet conditioned on the pooled text and image sizes."""
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self.tokenizer,) if self.tokenizer_2 is None else (self.tokenizer, self.tokenizer_2)
 
     @property
     def prediction_type(self) -> str:
@@ -62,11 +81,13 @@ def load_components(model: str | ModelSource, *, dtype: torch.dtype = torch.floa
                     prediction_type: str | None = None) -> Components:
     """Load every part of MODEL once; `prediction_type` overrides the scheduler's when given."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     source = detect_source(model) if isinstance(model, str) else model
     folder = model_folder(source)
-    missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / d).is_dir()]
+    xl = (folder / "text_encoder_2").is_dir() or (folder / "tokenizer_2").is_dir()
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if xl else ())
+    missing = [d for d in parts if not (folder / d).is_dir()]
     if missing:
         raise ModelSourceError(
             f"{source.spec} is missing parts of a Stable Diffusion model",
@@ -85,6 +106,9 @@ def load_components(model: str | ModelSource, *, dtype: torch.dtype = torch.floa
             noise_scheduler=DDPMScheduler.from_config(scheduler_config),
             source=source,
             folder=folder,
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2") if xl else None,
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", dtype=dtype) if xl else None,
         )
 
 
