@@ -169,8 +169,8 @@ def save_tiny_pipeline(out: Path, variant: str, seed: int) -> None:
 
 
 def _save_tiny_xl(out: Path, cfg: dict, seed: int) -> None:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg["unet"])
@@ -180,21 +180,22 @@ def _save_tiny_xl(out: Path, cfg: dict, seed: int) -> None:
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     torch.manual_seed(seed + 3)
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+    _save_xl(out, unet, vae, text_encoder, text_encoder_2, EulerDiscreteScheduler(**cfg["scheduler"]))
+
+
+def _save_xl(out: Path, unet, vae, text_encoder, text_encoder_2, scheduler) -> None:
+    """An SDXL diffusers folder. The second tokenizer has the same vocabulary, padded with "!"
+    (id 0) as OpenCLIP pads."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), tokenizer_2=_tokenizer_2(), unet=unet,
-        scheduler=EulerDiscreteScheduler(**cfg["scheduler"]),
-    )
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        tokenizer_2=CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!"), unet=unet, scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
     copy_tokenizer_files(Path(out) / "tokenizer")
     copy_tokenizer_files(Path(out) / "tokenizer_2")
-
-
-def _tokenizer_2():
-    """SDXL's second tokenizer: the same vocabulary, padded with "!" (id 0) as OpenCLIP pads."""
-    from transformers import CLIPTokenizer
-
-    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR, pad_token="!")
 
 
 def save_random_pipeline(out: Path, configs: Path, seed: int) -> None:
@@ -223,18 +224,12 @@ def save_random_pipeline(out: Path, configs: Path, seed: int) -> None:
 
 
 def _save_random_xl(out: Path, configs: Path, unet, vae, text_encoder) -> None:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     with torch.device(unet.device):
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(configs / "text_encoder_2"))
-    pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR), tokenizer_2=_tokenizer_2(), unet=unet,
-        scheduler=EulerDiscreteScheduler.from_pretrained(configs / "scheduler"))
-    pipe.save_pretrained(out, safe_serialization=True)
-    copy_tokenizer_files(Path(out) / "tokenizer")
-    copy_tokenizer_files(Path(out) / "tokenizer_2")
+    _save_xl(out, unet, vae, text_encoder, text_encoder_2, EulerDiscreteScheduler.from_pretrained(configs / "scheduler"))
 
 
 def copy_tokenizer_files(dest: Path) -> None:
