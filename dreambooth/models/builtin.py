@@ -229,7 +229,8 @@ def _save_random_xl(out: Path, configs: Path, unet, vae, text_encoder) -> None:
 
     with torch.device(unet.device):
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(configs / "text_encoder_2"))
-    _save_xl(out, unet, vae, text_encoder, text_encoder_2, EulerDiscreteScheduler.from_pretrained(configs / "scheduler"))
+    scheduler = EulerDiscreteScheduler.from_pretrained(configs / "scheduler")
+    _save_xl(out, unet, vae, text_encoder, text_encoder_2, scheduler)
 
 
 def copy_tokenizer_files(dest: Path) -> None:

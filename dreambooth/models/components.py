@@ -86,7 +86,8 @@ def load_components(model: str | ModelSource, *, dtype: torch.dtype = torch.floa
     source = detect_source(model) if isinstance(model, str) else model
     folder = model_folder(source)
     xl = (folder / "text_encoder_2").is_dir() or (folder / "tokenizer_2").is_dir()
-    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (("text_encoder_2", "tokenizer_2") if xl else ())
+    parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    parts += ("text_encoder_2", "tokenizer_2") if xl else ()
     missing = [d for d in parts if not (folder / d).is_dir()]
     if missing:
         raise ModelSourceError(
