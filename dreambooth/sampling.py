@@ -40,27 +40,59 @@ def make_scheduler(name: str, base_config: dict):
 
 def make_pipeline(components, sampler: str = DEFAULT_SAMPLER, *, device: torch.device | str | None = None,
                   compile_unet: bool = False):
-    """A StableDiffusionPipeline over the given (possibly LoRA-wrapped) components; no copies made.
+    """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over the given (possibly
+    LoRA-wrapped) components; no copies made.
 
     `compile_unet`: sample through `torch.compile(unet)` (the module itself stays as it is).
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=components.vae,
-        text_encoder=components.text_encoder,
-        tokenizer=components.tokenizer,
-        unet=compiled(components.unet) if compile_unet else components.unet,
-        scheduler=make_scheduler(sampler, components.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                  unet=compiled(components.unet) if compile_unet else components.unet,
+                  scheduler=make_scheduler(sampler, components.noise_scheduler.config))
+    if components.is_xl:
+        pipe = StableDiffusionXLPipeline(**common, text_encoder_2=components.text_encoder_2,
+                                         tokenizer_2=components.tokenizer_2, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     components.vae.enable_slicing()  # a batch decodes one image at a time: the same images, one image's peak
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def decodes_in_fp32(pipe) -> bool:
+    """SDXL with a VAE that overflows fp16 (its config's `force_upcast`): decode outside autocast in fp32."""
+    return hasattr(pipe, "text_encoder_2") and bool(getattr(pipe.vae.config, "force_upcast", False))
+
+
+def decode_fp32(pipe, latents: torch.Tensor) -> list:
+    """PIL images from an SDXL pipeline's latents, decoded in fp32 with autocast off.
+
+    The pipeline upcasts an fp16 VAE itself, but inside `sampling_precision`'s autocast its
+    convolutions would still run in fp16 and overflow to NaN (black images).
+    """
+    vae = pipe.vae
+    before = vae.dtype
+    config = vae.config
+    latents = latents.float()
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    with torch.autocast(latents.device.type, enabled=False):
+        if before != torch.float32:
+            vae.to(torch.float32)
+        try:
+            image = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if before != torch.float32:
+                vae.to(before)
+    return pipe.image_processor.postprocess(image, output_type="pil")
 
 
 def default_device() -> torch.device:
@@ -86,6 +118,8 @@ def sampling_precision(pipe):
     them. When all three share a dtype (CPU fp32, or a bf16 pipeline) nothing changes.
     """
     dtypes = {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        dtypes.add(pipe.text_encoder_2.dtype)
     if len(dtypes) == 1:
         return contextlib.nullcontext()
     low = min(dtypes, key=lambda d: torch.finfo(d).bits)
@@ -124,6 +158,9 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
     """
     device = pipe._execution_device
     extra = {"callback_on_step_end": _interrupt_when(stop)} if stop is not None else {}
+    fp32_decode = decodes_in_fp32(pipe)
+    if fp32_decode:
+        extra["output_type"] = "latent"
     images = []
     for start in range(0, len(prompts), batch_size):
         if stop is not None and stop.is_set():
@@ -140,9 +177,9 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
                 generator=seeded_generators(seeds[chunk], device),
                 **extra,
             )
-        if stop is not None and stop.is_set():
-            break
-        images.extend(out.images)
+            if stop is not None and stop.is_set():
+                break
+            images.extend(decode_fp32(pipe, out.images) if fp32_decode else out.images)
     return images
 
 

@@ -54,7 +54,7 @@ def test_checkpoint_levels_recompute_only_the_outer_levels(monkeypatch, levels, 
     """Level 1 is the highest resolution: the first down block and the last up block. As many
     levels as the UNet has (4), or more, recompute everything, as 0 does."""
     unet = tiny_unet()
-    enable_checkpointing(unet, None, levels)
+    enable_checkpointing(unet, (), levels)
     assert recomputed_blocks(unet, monkeypatch) == expected
 
 
@@ -62,7 +62,7 @@ def test_checkpoint_levels_recompute_only_the_outer_levels(monkeypatch, levels, 
 def test_checkpointing_leaves_gradients_unchanged(levels):
     plain = run(tiny_unet())
     unet = tiny_unet()
-    enable_checkpointing(unet, None, levels)
+    enable_checkpointing(unet, (), levels)
     recomputed = run(unet)
     assert plain.keys() == recomputed.keys()
     for name in plain:

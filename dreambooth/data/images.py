@@ -174,11 +174,17 @@ def resize_short_side(image: Image.Image, resolution: int) -> Image.Image:
     width, height = image.size
     if aspect_ratio(width, height) > MAX_ASPECT:
         raise ValueError(f"image {aspect_message(width, height)}")
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    size = resized_size(image.size, resolution)
     if size == image.size:
         return image
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) of an image of `size` once `resize_short_side` scaled it to `resolution`."""
+    width, height = size
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
 
 
 def crop_offset(size: tuple[int, int], resolution: int, crop: str,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dreambooth.data.images import prepare_image
+from dreambooth.data.images import crop_offset, prepare_image, resized_size
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -40,6 +40,21 @@ def latents_cached(config) -> bool:
     return config.train.cache_latents and config.data.crop == "center"
 
 
+def micro_conditioning(size: tuple[int, int], resolution: int, crop: str,
+                       rng: random.Random | None = None) -> torch.Tensor:
+    """SDXL's added time ids of one training image: (original height, original width, crop top,
+    crop left, target height, target width), fp32 (6,).
+
+    The original size is the photo's own (before the short-side resize), the crop the top-left of
+    the square in resized coordinates, as `prepare_image` cuts it (`rng` in the same state gives
+    the same random crop). A class image, rendered at the training size, gives (R, R, 0, 0, R, R).
+    A mirrored image keeps the coordinates of its crop, as diffusers' SDXL DreamBooth script does.
+    """
+    left, top = crop_offset(resized_size(size, resolution), resolution, crop, rng or random.Random())
+    width, height = size
+    return torch.tensor([height, width, top, left, resolution, resolution], dtype=torch.float32)
+
+
 ENCODE_ROWS = 8  # images per VAE call when caching; the VAE slices the call into one image at a time
 
 
@@ -59,6 +74,8 @@ class LatentSource:
 
     def __init__(self, images: list, vae, resolution: int, *, crop: str, cache: bool):
         self.images, self.vae, self.resolution, self.crop = images, vae, resolution, crop
+        # centre crops are fixed, so their micro-conditioning is too (random ones: per draw)
+        self.centre_ids = [micro_conditioning(image.size, resolution, "center") for image in images]
         self.device, self.dtype = vae.device, vae.dtype
         self.scale = vae.config.scaling_factor
         vae.enable_slicing()  # encoding's peak is that of one image; the latents are the same
@@ -88,26 +105,36 @@ class LatentSource:
         keys = [(i, flip) for i in range(len(self.images)) for flip in (False, True)]
         return (torch.stack([self._cache[k].mean for k in keys]), torch.stack([self._cache[k].std for k in keys]))
 
-    def latent(self, index: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-        post = self._cache.get((index, flip))
+    def time_ids(self) -> torch.Tensor:
+        """Micro-conditioning rows (2 N, 6) in the order of `posteriors` (a mirror keeps its crop)."""
+        return torch.stack([ids for ids in self.centre_ids for _ in (False, True)])
+
+    def latent(self, index: int, flip: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaled latent (C, h, w) and its micro-conditioning (6,)."""
+        post, ids = self._cache.get((index, flip)), self.centre_ids[index]
         if post is None:
             crop_rng = None
             if self.crop == "random":  # only random crops draw, so both paths share one stream
-                crop_rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=generator)))
+                crop_seed = int(torch.randint(0, 2**31, (1,), generator=generator))
+                crop_rng = random.Random(crop_seed)
+                ids = micro_conditioning(self.images[index].size, self.resolution, "random", random.Random(crop_seed))
             post = self._encode(index, flip, crop_rng)
         noise = torch.randn(post.mean.shape, generator=generator).to(post.mean.device, post.mean.dtype)
-        return (post.mean + post.std * noise) * self.scale  # (C, h, w)
+        return (post.mean + post.std * noise) * self.scale, ids
 
 
 def build_batch(step: int, seed: int, instances: LatentSource, classes: LatentSource | None,
-                batch_size: int, flip_prob: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (B, C, h, w) and is_prior (B,) for one step: subject rows first, then class rows."""
+                batch_size: int, flip_prob: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Latents (B, C, h, w), is_prior (B,) and SDXL micro-conditioning (B, 6) for one step: subject
+    rows first, then class rows (each row with its own image's sizes and crop)."""
     g = step_generator(seed, step, salt=1)
-    rows, is_prior = [], []
+    rows, is_prior, time_ids = [], [], []
     sources = [(instances, 0, False)] + ([(classes, 1, True)] if classes is not None else [])
     for source, salt, prior in sources:
         for index in pick(len(source.images), batch_size, seed, step, salt):
             flip = bool(torch.rand((), generator=g) < flip_prob)
-            rows.append(source.latent(index, flip, g))
+            latent, ids = source.latent(index, flip, g)
+            rows.append(latent)
+            time_ids.append(ids)
             is_prior.append(prior)
-    return torch.stack(rows), torch.tensor(is_prior)
+    return torch.stack(rows), torch.tensor(is_prior), torch.stack(time_ids)

@@ -22,7 +22,7 @@ from dreambooth.training.adamw_fp8 import AdamWFp8
 from dreambooth.training.batches import latents_cached, pick, step_generator
 from dreambooth.training.losses import LossParts, add_noise, prediction_target, sample_timesteps
 from dreambooth.training.scaling import Scaling
-from dreambooth.training.state import TrainState
+from dreambooth.training.state import TrainState, added_conditions, text_encoders_of
 
 
 def fast_path_problems(config, device: torch.device, num_processes: int, mixed_precision: str) -> list[str]:
@@ -158,6 +158,8 @@ class FastStep:
         stacked = [s.posteriors() for s in sources]
         self.means = torch.cat([m for m, _ in stacked])  # (2 N, C, h, w): each image and its mirror
         self.stds = torch.cat([s for _, s in stacked])
+        # SDXL micro-conditioning per row of `means`: fixed like them, gathered by the same rows
+        self.time_ids = torch.cat([s.time_ids() for s in sources]).to(self.device)  # (2 N, 6)
         self.scale = state.instances.scale
         self.batch = config.train.batch_size
         rows = self.batch * len(sources)
@@ -206,8 +208,9 @@ class FastStep:
         noisy = add_noise(latents, noise, draws.timesteps, self.alphas)
         target = prediction_target(latents, noise, draws.timesteps, self.alphas, self.components.prediction_type)
         with self._autocast():
-            context = self._context()  # (B, 77, D)
-            pred = self.unet(noisy, draws.timesteps, context).sample
+            context, pooled = self.prompts.rows(self.context_index, text_encoders_of(self.modules))  # (B, 77, D)
+            added = added_conditions(pooled, self.time_ids[draws.rows])
+            pred = self.unet(noisy, draws.timesteps, context, added_cond_kwargs=added).sample
             parts = split_loss(pred, target, self.batch, self.config.prior.weight)
         (parts.total if self.scaler is None else self.scaler.scale(parts.total)).backward()
         self._unscale_and_clip()
@@ -232,11 +235,6 @@ class FastStep:
         scale = scaler.scale_tensor
         clip = grad_scale_for_clipping(total / scale, max_norm) if max_norm else torch.ones_like(scale)
         self.optimizer.grad_scale = clip * scale
-
-    def _context(self) -> torch.Tensor:
-        if self.prompts.frozen is not None:
-            return self.prompts.frozen[self.context_index]
-        return self.modules["text_encoder"](self.prompts.ids)[0][self.context_index]
 
     def backward(self, step: int) -> LossParts:
         """Queue the forward and backward of `step` (its update waits for `update()`)."""

@@ -85,8 +85,9 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
 def _place_models(components, config: RunConfig, accelerator, precision: str) -> Generator[ev.Event, None, bool]:
     """Move the models to the device in their dtypes; return whether the fast step runs."""
     device, frozen_dtype = accelerator.device, frozen_dtype_of(precision)
-    components.vae.to(device, frozen_dtype)
-    components.text_encoder.to(device, frozen_dtype if not config.train.train_text_encoder else torch.float32)
+    components.vae.to(device, vae_dtype(components, frozen_dtype))
+    for text_encoder in components.text_encoders:
+        text_encoder.to(device, frozen_dtype if not config.train.train_text_encoder else torch.float32)
     components.unet.to(device)
     fast, why_not = use_fast_path(config, device, accelerator.num_processes, precision)
     if why_not:
@@ -192,6 +193,15 @@ def make_accelerator(device: torch.device, mixed_precision: str) -> Accelerator:
     if differs and not torch.distributed.is_initialized():
         AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
+
+
+def vae_dtype(components, frozen_dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: the frozen one, except fp32 for an SDXL VAE whose config says `force_upcast`
+    under fp16. SDXL's original VAE overflows fp16 (activations past 65504 give NaN latents and
+    black samples); an fp16-fix VAE (`model.vae`) says force_upcast false and stays fp16. bf16 has
+    fp32's range and stays, as diffusers' SDXL pipeline upcasts for fp16 only."""
+    upcast = components.is_xl and getattr(components.vae.config, "force_upcast", False)
+    return torch.float32 if upcast and frozen_dtype == torch.float16 else frozen_dtype
 
 
 def frozen_dtype_of(mixed_precision: str) -> torch.dtype:

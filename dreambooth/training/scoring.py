@@ -145,7 +145,7 @@ def score_checkpoint(components, config: RunConfig, step: int, scorer: Scorer, s
     common = dict(num_per_prompt=samples.num_per_prompt, seed=samples.seed, guidance=samples.guidance,
                   steps=samples.steps or config.output.sample_steps, resolution=data.resolution)
     pipe = make_pipeline(components, samples.sampler)
-    with eval_mode(components.unet, components.text_encoder):
+    with eval_mode(components.unet, *components.text_encoders):
         generated = sample_by_prompt(pipe, filled, **common)
         class_images = sample_by_prompt(pipe, [plain], **common)[plain]
     result = scorer.score(generated, class_images)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -11,54 +12,63 @@ from dreambooth.config import TrainConfig
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.sampling import use_tool_cache
 from dreambooth.training.adamw_fp8 import AdamWFp8
+from dreambooth.training.state import TEXT_ENCODER_NAMES, text_encoders_of
 
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def mark_trainable(components, train: TrainConfig) -> dict[str, torch.nn.Module]:
-    """Freeze what stays fixed, add LoRA adapters when asked; return {name: module} that train."""
-    components.vae.requires_grad_(False)
-    components.text_encoder.requires_grad_(False)
-    components.unet.requires_grad_(False)
+    """Freeze what stays fixed, add LoRA adapters when asked; return {name: module} that train.
+
+    `train.train_text_encoder` trains every text encoder the model has (SDXL: both).
+    """
+    for part in (components.vae, *components.text_encoders, components.unet):
+        part.requires_grad_(False)
     modules = {"unet": components.unet}
     if train.train_text_encoder:
-        modules["text_encoder"] = components.text_encoder
+        modules.update(zip(TEXT_ENCODER_NAMES, components.text_encoders))
+    text_encoders = text_encoders_of(modules)
     if train.mode == "full":
         for module in modules.values():
             module.requires_grad_(True)
     else:
-        from peft import LoraConfig
-
-        def lora(targets):
-            return LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, init_lora_weights="gaussian",
-                              target_modules=list(targets))
-
-        with torch.random.fork_rng(devices=[]):  # adapter init depends on the run's seed alone
-            torch.manual_seed(train.seed)
-            try:
-                components.unet.add_adapter(lora(train.lora_targets))
-            except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-                raise ConfigError("train.lora_targets names no module of this UNet", [Problem(
-                    "train.lora_targets", f"{train.lora_targets!r}: {e}; the default is to_q, to_k, to_v, "
-                    "to_out.0 (attention projections)")]) from e
-            if train.train_text_encoder:
-                components.text_encoder.add_adapter(lora(TEXT_ENCODER_LORA_TARGETS))
+        add_lora_adapters(components.unet, text_encoders, train)
     if train.gradient_checkpointing:
-        enable_checkpointing(components.unet, components.text_encoder if train.train_text_encoder else None,
-                             train.checkpoint_levels)
+        enable_checkpointing(components.unet, text_encoders, train.checkpoint_levels)
     return modules
 
 
-def enable_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, levels: int = 0) -> None:
+def add_lora_adapters(unet: torch.nn.Module, text_encoders: tuple, train: TrainConfig) -> None:
+    """LoRA adapters on the UNet's `train.lora_targets` and the text encoders' attention projections."""
+    from peft import LoraConfig
+
+    def lora(targets):
+        return LoraConfig(r=train.lora_rank, lora_alpha=train.lora_alpha, init_lora_weights="gaussian",
+                          target_modules=list(targets))
+
+    with torch.random.fork_rng(devices=[]):  # adapter init depends on the run's seed alone
+        torch.manual_seed(train.seed)
+        try:
+            unet.add_adapter(lora(train.lora_targets))
+        except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+            raise ConfigError("train.lora_targets names no module of this UNet", [Problem(
+                "train.lora_targets", f"{train.lora_targets!r}: {e}; the default is to_q, to_k, to_v, "
+                "to_out.0 (attention projections)")]) from e
+        for text_encoder in text_encoders:
+            text_encoder.add_adapter(lora(TEXT_ENCODER_LORA_TARGETS))
+
+
+def enable_checkpointing(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] = (),
+                         levels: int = 0) -> None:
     """Activation checkpointing; without dropout the recomputation draws no random numbers, so the
     RNG state need not be saved and restored (which a CUDA graph capture cannot do).
 
     `levels` > 0: only the UNet's `levels` highest-resolution down blocks and the matching up blocks
     recompute (they hold most of the activations for a smaller share of the arithmetic); the inner
     levels and the mid block keep their activations. As many levels as the UNet has, or more,
-    recompute everything, mid block included (= 0).
+    recompute everything, mid block included (= 0). Each text encoder given recomputes too.
     """
-    keep_rng = _has_dropout(unet) or (text_encoder is not None and _has_dropout(text_encoder))
+    keep_rng = any(_has_dropout(m) for m in (unet, *text_encoders))
     kwargs = {"use_reentrant": False, "preserve_rng_state": keep_rng}
     unet.enable_gradient_checkpointing(lambda module, *args: torch.utils.checkpoint.checkpoint(module, *args, **kwargs))
     if 0 < levels < len(unet.down_blocks):
@@ -66,7 +76,7 @@ def enable_checkpointing(unet: torch.nn.Module, text_encoder: torch.nn.Module | 
         for module in (m for block in inner if block is not None for m in block.modules()):
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = False
-    if text_encoder is not None:
+    for text_encoder in text_encoders:
         text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
@@ -82,14 +92,14 @@ def count_trainable(modules: dict[str, torch.nn.Module]) -> int:
 
 
 def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, device: torch.device, flats=None):
-    """AdamW over one parameter group per module (the text encoder has its own learning rate).
+    """AdamW over one parameter group per module (the text encoders have their own learning rate).
 
     `flats` ({name: flat.FlatModule}): the group holds chunks of the module's flat buffer instead.
     """
     groups = []
     for name, module in modules.items():
         params = flats[name].params if flats else [p for p in module.parameters() if p.requires_grad]
-        groups.append({"params": params, "lr": train.text_encoder_lr if name == "text_encoder" else train.lr})
+        groups.append({"params": params, "lr": train.text_encoder_lr if name in TEXT_ENCODER_NAMES else train.lr})
     kwargs = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay)
     if train.optimizer == "adamw8bit":
         try:
@@ -156,10 +166,10 @@ def lr_factor(step: int, train: TrainConfig) -> float:
 
 
 def make_lr_schedule(optimizer, modules: dict[str, torch.nn.Module], train: TrainConfig):
-    """One lambda per group; the text encoder's drops to 0 after `text_encoder_steps`."""
+    """One lambda per group; the text encoders' drop to 0 after `text_encoder_steps`."""
     def for_group(name):
         def factor(step):
-            if name == "text_encoder" and train.text_encoder_steps and step >= train.text_encoder_steps:
+            if name in TEXT_ENCODER_NAMES and train.text_encoder_steps and step >= train.text_encoder_steps:
                 return 0.0
             return lr_factor(step, train)
         return factor

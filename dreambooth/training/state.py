@@ -28,7 +28,7 @@ class FrozenParking:
     """
 
     def __init__(self, components, config: RunConfig, device: torch.device, park_to: str = "cpu"):
-        frozen = [components.vae] + ([] if config.train.train_text_encoder else [components.text_encoder])
+        frozen = [components.vae] + ([] if config.train.train_text_encoder else list(components.text_encoders))
         self.modules = frozen if config.train.offload_frozen and latents_cached(config) else []
         self.device, self.park_to = device, park_to
 
@@ -46,26 +46,57 @@ class FrozenParking:
             self.park()
 
 
+TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+
+
+def text_encoders_of(modules: dict[str, torch.nn.Module]) -> tuple[torch.nn.Module, ...]:
+    """The text encoders among `modules`, first then second (none when they are frozen)."""
+    return tuple(modules[name] for name in TEXT_ENCODER_NAMES if name in modules)
+
+
 class PromptEmbeddings:
-    """Text-encoder outputs for the subject and class prompts; computed once when it is frozen."""
+    """Text-encoder outputs for the subject and class prompts; computed once when they are frozen.
+
+    SD 1.x/2.x: the encoder's last hidden state (2, 77, D). SDXL (what its pipeline's
+    `encode_prompt` computes): both encoders' penultimate hidden states side by side
+    (2, 77, D1 + D2), and the second encoder's projected pooled output (2, P), which the UNet
+    takes with the micro-conditioning as added conditions.
+    """
 
     def __init__(self, components, config: RunConfig, device: torch.device):
-        tok = components.tokenizer
         data = config.data
         texts = [fill_prompt(data.instance_prompt, data.identifier, data.class_noun),
                  fill_prompt(data.class_prompt, data.identifier, data.class_noun)]
-        self.ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                       return_tensors="pt").input_ids.to(device)  # (2, 77)
+        self.all_ids = [tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device) for tok in components.tokenizers]  # (2, 77) each
+        self.ids = self.all_ids[0]
+        self.xl = components.is_xl
         self.frozen = None
         if not config.train.train_text_encoder:
             with torch.no_grad():
-                self.frozen = components.text_encoder(self.ids)[0]  # (2, 77, D)
+                self.frozen = self.encode(components.text_encoders)
 
-    def batch(self, is_prior: torch.Tensor, text_encoder) -> torch.Tensor:
-        index = is_prior.long().to(self.ids.device)
-        if self.frozen is not None:
-            return self.frozen[index]
-        return text_encoder(self.ids)[0][index]
+    def encode(self, text_encoders) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context (2, 77, D), pooled (2, P) or None for SD 1.x/2.x) from the given encoders."""
+        if not self.xl:
+            return text_encoders[0](self.ids)[0], None
+        outputs = [encoder(ids, output_hidden_states=True) for encoder, ids in zip(text_encoders, self.all_ids)]
+        return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1].text_embeds
+
+    def batch(self, is_prior: torch.Tensor, text_encoders) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's context and pooled embedding (None for SD 1.x/2.x): subject or class prompt."""
+        return self.rows(is_prior.long().to(self.ids.device), text_encoders)
+
+    def rows(self, index: torch.Tensor, text_encoders) -> tuple[torch.Tensor, torch.Tensor | None]:
+        context, pooled = self.frozen if self.frozen is not None else self.encode(text_encoders)
+        return context[index], None if pooled is None else pooled[index]
+
+
+def added_conditions(pooled: torch.Tensor | None, time_ids: torch.Tensor) -> dict | None:
+    """The SDXL UNet's `added_cond_kwargs` (None for SD 1.x/2.x, whose UNet takes none)."""
+    if pooled is None:
+        return None
+    return {"text_embeds": pooled, "time_ids": time_ids.to(pooled.device)}
 
 
 @dataclass
@@ -73,7 +104,7 @@ class TrainState:
     """A prepared run: models on their device, optimizer and schedule (restored when resumed), the
     latent sources and prompt embeddings, and the flags that pick the step function.
 
-    `modules` are the bare trainable modules ({"unet": ..., "text_encoder": ...}); `wrapped` the
+    `modules` are the bare trainable modules ({"unet": ..., "text_encoder": ..., SDXL: "text_encoder_2": ...}); `wrapped` the
     same as the plain step calls them (through `accelerator.prepare`; the bare ones on the fast step).
     `start` is the number of steps already done (> 0 when resumed). With `lag` > 0 the loop reads
     the losses of a step that many steps late (the fast step on CUDA).
@@ -111,6 +142,11 @@ class TrainState:
     @property
     def trains_text_encoder(self) -> bool:
         return "text_encoder" in self.modules
+
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        """The trained text encoders as the plain step calls them (empty when they are frozen)."""
+        return text_encoders_of(self.wrapped)
 
     @property
     def seed(self) -> int:

@@ -8,7 +8,7 @@ import torch
 from dreambooth.training.batches import build_batch, step_generator
 from dreambooth.training.losses import LossParts, add_noise, dreambooth_loss, prediction_target, sample_timesteps
 from dreambooth.training.scaling import Scaling
-from dreambooth.training.state import TrainState
+from dreambooth.training.state import TrainState, added_conditions
 
 
 class PlainStep:
@@ -40,7 +40,7 @@ def backward(state: TrainState, step: int) -> LossParts:
     alphas, num_t = scheduler.alphas_cumprod, scheduler.config.num_train_timesteps
     for micro in range(train.grad_accum):
         k = step * train.grad_accum + micro
-        latents, is_prior = build_batch(k, state.seed, state.instances, state.classes, train.batch_size,
+        latents, is_prior, time_ids = build_batch(k, state.seed, state.instances, state.classes, train.batch_size,
                                         config.data.flip_prob)
         g = step_generator(state.seed, k, salt=2)
         noise = torch.randn(latents.shape, generator=g).to(latents)  # (B, 4, H/8, W/8)
@@ -50,8 +50,8 @@ def backward(state: TrainState, step: int) -> LossParts:
         sync = micro == train.grad_accum - 1
         autocast = accelerator.autocast() if scaler is None else torch.autocast(latents.device.type, torch.float16)
         with contextlib.nullcontext() if sync else accelerator.no_sync(unet), autocast:
-            context = state.prompts.batch(is_prior, state.wrapped.get("text_encoder"))  # (B, 77, D)
-            pred = unet(noisy, t, context).sample
+            context, pooled = state.prompts.batch(is_prior, state.text_encoders)  # (B, 77, D), (B, P)
+            pred = unet(noisy, t, context, added_cond_kwargs=added_conditions(pooled, time_ids)).sample
             parts = dreambooth_loss(pred, target, is_prior.to(pred.device), config.prior.weight)
             loss = parts.total / train.grad_accum
             accelerator.backward(loss if scaler is None else scaler.scale(loss))
