@@ -43,6 +43,8 @@ class ModelConfig:
     name: str = _f("tiny-random", "MODEL: diffusers folder, hub id, single file, or toy/tiny-random")
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     prediction_type: str | None = _f(None, "override the scheduler's: epsilon or v_prediction")
+    vae: str = _f("", "a diffusers AutoencoderKL folder or hub id used in place of the model's VAE, e.g. "
+                  "madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE runs in fp32 under fp16; this one need not)")
 
     def problems(self) -> list[Problem]:
         return bound_problems("model", self) + _failed([

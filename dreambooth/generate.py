@@ -16,6 +16,7 @@ from dreambooth.atomic import write_json
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.formats.lora import load_lora_into_pipeline
 from dreambooth.models import load_components
+from dreambooth.models.vae import load_vae
 from dreambooth.prompts import fill_from_run_info, read_prompt_lines
 from dreambooth.rundir import RunDir, is_run_dir
 from dreambooth.sampling import DEFAULT_SAMPLER, default_device, make_grid, make_pipeline, sample_per_prompt
@@ -52,6 +53,8 @@ def load_for_generation(model: str | Path, lora: str | Path | None = None, *, de
             components = load_components(str(final), dtype=dtype)
         else:
             components = load_components(info["base_model"], dtype=dtype)
+            if info.get("vae"):  # trained with a VAE in place of the base model's
+                components.vae = load_vae(info["vae"], components.vae, dtype)
             lora = lora or final / LORA_FILE
     else:
         components = load_components(str(model), dtype=dtype)

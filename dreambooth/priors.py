@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 from dreambooth.atomic import replace_file, write_json
 from dreambooth.models import cache_root, model_identity
+from dreambooth.models.vae import vae_folder
 from dreambooth.prompts import fill_prompt
 from dreambooth.sampling import sample_images
 
@@ -155,10 +156,14 @@ def _write_manifest(folder: Path, key: ClassImageKey, names: list[str]) -> None:
 
 
 def class_image_key(model_folder: Path, config) -> ClassImageKey:
-    """The cache key of the run's class images; needs the model's files, not its loaded weights."""
+    """The cache key of the run's class images; needs the model's files, not its loaded weights.
+    A VAE given in place of the model's (`model.vae`) decodes them, so its files count too."""
     prior, data = config.prior, config.data
+    model = model_identity(model_folder)
+    if config.model.vae:
+        model += "+vae:" + model_identity(vae_folder(config.model.vae))
     return ClassImageKey(
-        model=model_identity(model_folder), prompt=fill_prompt(data.class_prompt, data.identifier, data.class_noun),
+        model=model, prompt=fill_prompt(data.class_prompt, data.identifier, data.class_noun),
         negative_prompt=prior.negative_prompt, sampler=prior.sampler, steps=prior.steps,
         guidance=prior.guidance, resolution=data.resolution, seed=prior.seed,
     )

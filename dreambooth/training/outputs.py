@@ -58,6 +58,7 @@ def run_info(components, config: RunConfig) -> dict:
         "resolution": config.data.resolution,
         "steps": config.train.steps,
         "train_text_encoder": config.train.train_text_encoder,
+        **({"vae": config.model.vae} if config.model.vae else {}),  # a LoRA's base is used with it
     }
 
 

@@ -12,16 +12,22 @@ from dreambooth.config import RunConfig, build_config
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.models import detect_source
 from dreambooth.models.builtin import BUILTIN_NAMES
+from dreambooth.models.vae import vae_folder
 from dreambooth.sampling import pick_device
 
 
 def with_local_model_resolved(config: RunConfig) -> RunConfig:
-    """A local model path made absolute, so the run (and `generate` on it) works from any folder."""
-    name = config.model.name
+    """Local model and VAE paths made absolute, so the run (and `generate` on it) works from any folder."""
+    model = config.model
+    resolved = dataclasses.replace(model, name=_absolute(model.name), vae=_absolute(model.vae) if model.vae else "")
+    return config if resolved == model else dataclasses.replace(config, model=resolved)
+
+
+def _absolute(name: str) -> str:
     path = Path(name).expanduser()
     if name in BUILTIN_NAMES or not path.exists() or path.is_absolute() and str(path) == name:
-        return config
-    return dataclasses.replace(config, model=dataclasses.replace(config.model, name=str(path.resolve())))
+        return name
+    return str(path.resolve())
 
 
 def check_before_loading(config: RunConfig) -> None:
@@ -29,6 +35,8 @@ def check_before_loading(config: RunConfig) -> None:
     is written."""
     if config.model.name not in BUILTIN_NAMES:
         detect_source(config.model.name, revision=config.model.revision)  # raises ModelSourceError
+    if config.model.vae:
+        vae_folder(config.model.vae)  # raises ModelSourceError
     if config.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda needs a CUDA GPU", [Problem(
             "train.device", "cuda: this machine has no CUDA GPU (or torch was built without CUDA); use auto or cpu")])

@@ -15,6 +15,7 @@ from dreambooth.config import RunConfig
 from dreambooth.data.images import load_rgb
 from dreambooth.identifier import check_identifier
 from dreambooth.models import load_components
+from dreambooth.models.vae import load_vae
 from dreambooth.precision import resolve_precision
 from dreambooth.rundir import RunDir
 from dreambooth.sampling import pick_device
@@ -42,6 +43,8 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     """
     meter = meter or PhaseMeter()
     components = load_components(config.model.name, prediction_type=config.model.prediction_type)
+    if config.model.vae:
+        components.vae = load_vae(config.model.vae, components.vae)
     for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
         yield ev.Notice(str(problem))
     device = pick_device(config.train.device)
