@@ -267,3 +267,29 @@ def test_an_unusable_vae_is_a_clear_error(tmp_path):
     with pytest.raises(ModelSourceError) as wrong:
         load_vae(str(other), base)
     assert "latent_channels 8" in wrong.value.report()
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_every_trainable_text_encoder_parameter_gets_a_gradient(mode):
+    """A multi-GPU (DDP) run fails on trainable parameters that took no part in the loss; the first
+    encoder's last layer and final norm are such (the UNet reads its penultimate hidden states)."""
+    from dreambooth.training.setup import mark_trainable
+    from dreambooth.training.state import PromptEmbeddings, text_encoders_of
+
+    components = load_components("tiny-random-xl")
+    config = xl_config(".", "tiny" if mode == "full" else "tiny-lora", "train.train_text_encoder=true")
+    modules = mark_trainable(components, config.train)
+    context, pooled = PromptEmbeddings(components, config, torch.device("cpu")).encode(text_encoders_of(modules))
+    (context.square().mean() + pooled.square().mean()).backward()
+    for name in ("text_encoder", "text_encoder_2"):
+        trainable = [(n, p) for n, p in modules[name].named_parameters() if p.requires_grad]
+        assert trainable and [n for n, p in trainable if p.grad is None] == [], name
+
+
+def test_offload_frozen_parks_both_sdxl_text_encoders():
+    from dreambooth.training.state import FrozenParking
+
+    components = load_components("tiny-random-xl")
+    config = xl_config(".", "tiny", "train.offload_frozen=true")
+    parking = FrozenParking(components, config, torch.device("cpu"), park_to="meta")
+    assert parking.modules == [components.vae, components.text_encoder, components.text_encoder_2]

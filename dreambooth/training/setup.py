@@ -33,9 +33,21 @@ def mark_trainable(components, train: TrainConfig) -> dict[str, torch.nn.Module]
             module.requires_grad_(True)
     else:
         add_lora_adapters(components.unet, text_encoders, train)
+    if components.is_xl and train.train_text_encoder:
+        freeze_unused_layers(components.text_encoder)
     if train.gradient_checkpointing:
         enable_checkpointing(components.unet, text_encoders, train.checkpoint_levels)
     return modules
+
+
+def freeze_unused_layers(text_encoder: torch.nn.Module) -> None:
+    """Freeze SDXL's first text encoder past its penultimate layer: the UNet reads that layer's
+    hidden states and the first encoder's pooled output is unused, so the last layer and the final
+    norm never get a gradient. Trainable, they would only make a multi-GPU (DDP) run fail on
+    parameters that took no part in the loss; on one process AdamW skips them anyway."""
+    model = getattr(text_encoder, "text_model", text_encoder)
+    for module in (model.encoder.layers[-1], model.final_layer_norm):
+        module.requires_grad_(False)
 
 
 def add_lora_adapters(unet: torch.nn.Module, text_encoders: tuple, train: TrainConfig) -> None:
