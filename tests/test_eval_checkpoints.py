@@ -80,13 +80,16 @@ class RecordingScorer:
                                 {"generated": 0}, {"subject": "fake"})
 
 
-def test_score_checkpoint_samples_in_memory_components(subject_dir):
+@pytest.mark.parametrize("model", ["tiny-random", "tiny-random-xl"])
+def test_score_checkpoint_samples_in_memory_components(subject_dir, model):
     from dreambooth.config import load_config
     from dreambooth.models import load_components
 
-    config = load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}}, [])
+    config = load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}}, [f"model.name={model}"])
     components = load_components(config.model.name)
     components.unet.train()
+    for text_encoder in components.text_encoders:
+        text_encoder.train()
     scorer = RecordingScorer()
     samples = ScoringSamples(["a {identifier} {class} on the beach", "a red sks dog"], num_per_prompt=2, seed=3)
     result = score_checkpoint(components, config, 40, scorer, samples)
@@ -96,7 +99,7 @@ def test_score_checkpoint_samples_in_memory_components(subject_dir):
     assert len(class_images) == 2
     assert result["step"] == 40 and result["fidelity"] == 0.5
     assert result["prompt_fidelity"] == 0.3 and result["drift"] == 0.2 and result["seconds"] >= 0
-    assert components.unet.training and not components.text_encoder.training  # modes restored
+    assert components.unet.training and all(t.training for t in components.text_encoders)  # modes restored
 
 
 def test_fidelity_ties_go_to_the_better_prompt_fidelity():
