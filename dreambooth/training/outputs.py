@@ -15,6 +15,7 @@ from dreambooth.priors import class_image_key, class_image_progress
 from dreambooth.prompts import fill_prompt
 from dreambooth.rundir import RUN_INFO, RunDir
 from dreambooth.sampling import eval_mode, make_grid, make_pipeline, sample_per_prompt
+from dreambooth.training.state import TEXT_ENCODER_NAMES
 
 
 def prepare_class_images(components, config: RunConfig, device, stop=None):
@@ -155,8 +156,7 @@ def save_lora_weights(components, config: RunConfig, folder: Path) -> None:
 
     unet_layers, unet_meta = layers_and_metadata(components.unet)
     parts = dict(unet_lora_layers=unet_layers, unet_lora_adapter_metadata=unet_meta)
-    names = ("text_encoder", "text_encoder_2")
-    for name, text_encoder in zip(names, components.text_encoders):
+    for name, text_encoder in zip(TEXT_ENCODER_NAMES, components.text_encoders):
         layers, meta = layers_and_metadata(text_encoder) if config.train.train_text_encoder else (None, None)
         parts.update({f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": meta})
     saver = StableDiffusionXLPipeline if components.is_xl else StableDiffusionPipeline
