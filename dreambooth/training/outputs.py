@@ -36,7 +36,7 @@ def write_samples(components, config: RunConfig, run: RunDir, step: int) -> Path
     out = config.output
     prompts = [fill_prompt(p, config.data.identifier, config.data.class_noun) for p in out.sample_prompts]
     pipe = make_pipeline(components, "dpmpp")
-    with eval_mode(components.unet, components.text_encoder):
+    with eval_mode(components.unet, *components.text_encoders):
         rows = sample_per_prompt(pipe, prompts, list(range(out.sample_images)), steps=out.sample_steps,
                                  guidance=7.5, resolution=config.data.resolution)
     images = [image for row in rows for image in row]
@@ -86,31 +86,42 @@ def add_memory_summary(final: Path, peaks) -> None:
 
 
 def save_pipeline_folder(components, folder: Path) -> None:
-    """A complete diffusers pipeline (safetensors) with the base model's own scheduler config."""
+    """A complete diffusers pipeline (safetensors) with the base model's own scheduler config
+    (SDXL: a StableDiffusionXLPipeline folder with tokenizer_2/ and text_encoder_2/)."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
 
     base = diffusers.DDPMScheduler.load_config(components.folder, subfolder="scheduler")
     scheduler = getattr(diffusers, base["_class_name"]).from_config(base)
     scheduler.register_to_config(prediction_type=components.prediction_type)
-    pipe = StableDiffusionPipeline(
-        vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-        unet=components.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = pipeline_for_saving(components, scheduler)
     # fp32 throughout: frozen parts that trained in bf16/fp16 beside fp32 weights would give a folder
     # that a plain `from_pretrained(folder)` loads with mixed dtypes and fails at the first matmul.
-    parts = (components.unet, components.vae, components.text_encoder)
+    parts = (components.unet, components.vae, *components.text_encoders)
     dtypes = [part.dtype for part in parts]
     for part in parts:
         part.to(torch.float32)
     try:
         pipe.save_pretrained(folder, safe_serialization=True)
-        write_text_encoder(components.text_encoder, folder / "text_encoder")  # in place of transformers 5's layout
+        # in place of transformers 5's layout; the second encoder (with projection) keeps `text_model.` itself
+        write_text_encoder(components.text_encoder, folder / "text_encoder")
     finally:
         for part, dtype in zip(parts, dtypes):
             part.to(dtype)
-    copy_tokenizer_files(folder / "tokenizer")
+    for name in ("tokenizer", "tokenizer_2")[: len(components.tokenizers)]:
+        copy_tokenizer_files(folder / name)
+
+
+def pipeline_for_saving(components, scheduler):
+    """The diffusers pipeline object whose `save_pretrained` writes the model's folder."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                  unet=components.unet, scheduler=scheduler)
+    if components.is_xl:
+        return StableDiffusionXLPipeline(**common, text_encoder_2=components.text_encoder_2,
+                                         tokenizer_2=components.tokenizer_2, add_watermarker=False)
+    return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def write_text_encoder(text_encoder, folder: Path, *, dtype: torch.dtype | None = None,
@@ -127,12 +138,13 @@ def write_text_encoder(text_encoder, folder: Path, *, dtype: torch.dtype | None 
 
 
 def save_lora_weights(components, config: RunConfig, folder: Path) -> None:
-    """LoRA layers in the diffusers/PEFT layout that `pipe.load_lora_weights` reads.
+    """LoRA layers in the diffusers/PEFT layout that `pipe.load_lora_weights` reads (SDXL: the
+    unet., text_encoder. and text_encoder_2. prefixes that StableDiffusionXLPipeline writes).
 
     The adapter configs go into the file's metadata: without them a loader assumes alpha == rank
     and applies the wrong scale whenever lora_alpha != lora_rank.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
@@ -141,10 +153,10 @@ def save_lora_weights(components, config: RunConfig, folder: Path) -> None:
                 module.peft_config["default"].to_dict())
 
     unet_layers, unet_meta = layers_and_metadata(components.unet)
-    text_layers = text_meta = None
-    if config.train.train_text_encoder:
-        text_layers, text_meta = layers_and_metadata(components.text_encoder)
-    StableDiffusionPipeline.save_lora_weights(
-        folder, unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers, safe_serialization=True,
-        unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=text_meta,
-    )
+    parts = dict(unet_lora_layers=unet_layers, unet_lora_adapter_metadata=unet_meta)
+    names = ("text_encoder", "text_encoder_2")
+    for name, text_encoder in zip(names, components.text_encoders):
+        layers, meta = layers_and_metadata(text_encoder) if config.train.train_text_encoder else (None, None)
+        parts.update({f"{name}_lora_layers": layers, f"{name}_lora_adapter_metadata": meta})
+    saver = StableDiffusionXLPipeline if components.is_xl else StableDiffusionPipeline
+    saver.save_lora_weights(folder, safe_serialization=True, **parts)
