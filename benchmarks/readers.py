@@ -4,6 +4,7 @@
         --lora LORA-kohya.safetensors [--lora-peft LORA-peft.safetensors] \\
         [--comfyui CHECKOUT] [--sd-scripts CHECKOUT] [--a1111 CHECKOUT] [--old-python VENV/bin/python]
 
+SD 1.x/2.x and SDXL exports alike (an SDXL single file goes through kohya's SDXL loader).
 Each reader runs only when its checkout (or, for transformers 4, a Python whose environment has
 it) is given and importable; otherwise its line says SKIPPED and why. Nothing of the readers is
 copied into this project: point the script at checkouts made elsewhere. tests/test_readers.py
@@ -83,7 +84,16 @@ def sd_scripts(args) -> list[str]:
         return [model_util]
     if not args.single_file:
         return ["SKIPPED: no --single-file given"]
-    v2 = any(k.startswith("cond_stage_model.model.") for k in _state(Path(args.single_file)))
+    keys = _state(Path(args.single_file))
+    if any(k.startswith("conditioner.embedders.") for k in keys):  # SDXL: kohya's own SDXL loader
+        from library import sdxl_model_util
+
+        text1, text2, vae, unet, logit_scale, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(
+            sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0, args.single_file, "cpu")
+        return [f"load_models_from_sdxl_checkpoint: {type(unet).__name__}, {type(text1).__name__}, "
+                f"{type(text2).__name__}, logit_scale {'absent' if logit_scale is None else 'present'} "
+                "(it raises on any missing or unexpected key; its reports are logged above)"]
+    v2 = any(k.startswith("cond_stage_model.model.") for k in keys)
     text, vae, unet = model_util.load_models_from_stable_diffusion_checkpoint(v2, args.single_file)
     return [f"load_models_from_stable_diffusion_checkpoint(v2={v2}): {type(unet).__name__}, {type(text).__name__} "
             "(its load_state_dict reports are logged above)"]
@@ -122,12 +132,12 @@ def transformers4(args) -> list[str]:
 def diffusers_now(args) -> list[str]:
     lines = []
     if args.folder:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
         from transformers import CLIPTextModel
 
         _, info = CLIPTextModel.from_pretrained(Path(args.folder) / "text_encoder", output_loading_info=True)
         lines.append(f"transformers (installed) text encoder: {json.dumps({k: sorted(v) for k, v in info.items()})}")
-        pipe = StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None)
+        pipe = DiffusionPipeline.from_pretrained(args.folder)  # SD or SDXL, from model_index.json
         lines.append(f"from_pretrained: dtypes {sorted({str(p.dtype) for p in pipe.unet.parameters()})}")
     return lines
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dreambooth.formats.config_folders import CONFIGS_METADATA_KEY
-from dreambooth.formats.single_file import UNET_PREFIX
+from dreambooth.formats.single_file import UNET_PREFIX, is_xl_layout
 from dreambooth.formats.tensor_files import load_pickle_state_dict, read_header
 from dreambooth.models.builtin import FULL_SIZE_RANDOM, SHIPPED_CONFIGS
 from dreambooth.models.source import ModelSource, detect_source
@@ -105,10 +105,25 @@ def _from_single_file(source: ModelSource) -> ModelFamily:
     if CONFIGS_METADATA_KEY in metadata:
         configs = json.loads(metadata[CONFIGS_METADATA_KEY])
         return ModelFamily(*family_of_unet(configs.get("unet") or {}, configs.get("vae")), "configs in the file")
+    return ModelFamily(family_of_shapes(shapes), None, "tensor shapes in the file")
+
+
+def family_of_shapes(shapes: dict[str, tuple]) -> str:
+    """The family of an original-layout checkpoint from its tensor shapes."""
     conv_in = shapes.get(UNET_PREFIX + "input_blocks.0.0.weight") or (0,)
-    to_k = shapes.get(UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight") or (0, None)
-    family, _ = family_of_unet({"block_out_channels": [conv_in[0]], "cross_attention_dim": to_k[1]})
-    return ModelFamily(family, None, "tensor shapes in the file")
+    unet = {"block_out_channels": [conv_in[0]], "cross_attention_dim": _first_context_width(shapes)}
+    if is_xl_layout(shapes):
+        unet["addition_embed_type"] = "text_time"
+    return family_of_unet(unet)[0]
+
+
+def _first_context_width(shapes: dict[str, tuple]) -> int | None:
+    """The text width the UNet's first cross-attention takes (SD: input_blocks.1; SDXL, whose first
+    level has no attention: input_blocks.4)."""
+    blocks = sorted(int(k.split(".")[3]) for k in shapes if k.startswith(UNET_PREFIX + "input_blocks.")
+                    and k.endswith(".1.transformer_blocks.0.attn2.to_k.weight"))
+    key = f"{UNET_PREFIX}input_blocks.{blocks[0]}.1.transformer_blocks.0.attn2.to_k.weight" if blocks else None
+    return shapes[key][1] if key else None
 
 
 def _cached_hub_folder(source: ModelSource) -> Path | None:

@@ -185,3 +185,94 @@ def test_lora_default_format_is_kohya(lora_runs, tmp_path):
     assert all(k.startswith(("lora_unet_", "lora_te_")) for k in _keys(path))
     [after] = export_after_training(lora_runs["sd1"], ["lora"])
     assert after.name == "sks-dog-lora-kohya.safetensors"
+
+
+# --- 7. SDXL single file: what ComfyUI, kohya and A1111 read ------------------------------------------
+
+def _comfy_sdxl_unet_config(shapes):
+    """ComfyUI comfy/model_detection.py detect_unet_config, the values comfy/supported_models.py SDXL
+    matches on: model_channels from input_blocks.0.0, context_dim from the first attn2.to_k,
+    adm_in_channels from label_emb.0.0, transformer_depth counted per input resnet block, linear proj_in."""
+    u = "model.diffusion_model."
+    inputs = sorted({int(k.split(".")[3]) for k in shapes if k.startswith(u + "input_blocks.")})
+    blocks = [n for n in inputs[1:] if f"{u}input_blocks.{n}.0.op.weight" not in shapes]  # not downsamplers
+    depth = [len({k.split(".")[6] for k in shapes if k.startswith(f"{u}input_blocks.{n}.1.transformer_blocks.")})
+             for n in blocks]
+    first = next(n for n, d in zip(blocks, depth) if d)
+    return {"model_channels": shapes[u + "input_blocks.0.0.weight"][0],
+            "context_dim": shapes[f"{u}input_blocks.{first}.1.transformer_blocks.0.attn2.to_k.weight"][1],
+            "adm_in_channels": shapes[u + "label_emb.0.0.weight"][1], "transformer_depth": depth,
+            "use_linear_in_transformer": len(shapes[f"{u}input_blocks.{first}.1.proj_in.weight"]) == 2}
+
+
+def _openclip_to_hf(state, prefix):
+    """ComfyUI comfy/utils.py clip_text_transformers_convert (SDXL process_clip_state_dict, for
+    conditioner.embedders.1.model.) and kohya library/sdxl_model_util.py
+    convert_sdxl_text_encoder_2_checkpoint: resblocks -> encoder.layers, in_proj split in three
+    (q, k, v), ln_final/positional_embedding/token_embedding renamed; text_projection is transposed
+    by ComfyUI (and diffusers), taken as it is by kohya (as for Stability's own file)."""
+    out = {}
+    for key, v in state.items():
+        if not key.startswith(prefix) or key.endswith("logit_scale"):
+            continue
+        k = key[len(prefix):]
+        if k.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+            layer, kind = k.split(".")[2], k.rsplit("_", 1)[1]
+            for name, part in zip("qkv", v.chunk(3)):
+                out[f"text_model.encoder.layers.{layer}.self_attn.{name}_proj.{kind}"] = part
+            continue
+        for old, new in (("transformer.resblocks.", "text_model.encoder.layers."), ("ln_1", "layer_norm1"),
+                         ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"),
+                         ("attn.out_proj", "self_attn.out_proj"), ("ln_final", "text_model.final_layer_norm"),
+                         ("positional_embedding", "text_model.embeddings.position_embedding.weight"),
+                         ("token_embedding.weight", "text_model.embeddings.token_embedding.weight")):
+            k = k.replace(old, new)
+        out["text_projection.weight" if k == "text_projection" else k] = v.T if k == "text_projection" else v
+    return out
+
+
+def test_sdxl_single_file_is_what_comfyui_kohya_and_a1111_read(tmp_path):
+    from test_formats_xl import _full_size_xl_shapes, write_xl_run
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from dreambooth.formats.single_file import unet_key
+    from dreambooth.models import load_components
+
+    shapes, _ = _full_size_xl_shapes()
+    # ComfyUI comfy/supported_models.py SDXL.unet_config: this is what makes it pick SDXL
+    assert _comfy_sdxl_unet_config(shapes) == {"model_channels": 320, "context_dim": 2048, "adm_in_channels": 2816,
+                                               "transformer_depth": [0, 0, 2, 2, 10, 10],
+                                               "use_linear_in_transformer": True}
+    # A1111 modules/sd_models_config.py guess_model_config_from_state_dict: sd_xl_base.yaml when
+    # conditioner.embedders.1.model.ln_final.weight is present
+    assert "conditioner.embedders.1.model.ln_final.weight" in shapes
+    # kohya library/sdxl_model_util.py make_unet_conversion_map (SDXL: 3 blocks per level, upsampler at .2)
+    up_attn = [True, True, False]
+    for diffusers, original in (("down_blocks.1.attentions.1.proj_in.weight", "input_blocks.5.1.proj_in.weight"),
+                                ("down_blocks.2.resnets.0.conv1.weight", "input_blocks.7.0.in_layers.2.weight"),
+                                ("down_blocks.1.downsamplers.0.conv.weight", "input_blocks.6.0.op.weight"),
+                                ("up_blocks.0.resnets.2.conv_shortcut.weight", "output_blocks.2.0.skip_connection.weight"),
+                                ("up_blocks.1.upsamplers.0.conv.weight", "output_blocks.5.2.conv.weight"),
+                                ("up_blocks.2.attentions.0.norm.weight", "output_blocks.6.1.norm.weight"),
+                                ("add_embedding.linear_2.bias", "label_emb.0.2.bias")):
+        assert unet_key(diffusers, 2, up_attn) == original
+    run = write_xl_run(tmp_path / "run", "tiny-random-xl", "full")
+    path = export(run, "single-file", tmp_path / "xl.safetensors", dtype="fp32")
+    with safe_open(str(path), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    final = load_components(str(run / "final"))
+    # both readers rebuild the second encoder in the transformers 4 layout; kohya's
+    # _load_state_dict_on_device raises on any missing or unexpected key, so the key sets must be equal
+    te2 = _openclip_to_hf(state, "conditioner.embedders.1.model.")
+    with torch.device("meta"):
+        fresh = CLIPTextModelWithProjection(CLIPTextConfig(**final.text_encoder_2.config.to_dict()))
+    assert te2.keys() == set(fresh.state_dict())
+    assert all(torch.equal(v, final.text_encoder_2.state_dict()[k]) for k, v in te2.items())
+    # ComfyUI SDXL.process_clip_state_dict renames conditioner.embedders.0.transformer.text_model to
+    # clip_l.transformer.text_model; kohya strips conditioner.embedders.0.transformer. and loads CLIPTextModel
+    te1 = {k.removeprefix("conditioner.embedders.0.transformer."): v for k, v in state.items()
+           if k.startswith("conditioner.embedders.0.transformer.")}
+    with torch.device("meta"):
+        fresh = CLIPTextModel(CLIPTextConfig(**final.text_encoder.config.to_dict()))
+    assert te1.keys() == {"text_model." + k.removeprefix("text_model.") for k in fresh.state_dict()}
+    assert _comfy_detect_te_model(te1) == "clip_l"

@@ -3,7 +3,7 @@ needs, since a bare state dict does not say which architecture it is.
 
 A folder comes from an explicit `config=` diffusers folder, a `<file stem>.config/` folder next
 to the file, the configs our exports store in their metadata (`CONFIGS_METADATA_KEY`), or one of
-the shipped SD 1.5 / SD 2.1 folders in `single_file_configs/`.
+the shipped SD 1.5 / SD 2.1 / SDXL folders in `single_file_configs/`.
 """
 from __future__ import annotations
 
@@ -18,25 +18,35 @@ CONFIGS_METADATA_KEY = "dreambooth.diffusers_configs"
 
 
 def write_configs(dest: Path, configs: dict) -> None:
-    """A diffusers config folder (no weights) from {unet, vae, text_encoder, scheduler, tokenizer} dicts."""
+    """A diffusers config folder (no weights) from {unet, vae, text_encoder, scheduler, tokenizer} dicts;
+    SDXL's also hold text_encoder_2 and tokenizer_2."""
+    xl = "text_encoder_2" in configs
+    default_tokenizer = json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text())
     files = {"unet/config.json": configs["unet"], "vae/config.json": configs["vae"],
              "text_encoder/config.json": configs["text_encoder"],
              "scheduler/scheduler_config.json": configs["scheduler"],
-             "tokenizer/tokenizer_config.json": configs.get("tokenizer") or
-             json.loads((TOKENIZER_DIR / "tokenizer_config.json").read_text()),
-             "model_index.json": _model_index(configs["scheduler"]["_class_name"])}
+             "tokenizer/tokenizer_config.json": configs.get("tokenizer") or default_tokenizer,
+             "model_index.json": _model_index(configs["scheduler"]["_class_name"], xl)}
+    if xl:
+        files["text_encoder_2/config.json"] = configs["text_encoder_2"]
+        files["tokenizer_2/tokenizer_config.json"] = configs.get("tokenizer_2") or default_tokenizer
     for rel, obj in files.items():
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         (dest / rel).write_text(json.dumps(obj, indent=2))
-    copy_tokenizer_files(dest / "tokenizer")
+    for tokenizer in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+        copy_tokenizer_files(dest / tokenizer)
 
 
-def _model_index(scheduler_class: str) -> dict:
+def _model_index(scheduler_class: str, xl: bool = False) -> dict:
+    parts = {"scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}
+    if xl:
+        return {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True, **parts,
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"]}
     return {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-            "safety_checker": [None, None], "requires_safety_checker": False,
-            "scheduler": ["diffusers", scheduler_class], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]}
+            "safety_checker": [None, None], "requires_safety_checker": False, **parts}
 
 
 def copy_config_folder(src: Path, dest: Path) -> None:
@@ -50,10 +60,10 @@ def copy_config_folder(src: Path, dest: Path) -> None:
         copy_tokenizer_files(dest / "tokenizer_2")
 
 
-def shipped_configs(name: str) -> tuple[dict, dict, dict]:
-    """(unet, vae, text_encoder) configs of one shipped folder."""
-    return tuple(json.loads((SHIPPED_CONFIGS / name / d / "config.json").read_text())
-                 for d in ("unet", "vae", "text_encoder"))
+def shipped_configs(name: str) -> dict[str, dict]:
+    """{unet, vae, text_encoder[, text_encoder_2]} configs of one shipped folder."""
+    parts = [d for d in ("unet", "vae", "text_encoder", "text_encoder_2") if (SHIPPED_CONFIGS / name / d).is_dir()]
+    return {d: json.loads((SHIPPED_CONFIGS / name / d / "config.json").read_text()) for d in parts}
 
 
 def set_prediction_type(dest: Path, prediction: str) -> None:

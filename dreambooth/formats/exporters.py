@@ -31,6 +31,7 @@ from dreambooth.formats.config_folders import CONFIGS_METADATA_KEY
 from dreambooth.formats.lora import adapter_metadata, merge_lora, peft_to_kohya, read_lora_file, to_peft_layout
 from dreambooth.formats.metadata import STABILITY_IMPL, export_metadata, kohya_metadata, ldm_inference_config
 from dreambooth.formats.single_file import pipeline_to_original
+from dreambooth.formats.text_layouts import text_family
 from dreambooth.formats.writing import (
     ExportError,  # noqa: F401  (re-exported: callers of export() catch it here)
     named_write_errors,
@@ -48,6 +49,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16} 
 DEFAULT_DTYPE = "fp16"
 VARIANTS = {torch.float16: "fp16", torch.bfloat16: "bf16"}  # diffusers variant names of the folder export
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what training writes in final/ for LoRA runs
+LORA_PARTS = ("unet", "text_encoder", "text_encoder_2")  # the last: SDXL only
 
 
 @dataclass(frozen=True)
@@ -68,20 +70,26 @@ class ExportSource:
 
     def alphas(self) -> dict[str, float]:
         alpha = float(self.config.get("train", {}).get("lora_alpha", 0) or 0)
-        return {"unet": alpha, "text_encoder": alpha}  # training uses one alpha for both parts
+        return {part: alpha for part in LORA_PARTS}  # training uses one alpha for every part
 
-    def text_encoder_config(self) -> dict:
-        folder = self.run.final if not self.is_lora else model_folder(detect_source(str(self.info["base_model"])))
-        return json.loads((folder / "text_encoder" / "config.json").read_text())
+    def model_folder(self) -> Path:
+        """The diffusers folder with the run's architecture: final/, or a LoRA run's base model."""
+        return self.run.final if not self.is_lora else model_folder(detect_source(str(self.info["base_model"])))
+
+    def family(self) -> str:
+        """sd1, sd2 or sdxl: what the metadata and the kohya layout depend on."""
+        folder = self.model_folder()
+        if (folder / "text_encoder_2").is_dir():
+            return "sdxl"
+        return text_family(json.loads((folder / "text_encoder" / "config.json").read_text()))
 
     def metadata(self, *, lora: bool, implementation: str = "diffusers") -> dict[str, str]:
-        return export_metadata(self.info, self.config, self.text_encoder_config(), lora=lora,
-                               implementation=implementation)
+        return export_metadata(self.info, self.config, self.family(), lora=lora, implementation=implementation)
 
     def lora_metadata(self, output: Path, implementation: str) -> dict[str, str]:
         """The common block plus the kohya `ss_*` keys that A1111 and Forge list LoRAs by."""
         return {**self.metadata(lora=True, implementation=implementation),
-                **kohya_metadata(self.info, self.config, self.text_encoder_config(), output.stem)}
+                **kohya_metadata(self.info, self.config, self.family(), output.stem)}
 
 
 def open_run(run_dir: str | Path) -> ExportSource:
@@ -153,7 +161,7 @@ def merged_components(source: ExportSource):
     components = load_components(str(source.info["base_model"]), prediction_type=source.info["prediction_type"])
     state, _ = read_lora_file(source.lora_file)
     alphas = source.alphas()
-    for part in ("unet", "text_encoder"):
+    for part in LORA_PARTS[:3 if components.is_xl else 2]:
         merge_lora(getattr(components, part), state, part, alphas[part] or _rank(state, part))
     return components
 
@@ -182,9 +190,19 @@ def export_diffusers(source: ExportSource, output: Path, dtype: torch.dtype) -> 
                 getattr(components, part).to(dtype).save_pretrained(tmp / part, variant=variant,
                                                                    safe_serialization=True)
             write_text_encoder(components.text_encoder, tmp / "text_encoder", dtype=dtype, variant=variant)
+            if components.is_xl:
+                _write_text_encoder_2(components.text_encoder_2, tmp / "text_encoder_2", dtype, variant)
         (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
 
     return write_folder_atomically(output, write)
+
+
+def _write_text_encoder_2(text_encoder_2, folder: Path, dtype: torch.dtype, variant: str) -> None:
+    """The second encoder's variant beside its main weights (its `save_pretrained` would delete those).
+    CLIPTextModelWithProjection keeps its `text_model.` level, so its state dict is the layout to save."""
+    state = {k: v.to(dtype).contiguous() for k, v in text_encoder_2.state_dict().items()
+             if not k.endswith("position_ids")}
+    safetensors.torch.save_file(state, str(folder / f"model.{variant}.safetensors"), metadata={"format": "pt"})
 
 
 def _is_v(source: ExportSource) -> bool:
@@ -201,10 +219,11 @@ def export_single_file(source: ExportSource, output: Path, dtype: torch.dtype) -
     tool (and anyone reading the metadata) can reload it without guessing the architecture. A
     v-prediction model also gets its LDM config beside it, the one signal of `v` A1111 reads."""
     c = merged_components(source)
-    configs = {"unet": dict(c.unet.config), "vae": dict(c.vae.config), "text_encoder": c.text_encoder.config.to_dict()}
-    state = pipeline_to_original(c.unet.state_dict(), c.vae.state_dict(), c.text_encoder.state_dict(), configs)
+    configs = component_configs(c)
+    state = pipeline_to_original(c.unet.state_dict(), c.vae.state_dict(), c.text_encoder.state_dict(), configs,
+                                 c.text_encoder_2.state_dict() if c.is_xl else None)
     metadata = source.metadata(lora=False, implementation=STABILITY_IMPL)
-    metadata[CONFIGS_METADATA_KEY] = json.dumps(component_configs(c), default=str)
+    metadata[CONFIGS_METADATA_KEY] = json.dumps(configs, default=str)
     if not _is_v(source):
         return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
     text = yaml.safe_dump(ldm_inference_config(configs, source.info), sort_keys=False)
@@ -218,15 +237,20 @@ def export_single_file(source: ExportSource, output: Path, dtype: torch.dtype) -
 
 
 def component_configs(components) -> dict:
-    """Configs that rebuild the architecture: networks, the run's scheduler, the tokenizer settings."""
+    """Configs that rebuild the architecture: networks, the run's scheduler, the tokenizer settings
+    (SDXL: also the second text encoder and tokenizer)."""
     import diffusers
 
     scheduler = diffusers.DDPMScheduler.load_config(components.folder, subfolder="scheduler")
     scheduler["prediction_type"] = components.prediction_type
-    tokenizer = json.loads((components.folder / "tokenizer" / "tokenizer_config.json").read_text())
-    return {"unet": dict(components.unet.config), "vae": dict(components.vae.config),
-            "text_encoder": components.text_encoder.config.to_dict(), "scheduler": dict(scheduler),
-            "tokenizer": {k: v for k, v in tokenizer.items() if k not in ("is_local", "local_files_only")}}
+    configs = {"unet": dict(components.unet.config), "vae": dict(components.vae.config),
+               "text_encoder": components.text_encoder.config.to_dict(), "scheduler": dict(scheduler)}
+    if components.is_xl:
+        configs["text_encoder_2"] = components.text_encoder_2.config.to_dict()
+    for tokenizer in ("tokenizer", "tokenizer_2") if components.is_xl else ("tokenizer",):
+        settings = json.loads((components.folder / tokenizer / "tokenizer_config.json").read_text())
+        configs[tokenizer] = {k: v for k, v in settings.items() if k not in ("is_local", "local_files_only")}
+    return configs
 
 
 def export_lora_peft(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
@@ -236,11 +260,16 @@ def export_lora_peft(source: ExportSource, output: Path, dtype: torch.dtype) -> 
 
 
 def export_lora_kohya(source: ExportSource, output: Path, dtype: torch.dtype) -> Path:
-    state = peft_to_kohya(read_lora_file(source.lora_file)[0], source.alphas())
+    xl_unet = _xl_unet_config(source) if source.family() == "sdxl" else None
+    state = peft_to_kohya(read_lora_file(source.lora_file)[0], source.alphas(), xl_unet)
     rank = next(v.shape[0] for k, v in state.items() if k.endswith(".lora_down.weight"))
     metadata = dict(source.lora_metadata(output, STABILITY_IMPL), ss_network_module="networks.lora",
                     ss_network_dim=str(rank), ss_network_alpha=str(source.alphas()["unet"]))
     return save_safetensors(output, {k: v.to(dtype) for k, v in state.items()}, metadata)
+
+
+def _xl_unet_config(source: ExportSource) -> dict:
+    return json.loads((source.model_folder() / "unet" / "config.json").read_text())
 
 
 def save_safetensors(output: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:

@@ -5,7 +5,9 @@ Layouts (per adapted linear layer, D_out x D_in weight, rank r):
   `text_encoder.text_model.<module>...`; alpha in the `lora_adapter_metadata` safetensors metadata.
   Older diffusers files say `lora.down`/`lora.up` (UNet) and `lora_linear_layer.down`/`.up` (text).
 - kohya (sd-scripts, read by A1111 and ComfyUI): `lora_unet_<module with _>.lora_down.weight`,
-  `.lora_up.weight` and a scalar `.alpha`, text encoder under `lora_te_text_model_...`.
+  `.lora_up.weight` and a scalar `.alpha`, text encoder under `lora_te_text_model_...`. For SDXL,
+  kohya names UNet modules as in the original layout (`lora_unet_input_blocks_4_1_...`, its UNet
+  class keeps those names) and the two text encoders `lora_te1_` and `lora_te2_`.
 Both compute W + (alpha / r) * B @ A.
 """
 from __future__ import annotations
@@ -16,12 +18,14 @@ from pathlib import Path
 import torch
 
 from dreambooth.errors import ModelSourceError, Problem
+from dreambooth.formats.single_file import UNET_PREFIX, unet_to_original
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' load_lora_weights reads
 _DOWN_UP = {".lora.down.weight": ".lora_A.weight", ".lora.up.weight": ".lora_B.weight",
             ".lora_linear_layer.down.weight": ".lora_A.weight", ".lora_linear_layer.up.weight": ".lora_B.weight",
             ".lora_A.weight": ".lora_A.weight", ".lora_B.weight": ".lora_B.weight"}
 _KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+_KOHYA_XL_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
 def load_lora_into_pipeline(pipe, path: Path, *, scale: float = 1.0, adapter_name: str = "subject") -> None:
@@ -52,22 +56,28 @@ def to_peft_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, value in state.items():
         suffix = next((s for s in _DOWN_UP if key.endswith(s)), None)
         part = key.split(".", 1)[0]
-        if suffix is None or part not in _KOHYA_PREFIX:
+        if suffix is None or part not in _KOHYA_XL_PREFIX:
             raise ValueError(f"not a diffusers/PEFT LoRA key: {key!r}")
         module = key[len(part) + 1:-len(suffix)]
-        if part == "text_encoder" and not module.startswith("text_model."):
+        if part.startswith("text_encoder") and not module.startswith("text_model."):
             module = "text_model." + module
         out[f"{part}.{module}{_DOWN_UP[suffix]}"] = value
     return out
 
 
-def peft_to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float]) -> dict[str, torch.Tensor]:
-    """PEFT layout -> kohya layout; `alphas` maps 'unet'/'text_encoder' to that part's lora_alpha."""
+def peft_to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float],
+                  xl_unet: dict | None = None) -> dict[str, torch.Tensor]:
+    """PEFT layout -> kohya layout; `alphas` maps each part to its lora_alpha. `xl_unet`: the SDXL
+    UNet's config, whose modules kohya names in the original layout."""
+    prefixes = _KOHYA_XL_PREFIX if xl_unet else _KOHYA_PREFIX
     out = {}
     for key, value in to_peft_layout(state).items():
         part, rest = key.split(".", 1)
         module, kind = rest.rsplit(".", 2)[0], rest.rsplit(".", 2)[1]
-        name = _KOHYA_PREFIX[part] + module.replace(".", "_")
+        if xl_unet and part == "unet":
+            module = unet_to_original({module + ".weight": value}, xl_unet).popitem()[0]
+            module = module.removeprefix(UNET_PREFIX).removesuffix(".weight")
+        name = prefixes[part] + module.replace(".", "_")
         out[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(float(alphas[part]), dtype=value.dtype)
     return out
@@ -77,7 +87,7 @@ def adapter_metadata(state: dict[str, torch.Tensor], alphas: dict[str, float]) -
     """The `lora_adapter_metadata` entry that tells diffusers each part's rank, alpha and targets,
     so alpha != rank is applied at the trained scale."""
     packed = {}
-    for part in ("unet", "text_encoder"):
+    for part in _KOHYA_XL_PREFIX:
         downs = {k: v for k, v in state.items() if k.startswith(part + ".") and k.endswith(".lora_A.weight")}
         if not downs:
             continue

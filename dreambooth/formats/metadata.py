@@ -15,21 +15,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dreambooth.data.decode import image_extensions
-from dreambooth.formats.single_file import text_family
 
 STABILITY_IMPL = "https://github.com/Stability-AI/generative-models"
 
 
-def architecture(text_encoder_config: dict, prediction_type: str, lora: bool) -> str:
-    """modelspec.architecture: SD 1.x, SD 2.x 512 (epsilon) or SD 2.x 768-v, '/lora' for adapters."""
-    if text_family(text_encoder_config) == "sd1":
+def architecture(family: str, prediction_type: str, lora: bool) -> str:
+    """modelspec.architecture of a family (sd1, sd2, sdxl): SD 1.x, SD 2.x 512 (epsilon), SD 2.x 768-v
+    or SDXL base (the names kohya sd-scripts' sai_model_spec writes), '/lora' for adapters."""
+    if family == "sdxl":
+        arch = "stable-diffusion-xl-v1-base"
+    elif family == "sd1":
         arch = "stable-diffusion-v1"
     else:
         arch = "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
     return arch + ("/lora" if lora else "")
 
 
-def export_metadata(info: dict, config: dict, text_encoder_config: dict, *, lora: bool,
+def export_metadata(info: dict, config: dict, family: str, *, lora: bool,
                     implementation: str) -> dict[str, str]:
     """String-to-string metadata (safetensors allows nothing else) describing one export."""
     res = int(info["resolution"])
@@ -37,7 +39,7 @@ def export_metadata(info: dict, config: dict, text_encoder_config: dict, *, lora
     trigger = f"{info['identifier']} {info['class_noun']}"
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture(text_encoder_config, prediction, lora),
+        "modelspec.architecture": architecture(family, prediction, lora),
         "modelspec.implementation": implementation,
         "modelspec.title": f"{trigger} (DreamBooth, {info['base_model']})",
         "modelspec.description": f"DreamBooth fine-tune of {info['base_model']} on one {info['class_noun']} "
@@ -58,14 +60,16 @@ def export_metadata(info: dict, config: dict, text_encoder_config: dict, *, lora
     }
 
 
-def base_model_version(text_encoder_config: dict, prediction_type: str) -> str:
-    """kohya's `ss_base_model_version` for SD 1/2: sd_v1 or sd_v2, `_v` appended for v-prediction
-    (the values sd-scripts' `get_model_version_str_for_sd1_sd2` writes)."""
-    version = "sd_v2" if text_family(text_encoder_config) == "sd2" else "sd_v1"
+def base_model_version(family: str, prediction_type: str) -> str:
+    """kohya's `ss_base_model_version`: sd_v1 or sd_v2, `_v` appended for v-prediction (the values
+    sd-scripts' `get_model_version_str_for_sd1_sd2` writes), and its SDXL base value."""
+    if family == "sdxl":
+        return "sdxl_base_v1-0"
+    version = "sd_v2" if family == "sd2" else "sd_v1"
     return version + ("_v" if prediction_type == "v_prediction" else "")
 
 
-def kohya_metadata(info: dict, config: dict, text_encoder_config: dict, output_name: str) -> dict[str, str]:
+def kohya_metadata(info: dict, config: dict, family: str, output_name: str) -> dict[str, str]:
     """The kohya `ss_*` keys of a LoRA file, written the way sd-scripts writes them (every value a
     string). `ss_tag_frequency` maps the image folder to caption tag counts; a DreamBooth caption is
     the instance prompt's subject phrase, once per photo, so the UIs show the trigger as a tag."""
@@ -74,8 +78,8 @@ def kohya_metadata(info: dict, config: dict, text_encoder_config: dict, output_n
     count = _count_images(images)
     res = int(info["resolution"])
     return {
-        "ss_v2": str(text_family(text_encoder_config) == "sd2"),
-        "ss_base_model_version": base_model_version(text_encoder_config, info["prediction_type"]),
+        "ss_v2": str(family == "sd2"),
+        "ss_base_model_version": base_model_version(family, info["prediction_type"]),
         "ss_output_name": output_name,
         "ss_sd_model_name": str(info["base_model"]),
         "ss_resolution": f"({res}, {res})",

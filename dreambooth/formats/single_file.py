@@ -2,7 +2,8 @@
 
 A1111, ComfyUI and diffusers' `from_single_file` read one `.safetensors` whose keys follow the
 original training code: `model.diffusion_model.*` (UNet), `first_stage_model.*` (VAE) and
-`cond_stage_model.*` (text encoder: OpenAI CLIP for SD 1.x, OpenCLIP for SD 2.x).
+`cond_stage_model.*` (text encoder: OpenAI CLIP for SD 1.x, OpenCLIP for SD 2.x); SDXL has its two
+text encoders under `conditioner.embedders.0/1` (`formats.text_layouts`).
 
 Writing (export): `pipeline_to_original` maps diffusers state dicts to that layout; these are pure
 functions, and shapes change only in two places, both noted where they happen.
@@ -37,13 +38,22 @@ from dreambooth.formats.config_folders import (
     write_configs,
 )
 from dreambooth.formats.tensor_files import file_shapes, safetensors_view
+from dreambooth.formats.text_layouts import (
+    CLIP_PREFIX,
+    OPEN_CLIP_PREFIX,
+    XL_CLIP_PREFIX,
+    XL_OPEN_CLIP_PREFIX,
+    XL_PREFIX,
+    clip_to_original,
+    open_clip_to_original,
+    text_family,
+    xl_text_to_original,
+)
 from dreambooth.models.builtin import cache_root, copy_tokenizer_files
 from dreambooth.models.hashing import file_digest
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x, OpenAI CLIP ViT-L/14
-OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x, OpenCLIP ViT-H/14
 
 # Writing: diffusers -> original layout --------------------------------------------------------------
 
@@ -53,6 +63,8 @@ _UNET_TOP = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL: pooled text and micro-conditioning
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
@@ -140,57 +152,15 @@ def vae_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, t
     return out
 
 
-def clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """SD 1.x text encoder: the transformers layout under `cond_stage_model.transformer.text_model.`
-    (transformers 5 saves CLIPTextModel without the `text_model.` level, older versions with it)."""
-    return {CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in state.items()
-            if not k.endswith("position_ids")}
-
-
-_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc",
-                    "mlp.fc2": "mlp.c_proj", "self_attn.out_proj": "attn.out_proj"}
-_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
-                  "embeddings.position_embedding.weight": "positional_embedding",
-                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
-
-
-def open_clip_to_original(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """SD 2.x text encoder in the OpenCLIP layout: q/k/v fused into `attn.in_proj_*` (3D, D) in that
-    order, `transformer.resblocks.N`, `ln_1`/`ln_2`, `mlp.c_fc`/`mlp.c_proj`, `ln_final`.
-
-    SD 2.x uses the penultimate layer of OpenCLIP ViT-H (24 layers), so diffusers keeps 23. For a
-    23-layer encoder a zero layer 24 and an identity `text_projection` are added, so clients that
-    build the full OpenCLIP model find every key; neither changes the penultimate output that SD uses.
-    """
-    state = {k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
-    out = {OPEN_CLIP_PREFIX + new: state[old] for old, new in _OPEN_CLIP_TOP.items()}
-    for n in range(num_layers):
-        src, dst = f"encoder.layers.{n}.", f"{OPEN_CLIP_PREFIX}transformer.resblocks.{n}."
-        for kind in ("weight", "bias"):
-            qkv = [state[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"]
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)
-            for old, new in _OPEN_CLIP_LAYER.items():
-                out[f"{dst}{new}.{kind}"] = state[f"{src}{old}.{kind}"]
-    width = state["embeddings.token_embedding.weight"].shape[1]
-    dtype = state["embeddings.token_embedding.weight"].dtype
-    if num_layers == 23:
-        last = {k[len(f"{OPEN_CLIP_PREFIX}transformer.resblocks.22."):]: v for k, v in out.items()
-                if k.startswith(f"{OPEN_CLIP_PREFIX}transformer.resblocks.22.")}
-        out.update({f"{OPEN_CLIP_PREFIX}transformer.resblocks.23.{k}": torch.zeros_like(v) for k, v in last.items()})
-    out[OPEN_CLIP_PREFIX + "text_projection"] = torch.eye(width, dtype=dtype)
-    return out
-
-
-def text_family(text_config: dict) -> str:
-    """'sd2' for OpenCLIP-style text encoders (GELU), 'sd1' for OpenAI CLIP (quick GELU)."""
-    return "sd2" if text_config.get("hidden_act") == "gelu" else "sd1"
-
-
-def pipeline_to_original(unet: dict, vae: dict, text: dict, configs: dict) -> dict[str, torch.Tensor]:
-    """The whole single-file state dict from the three diffusers state dicts and their configs."""
+def pipeline_to_original(unet: dict, vae: dict, text: dict, configs: dict,
+                         text_2: dict | None = None) -> dict[str, torch.Tensor]:
+    """The whole single-file state dict from the diffusers state dicts and their configs (SDXL:
+    with the second text encoder's `text_2`)."""
     out = unet_to_original(unet, configs["unet"])
     out.update(vae_to_original(vae, configs["vae"]))
-    if text_family(configs["text_encoder"]) == "sd2":
+    if text_2 is not None:
+        out.update(xl_text_to_original(text, text_2, configs["text_encoder_2"]["num_hidden_layers"]))
+    elif text_family(configs["text_encoder"]) == "sd2":
         out.update(open_clip_to_original(text, configs["text_encoder"]["num_hidden_layers"]))
     else:
         out.update(clip_to_original(text))
@@ -199,15 +169,40 @@ def pipeline_to_original(unet: dict, vae: dict, text: dict, configs: dict) -> di
 
 # Reading: original layout -> diffusers folder ------------------------------------------------------
 
+_CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+_VAE_IN = VAE_PREFIX + "encoder.conv_in.weight"
+_LABEL_EMB = UNET_PREFIX + "label_emb.0.0.weight"  # SDXL's added embedding (pooled text, sizes)
+_XL_CLIP_TOKENS = XL_CLIP_PREFIX + "embeddings.token_embedding.weight"
 _TOKEN_EMBEDDING = {"sd1": CLIP_PREFIX + "embeddings.token_embedding.weight",
-                    "sd2": OPEN_CLIP_PREFIX + "token_embedding.weight"}
-_PROBES = {  # key -> function of the (unet, vae, text) configs giving its expected shape
-    UNET_PREFIX + "input_blocks.0.0.weight": lambda u, v, t: (u["block_out_channels"][0], u["in_channels"], 3, 3),
+                    "sd2": OPEN_CLIP_PREFIX + "token_embedding.weight",
+                    "sdxl": XL_OPEN_CLIP_PREFIX + "token_embedding.weight"}
+_SD_PROBES = {  # key -> function of the configs {unet, vae, text_encoder[, text_encoder_2]} giving its shape
+    _CONV_IN: lambda c: (c["unet"]["block_out_channels"][0], c["unet"]["in_channels"], 3, 3),
     UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
-        lambda u, v, t: (u["block_out_channels"][0], u["cross_attention_dim"]),
-    VAE_PREFIX + "encoder.conv_in.weight": lambda u, v, t: (v["block_out_channels"][0], v["in_channels"], 3, 3),
+        lambda c: (c["unet"]["block_out_channels"][0], c["unet"]["cross_attention_dim"]),
+    _VAE_IN: lambda c: (c["vae"]["block_out_channels"][0], c["vae"]["in_channels"], 3, 3),
 }
-_SHIPPED_FAMILY = {"sd15": "sd1", "sd21": "sd2"}
+_PROBES = {
+    "sd1": {**_SD_PROBES, _TOKEN_EMBEDDING["sd1"]: lambda c: _token_shape(c["text_encoder"])},
+    "sd2": {**_SD_PROBES, _TOKEN_EMBEDDING["sd2"]: lambda c: _token_shape(c["text_encoder"])},
+    "sdxl": {  # SDXL's first level has no attention: its first cross-attention is input_blocks.4
+        _CONV_IN: _SD_PROBES[_CONV_IN], _VAE_IN: _SD_PROBES[_VAE_IN],
+        UNET_PREFIX + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight":
+            lambda c: (c["unet"]["block_out_channels"][1], c["unet"]["cross_attention_dim"]),
+        _LABEL_EMB: lambda c: (4 * c["unet"]["block_out_channels"][0],
+                               c["unet"]["projection_class_embeddings_input_dim"]),
+        _XL_CLIP_TOKENS: lambda c: _token_shape(c["text_encoder"]),
+        _TOKEN_EMBEDDING["sdxl"]: lambda c: _token_shape(c["text_encoder_2"])},
+}
+_SHIPPED_FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
+_XL_PARTS = {UNET_PREFIX: "the UNet", VAE_PREFIX: "the VAE", XL_CLIP_PREFIX: "the CLIP ViT-L text encoder",
+             XL_OPEN_CLIP_PREFIX: "the OpenCLIP ViT-bigG text encoder"}
+
+
+def _token_shape(text_config: dict) -> tuple[int, int]:
+    return (text_config["vocab_size"], text_config["hidden_size"])
+
+
 _CONFIG_ADVICE = ("; to use another architecture, put a diffusers folder of the same architecture (configs "
                   "and tokenizer, weights not needed) next to the file as <file stem>.config/, or pass "
                   "config= to single_file_folder, or convert with diffusers' from_single_file(..., config=...)")
@@ -230,7 +225,7 @@ def single_file_folder(path: Path, config: Path | None = None) -> Path:
 
 def convert_single_file(path: Path, out: Path, config: Path | None = None) -> None:
     """Write the diffusers folder of `path` into `out` (an empty folder), with diffusers' converter."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     work = Path(tempfile.mkdtemp(prefix="single-file-", dir=out.parent))
     try:
@@ -240,13 +235,40 @@ def convert_single_file(path: Path, out: Path, config: Path | None = None) -> No
             copy_config_folder(Path(config), config_dir)
         else:
             write_config_folder(config_dir, shapes, metadata, str(path))
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(weights), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32)
+        xl = (config_dir / "text_encoder_2").is_dir()
+        parts = {"text_encoder_2": xl_text_encoder_2(weights, config_dir / "text_encoder_2", str(path))} if xl else {}
+        pipe = (StableDiffusionXLPipeline if xl else StableDiffusionPipeline).from_single_file(
+            str(weights), config=str(config_dir), local_files_only=True, torch_dtype=torch.float32, **parts)
         pipe.save_pretrained(out, safe_serialization=True)
-        copy_tokenizer_files(out / "tokenizer")
+        for tokenizer in ("tokenizer", "tokenizer_2") if xl else ("tokenizer",):
+            copy_tokenizer_files(out / tokenizer)
         (out / "single_file.json").write_text(json.dumps({"source": str(path), "metadata": metadata}, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def xl_text_encoder_2(weights: Path, config: Path, where: str):
+    """SDXL's second text encoder, converted by diffusers' OpenCLIP converter from its own keys only.
+
+    `from_single_file` picks which embedder to read by hidden size, so when both encoders have the
+    same width (the tiny SDXL) it would read the first one into the second: given this way, it
+    does not convert the second encoder itself.
+    """
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with safe_open(str(weights), framework="pt") as f:
+        state = {k: f.get_tensor(k).float() for k in f.keys() if k.startswith(XL_OPEN_CLIP_PREFIX)}
+    model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config))
+    converted = convert_open_clip_checkpoint(model, state, prefix=XL_OPEN_CLIP_PREFIX)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelSourceError(f"{where}: the second text encoder does not match its config", [
+            Problem(where, f"{XL_OPEN_CLIP_PREFIX}*: missing {', '.join(missing[:3]) or 'nothing'}; unexpected "
+                    f"{', '.join(unexpected[:3]) or 'nothing'}" + _CONFIG_ADVICE)])
+    return model
 
 
 def check_single_file(path: Path) -> None:
@@ -260,11 +282,11 @@ def check_single_file(path: Path) -> None:
 
 
 def detect_family(shapes: dict[str, tuple], where: str) -> str:
-    """'sd1' or 'sd2' from the text encoder layout; a clear error for anything else."""
+    """'sd1', 'sd2' or 'sdxl' from the text encoder layout; a clear error for anything else."""
     keys = list(shapes)
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        reason = "found SDXL keys (conditioner.embedders.*); only SD 1.x and 2.x single files are supported"
-    elif any(k.startswith("lora_") or ".lora_A." in k or ".lora_down." in k for k in keys):
+    if is_xl_layout(shapes):
+        return _xl_family(keys, where)
+    if any(k.startswith("lora_") or ".lora_A." in k or ".lora_down." in k for k in keys):
         reason = "this is a LoRA file, not a base model; pass it with --lora and a base --model"
     elif not any(k.startswith(UNET_PREFIX) for k in keys):
         reason = f"no {UNET_PREFIX}* keys; found e.g. {', '.join(keys[:3]) or 'nothing'}"
@@ -274,8 +296,31 @@ def detect_family(shapes: dict[str, tuple], where: str) -> str:
         return "sd1"
     else:
         reason = "no text encoder found (cond_stage_model.transformer.* or cond_stage_model.model.*)"
-    raise ModelSourceError(f"{where} is not a Stable Diffusion 1.x/2.x checkpoint in the original layout",
+    raise ModelSourceError(f"{where} is not a Stable Diffusion 1.x/2.x/XL checkpoint in the original layout",
                            [Problem(where, reason + _CONFIG_ADVICE)])
+
+
+def is_xl_layout(shapes: dict[str, tuple]) -> bool:
+    """SDXL keys: its text encoders, or its UNet's added embedding without SD 2's text encoder
+    (SD 2 unCLIP also has a `label_emb`)."""
+    return any(k.startswith(XL_PREFIX) for k in shapes) or (
+        _LABEL_EMB in shapes and not any(k.startswith("cond_stage_model.") for k in shapes))
+
+
+def _xl_family(keys: list[str], where: str) -> str:
+    """'sdxl' for a complete SDXL base checkpoint; the refiner and partial files are named."""
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        reason = ("this is an SDXL refiner (one OpenCLIP text encoder under conditioner.embedders.0.model.*); "
+                  "only the SDXL base layout (CLIP ViT-L and OpenCLIP ViT-bigG) is supported")
+    else:
+        missing = [f"{name} ({prefix}*)" for prefix, name in _XL_PARTS.items()
+                   if not any(k.startswith(prefix) for k in keys)]
+        if not missing:
+            return "sdxl"
+        reason = (f"an incomplete SDXL checkpoint: no {', '.join(missing)}; a file of the UNet alone cannot be "
+                  "trained: use the complete base model")
+    raise ModelSourceError(f"{where} is not a complete SDXL base checkpoint in the original layout",
+                           [Problem(where, reason)])
 
 
 def write_config_folder(dest: Path, shapes: dict[str, tuple], metadata: dict[str, str], where: str) -> None:
@@ -292,19 +337,18 @@ def write_config_folder(dest: Path, shapes: dict[str, tuple], metadata: dict[str
 
 def match_shipped_config(shapes: dict[str, tuple], family: str, where: str) -> str:
     """Name of the shipped config folder whose architecture has exactly these probe shapes."""
-    found = {k: shapes.get(k) for k in [*_PROBES, _TOKEN_EMBEDDING[family]]}
+    probes = _PROBES[family]
+    found = {k: shapes.get(k) for k in probes}
     for name, fam in _SHIPPED_FAMILY.items():
         if fam != family:
             continue
-        u, v, t = shipped_configs(name)
-        expected = {k: f(u, v, t) for k, f in _PROBES.items()}
-        expected[_TOKEN_EMBEDDING[family]] = (t["vocab_size"], t["hidden_size"])
-        if all(found[k] == s for k, s in expected.items()):
+        configs = shipped_configs(name)
+        if all(found[k] == probe(configs) for k, probe in probes.items()):
             return name
     shown = "; ".join(f"{k} {list(s) if s else 'missing'}" for k, s in found.items())
     raise ModelSourceError(f"{where}: no shipped config matches this {family} checkpoint", [
-        Problem(where, f"found {shown}; the shipped configs are SD 1.5 and SD 2.1 (standard sizes, 4-channel "
-                "UNet input, so inpainting and resized models do not match)" + _CONFIG_ADVICE)])
+        Problem(where, f"found {shown}; the shipped configs are SD 1.5, SD 2.1 and SDXL base (standard sizes, "
+                "4-channel UNet input, so inpainting and resized models do not match)" + _CONFIG_ADVICE)])
 
 
 def _prediction_type(shapes: dict[str, tuple], metadata: dict[str, str]) -> str | None:
