@@ -14,10 +14,8 @@ with its LoRA script's steps and with the FLOP count of one full-UNet training s
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,8 +24,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from gpu_vs_reference import environment  # noqa: E402
-from ours_parts import run_worker_process  # noqa: E402
+from gpu_vs_reference import parse_args, run_part_process, run_parts  # noqa: E402
 
 SCRIPT = "train_dreambooth_lora_sdxl.py"
 DEFAULT_ORDER = ["ref_lora", "ours_lora", "ours_full", "ours_full_24gb", "ref_classgen", "ours_classgen", "flops"]
@@ -66,18 +63,7 @@ def run_worker(name: str, spec: dict, work: Path, tiny: bool, reference: Path, l
                               num_class=2, max_steps=spec["stop"] + 1000, resolution=resolution(tiny))
         return run_reference(reference / SCRIPT, args, stop_after=spec["stop"], budget_s=spec["budget"],
                              mixed_precision="no" if tiny else "bf16", log=log)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work),
-           "--spec", json.dumps(spec)] + (["--tiny"] if tiny else [])
-    began = time.perf_counter()
-    result, returncode, text = run_worker_process(cmd, Path(log.name).parent / f"part_{name}.log", spec["budget"],
-                                                  dict(os.environ))
-    log.write(text)
-    if result is None:
-        result = {"failed": True, "error_tail": text[-3000:]}
-    elif returncode:
-        result["killed_after_result"] = True
-    result["process_s"] = time.perf_counter() - began
-    return result
+    return run_part_process(Path(__file__), name, spec, work, tiny, log, dict(os.environ))
 
 
 def model_folder(tiny: bool) -> Path:
@@ -222,56 +208,13 @@ def setup(work: Path, tiny: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reference", type=Path, help="folder with train_dreambooth_lora_sdxl.py")
-    parser.add_argument("--out", type=Path, default=Path("bench-out-sdxl"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/dreambooth-bench-sdxl"))
-    parser.add_argument("--budget", type=float, default=540, help="seconds for the whole invocation")
-    parser.add_argument("--parts", default=",".join(DEFAULT_ORDER))
-    parser.add_argument("--previous", type=Path, help="results.jsonl of an earlier run to merge into the table")
-    parser.add_argument("--tiny", action="store_true", help="tiny-random-xl at 64 px: a CPU dry run of every part")
-    parser.add_argument("--worker")
-    parser.add_argument("--spec")
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("DREAMBOOTH_CACHE", str(args.work / "cache"))  # the built model is shared by every part
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    args = parse_args(__doc__, "folder with train_dreambooth_lora_sdxl.py", "bench-out-sdxl",
+                      "/tmp/dreambooth-bench-sdxl", 540, DEFAULT_ORDER,
+                      "tiny-random-xl at 64 px: a CPU dry run of every part")
     if args.worker:
         worker_main(args.worker, json.loads(args.spec), args.work, args.tiny)
         return
-    run_parts(args)
-
-
-def run_parts(args) -> None:
-    began = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    results_path, log = args.out / "results.jsonl", open(args.out / "bench.log", "a", buffering=1)
-    results = [json.loads(x) for x in args.previous.read_text().splitlines()] if args.previous else []
-    t = time.perf_counter()
-    setup(args.work, args.tiny)
-    results.append({"part": "setup", "seconds": time.perf_counter() - t, "env": environment()})
-    with open(results_path, "a") as f:
-        f.write(json.dumps(results[-1]) + "\n")
-    specs = part_specs(args.tiny)
-    for name in args.parts.split(","):
-        spec = dict(specs[name])
-        left = args.budget - (time.perf_counter() - began)
-        if left < min(spec["budget"], 45):
-            results.append({"part": name, "skipped": f"{left:.0f} s left"})
-            continue
-        spec["budget"] = min(spec["budget"], left - 5)
-        print(f"== {name} (budget {spec['budget']:.0f} s)", flush=True)
-        t = time.perf_counter()
-        try:
-            result = run_worker(name, spec, args.work, args.tiny, args.reference, log)
-        except subprocess.TimeoutExpired:
-            result = {"failed": True, "error_tail": f"over its {spec['budget']:.0f} s budget"}
-        results.append({"part": name, "wall_s": time.perf_counter() - t, **result})
-        with open(results_path, "a") as f:
-            f.write(json.dumps(results[-1]) + "\n")
-        (args.out / "table.md").write_text(make_table(results))
-        print(json.dumps({k: v for k, v in results[-1].items() if k not in ("losses", "error_tail")})[:600], flush=True)
-    print(make_table(results), flush=True)
+    run_parts(args, setup, part_specs(args.tiny), run_worker, make_table)
 
 
 if __name__ == "__main__":
