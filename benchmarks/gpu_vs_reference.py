@@ -155,11 +155,16 @@ def run_worker(name: str, spec: dict, work: Path, tiny: bool, reference: Path, l
                               resolution=64 if tiny else 512)
         return run_reference(reference / spec["script"], args, stop_after=spec["stop"] or 10**9,
                              budget_s=spec["budget"], mixed_precision="no" if tiny else "bf16", log=log)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--work", str(work),
-           "--spec", json.dumps(spec)] + (["--tiny"] if tiny else [])
     env = dict(os.environ, **spec.get("env", {}))
     if spec["kind"] == "e2e":
         env["DREAMBOOTH_CACHE"] = str(work / f"cache_{name}")  # cold: no class images, no identity memo
+    return run_part_process(Path(__file__), name, spec, work, tiny, log, env)
+
+
+def run_part_process(script: Path, name: str, spec: dict, work: Path, tiny: bool, log, env: dict) -> dict:
+    """`script --worker name` in a fresh Python process; its RESULT, or what failed."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", name, "--work", str(work),
+           "--spec", json.dumps(spec)] + (["--tiny"] if tiny else [])
     began = time.perf_counter()
     result, returncode, text = run_worker_process(cmd, Path(log.name).parent / f"part_{name}.log", spec["budget"], env)
     log.write(text)
@@ -220,28 +225,43 @@ def setup(work: Path, tiny: bool) -> None:
     write_subject_photos(work / "instance", size=64 if tiny else 512)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reference", type=Path, help="folder with train_dreambooth.py and train_dreambooth_lora.py")
-    parser.add_argument("--out", type=Path, default=Path("bench-out"))
-    parser.add_argument("--work", type=Path, default=Path("/tmp/dreambooth-bench"))
-    parser.add_argument("--budget", type=float, default=460, help="seconds for the whole invocation")
-    parser.add_argument("--parts", default=",".join(DEFAULT_ORDER))
+def parse_args(doc: str, reference: str, out: str, work: str, budget: float, order: list[str], tiny: str):
+    """The command line both GPU benchmarks share; the environment their parts run in."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--reference", type=Path, help=reference)
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--work", type=Path, default=Path(work))
+    parser.add_argument("--budget", type=float, default=budget, help="seconds for the whole invocation")
+    parser.add_argument("--parts", default=",".join(order))
     parser.add_argument("--previous", type=Path, help="results.jsonl of an earlier run to merge into the table")
-    parser.add_argument("--tiny", action="store_true", help="tiny model at 64 px: a CPU dry run of every part")
+    parser.add_argument("--tiny", action="store_true", help=tiny)
     parser.add_argument("--worker")
     parser.add_argument("--spec")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("DREAMBOOTH_CACHE", str(args.work / "cache"))
+    os.environ.setdefault("DREAMBOOTH_CACHE", str(args.work / "cache"))  # shared by every part
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return args
+
+
+def main() -> None:
+    args = parse_args(__doc__, "folder with train_dreambooth.py and train_dreambooth_lora.py", "bench-out",
+                      "/tmp/dreambooth-bench", 460, DEFAULT_ORDER, "tiny model at 64 px: a CPU dry run of every part")
     if args.worker:
         worker_main(args.worker, json.loads(args.spec), args.work, args.tiny)
         return
-    run_parts(args)
+    run_parts(args, setup, part_specs(args.tiny), run_worker, make_table, _with_best_layout)
 
 
-def run_parts(args) -> None:
+def _with_best_layout(spec: dict, results: list[dict]) -> dict:
+    if spec["kind"] == "e2e":
+        spec["dotted"] = spec["dotted"] + best_layout(results)
+    return spec
+
+
+def run_parts(args, setup, specs: dict, run_worker, make_table, adjust=lambda spec, results: spec) -> None:
+    """Setup, then each part of --parts in order within what is left of --budget; results.jsonl and
+    table.md are written after each part. `adjust(spec, results)` may change a spec from earlier results."""
     began = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path, log = args.out / "results.jsonl", open(args.out / "bench.log", "a", buffering=1)
@@ -252,7 +272,6 @@ def run_parts(args) -> None:
     results = previous + [{"part": "setup", "seconds": time.perf_counter() - t, "env": env}]
     with open(results_path, "a") as f:
         f.write(json.dumps(results[-1]) + "\n")
-    specs = part_specs(args.tiny)
     for name in args.parts.split(","):
         spec = dict(specs[name])
         left = args.budget - (time.perf_counter() - began)
@@ -260,8 +279,7 @@ def run_parts(args) -> None:
             results.append({"part": name, "skipped": f"{left:.0f} s left"})
             continue
         spec["budget"] = min(spec["budget"], left - 5)
-        if spec["kind"] == "e2e":
-            spec["dotted"] = spec["dotted"] + best_layout(results)
+        spec = adjust(spec, results)
         print(f"== {name} (budget {spec['budget']:.0f} s)", flush=True)
         t = time.perf_counter()
         try:

@@ -24,7 +24,8 @@ TIERS_FILE = PRESET_DIR / "tiers.json"
 # The CUDA context and the allocator's slack take about this much of a card before any tensor:
 # a T4 reports 15.8 GB and leaves ~15.3 GB to the process, which is what a 15 GB target must fit.
 CONTEXT_RESERVE_GB = 0.5
-FAMILIES = {"sd15": "Stable Diffusion 1.x", "sd21": "Stable Diffusion 2.x", "tiny": "built-in tiny random model",
+FAMILIES = {"sd15": "Stable Diffusion 1.x", "sd21": "Stable Diffusion 2.x", "sdxl": "Stable Diffusion XL",
+            "tiny": "built-in tiny random model", "tiny-xl": "built-in tiny random SDXL model",
             "toy": "the toy world's base model", "other": "another architecture",
             "unknown": "unknown family"}
 
@@ -151,7 +152,7 @@ def _notes(family: str, card: Card, rows: tuple[Row, ...], best: str | None) -> 
         notes.append(f"compute capability {card.capability[0]}.{card.capability[1]}: no native bf16, so "
                      "mixed precision auto trains in fp16 with loss scaling")
     if family == "unknown":
-        notes.append("the model's family cannot be told offline: pass --family sd15 or --family sd21")
+        notes.append("the model's family cannot be told offline: pass --family sd15, sd21 or sdxl")
     elif not rows:
         notes.append(f"no tier presets for {FAMILIES.get(family, family)}; pick a preset by hand "
                      "(dreambooth train --preset NAME) and lower memory with --set train.gradient_checkpointing=true")

@@ -24,15 +24,15 @@ H100 = Card("NVIDIA H100 80GB HBM3", 85.03, (9, 0))
 CPU = Card("CPU", None, None)
 
 
-@pytest.mark.parametrize("card,sd15,sd21,precision", [
-    (T4, "sd15-12gb", "sd21-16gb", "fp16"),
-    (RTX3060, "sd15-12gb", "sd21-lora-8gb", "bf16"),
-    (RTX3070, "sd15-8gb", "sd21-lora-8gb", "bf16"),
-    (RTX4090, "sd15-24gb", "sd21-16gb", "bf16"),
-    (H100, "sd15-24gb", "sd21-16gb", "bf16"),
+@pytest.mark.parametrize("card,sd15,sd21,sdxl,precision", [
+    (T4, "sd15-12gb", "sd21-16gb", "sdxl-lora", "fp16"),
+    (RTX3060, "sd15-12gb", "sd21-lora-8gb", "sdxl-lora", "bf16"),
+    (RTX3070, "sd15-8gb", "sd21-lora-8gb", "sdxl-lora-8gb", "bf16"),
+    (RTX4090, "sd15-24gb", "sd21-16gb", "sdxl-full-24gb", "bf16"),
+    (H100, "sd15-24gb", "sd21-16gb", "sdxl-full-24gb", "bf16"),
 ])
-def test_plan_picks_the_largest_preset_that_fits_each_card(card, sd15, sd21, precision):
-    for family, expected in (("sd15", sd15), ("sd21", sd21)):
+def test_plan_picks_the_largest_preset_that_fits_each_card(card, sd15, sd21, sdxl, precision):
+    for family, expected in (("sd15", sd15), ("sd21", sd21), ("sdxl", sdxl)):
         result = plan(family, card)
         assert result.best == expected
         assert {r.tier.family for r in result.rows} == {family}
@@ -48,6 +48,7 @@ def test_cpu_plans_for_the_tiny_models_only():
     assert all(not r.fits and "needs a CUDA GPU" in r.why for r in plan("sd21", CPU).rows)
     tiny = plan("tiny", CPU)
     assert tiny.best == "tiny" and all(r.fits and r.precision == "fp32" for r in tiny.rows)
+    assert plan("sdxl", CPU).best is None and plan("tiny-xl", CPU).best == "tiny-xl"
     assert any("no GPU" in n for n in tiny.notes)
 
 
@@ -85,6 +86,14 @@ def test_tier_table_names_valid_presets_and_holds_no_invented_measurements():
         assert t.target_gb <= t.card_gb
         measured = (t.measured_peak_gb, t.measured_steps_per_s, t.measured_on)
         assert all(v is None for v in measured) or all(v is not None for v in measured)
+    sdxl = [t for t in tiers if t.family == "sdxl"]
+    assert {t.preset for t in sdxl} == {"sdxl-lora", "sdxl-lora-8gb", "sdxl-full-24gb"}
+    assert all(t.measured_peak_gb is None and t.resolution == 1024 for t in sdxl)  # measured on a GPU later
+    for name in ("sdxl-lora", "sdxl-lora-8gb", "sdxl-full-24gb", "sdxl-fast"):
+        config = load_config(name, {"data": {"class_noun": "dog"}})
+        assert config.model.name == "stabilityai/stable-diffusion-xl-base-1.0" and config.prior.enabled
+        assert (config.train.mode, config.train.lora_rank) in (("full", 4), ("lora", 4))
+    assert load_config("tiny-xl", {"data": {"class_noun": "dog"}}).model.name == "tiny-random-xl"
     sd21 = load_config("sd21-16gb", {"data": {"class_noun": "dog"}})
     assert (sd21.model.prediction_type, sd21.data.resolution, sd21.train.mode, sd21.prior.enabled) == (
         "v_prediction", 768, "full", True)
@@ -151,6 +160,10 @@ def test_pick_preset_for_train_preset_auto():
     assert (result.best, found.family, found.resolution) == ("sd21-16gb", "sd21", 768)
     assert pick_preset("random-sd21", T4)[0].best == "sd21-16gb"  # the built-in random SD 2.1
     assert pick_preset("random-sd15", T4)[0].best == "sd15-12gb"  # sd15-24gb needs 23 GB
+    result, found = pick_preset("stabilityai/stable-diffusion-xl-base-1.0", RTX4090)
+    assert (result.best, found.family, found.resolution) == ("sdxl-full-24gb", "sdxl", 1024)
+    assert pick_preset("random-sdxl", RTX3060)[0].best == "sdxl-lora"  # the built-in random SDXL
+    assert pick_preset("tiny-random-xl", CPU)[0].best == "tiny-xl"
     with pytest.raises(ConfigError, match="no tier preset fits"):
         pick_preset("stable-diffusion-v1-5/stable-diffusion-v1-5", CPU)
 
@@ -168,6 +181,9 @@ def test_plan_command_prints_the_table_and_the_pick(monkeypatch, capsys):
     assert "best preset: none" in capsys.readouterr().out
     assert main(["plan", "--model", "nobody/uncached", "--gpu-memory", "12GB", "--family", "sd15"]) == 0
     assert "best preset: sd15-12gb" in capsys.readouterr().out
+    assert main(["plan", "--model", "nobody/uncached", "--gpu-memory", "8GB", "--family", "sdxl"]) == 0
+    out = capsys.readouterr().out
+    assert "best preset: sdxl-lora-8gb" in out and "Stable Diffusion XL" in out and "not measured" in out
 
 
 def test_train_preset_auto_prints_the_plan_and_trains_with_its_pick(tmp_path, subject_dir, monkeypatch, capsys):

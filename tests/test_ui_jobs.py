@@ -205,6 +205,38 @@ def test_submit_lists_every_problem_before_anything_loads(tmp_path):
     app.shutdown()
 
 
+def test_an_sdxl_model_is_offered_with_the_sdxl_presets(tmp_path, subject_dir):
+    app = App(tmp_path, ScriptedTrainer(steps=1)).start()
+    assert "tiny-random-xl" in [m["value"] for m in app.info()["models"]]
+    sdxl = "stabilityai/stable-diffusion-xl-base-1.0"
+    picked = {purpose: app.presets(purpose, sdxl) for purpose in ("fast-lora", "full", "lean")}
+    assert {k: v["preset"] for k, v in picked.items()} == {
+        "fast-lora": "sdxl-lora", "full": "sdxl-full-24gb", "lean": "sdxl-lora-8gb"}
+    assert all(v["resolution"] == 1024 and "SDXL" in v["about"]["full"] for v in picked.values())
+    assert app.presets("fast-lora", "tiny-random-xl")["preset"] == "tiny-xl-lora"
+    assert app.presets("full", "tiny-random-xl")["preset"] == "tiny-xl"
+    sd15 = app.presets("fast-lora", "stable-diffusion-v1-5/stable-diffusion-v1-5")  # SD models keep theirs
+    assert (sd15["preset"], sd15["resolution"]) == ("sd15-lora", 512) and "SDXL" not in sd15["about"]["full"]
+    assert app.presets("fast-lora", "tiny-random")["preset"] == "tiny-lora"
+    photo_set = app.photos.create()
+    for path in sorted(subject_dir.glob("*.png"))[:3]:
+        app.upload(photo_set.id, path.name, path.read_bytes())
+    folder = tmp_path / "my-sdxl"  # a local SDXL folder is told by its UNet config (the hub is offline)
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    (folder / "unet" / "config.json").write_text(json.dumps({
+        "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048, "addition_embed_type": "text_time",
+        "sample_size": 128}))
+    form = {"identifier": "sks", "class_noun": "dog", "model": str(folder), "preset": "lean"}
+    job = app.submit({"set_id": photo_set.id, "form": form})
+    config = job["config"]
+    assert (config["model"]["name"], config["data"]["resolution"], config["train"]["mode"]) == (
+        str(folder), 1024, "lora")
+    assert config["train"]["offload_frozen"] and config["prior"]["batch_size"] == 1  # sdxl-lora-8gb's switches
+    app.cancel(job["id"])
+    app.shutdown()
+
+
 # --- uploads -------------------------------------------------------------------------------------
 def png_bytes(size=(64, 64), colour=(200, 40, 40), **save_args) -> bytes:
     buffer = io.BytesIO()

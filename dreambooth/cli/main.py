@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True, help="MODEL: hub id, diffusers folder, single file, or a built-in")
     pl.add_argument("--gpu-memory", default=None, metavar="SIZE",
                     help="plan for this much GPU memory (e.g. 16GB) instead of the card's own, or without a GPU")
-    pl.add_argument("--family", default=None, choices=["sd15", "sd21", "tiny", "toy"],
+    pl.add_argument("--family", default=None, choices=["sd15", "sd21", "sdxl", "tiny", "tiny-xl", "toy"],
                     help="the model's family when it cannot be told offline (e.g. an uncached hub id)")
     pl.set_defaults(run="plan.cmd_plan")
     return p

@@ -1,7 +1,8 @@
 """What the form asks for, and the checks the page shows before anything trains.
 
 The page offers three presets by purpose (fast LoRA, full quality, memory-lean); which YAML preset
-that means depends on the base model (the tiny smoke-test model has its own small presets).
+that means depends on the base model: the tiny smoke-test models and the toy model have their own
+small presets, an SDXL model (told by its family, without loading weights) the 1024 px SDXL ones.
 Everything is turned into a `RunConfig` with the library's `load_config`, so the web app and the
 CLI validate the same way and report every problem at once.
 """
@@ -17,16 +18,27 @@ from dreambooth.config_files import list_presets
 from dreambooth.data.images import check_images
 from dreambooth.errors import ConfigError, DreamboothError, Problem
 from dreambooth.identifier import check_identifier, suggest_identifiers
+from dreambooth.model_family import model_family
 from dreambooth.models import detect_source, hub_offline
 from dreambooth.models.builtin import TOKENIZER_DIR, TOY_WEIGHTS
 
-# purpose -> (preset for tiny-random, preset for the toy model, preset for SD-class models)
+# purpose -> {kind of base model: preset}; "sd" is every model not named here (SD 1.x/2.x, unknown)
 PRESETS = {
-    "fast-lora": ("tiny-lora", "toy-lora", "sd15-lora"),
-    "full": ("tiny", "toy", "sd15-full"),
-    "lean": ("tiny", "toy", "sd15-lean"),
+    "fast-lora": {"tiny-random": "tiny-lora", "toy": "toy-lora", "tiny-xl": "tiny-xl-lora", "sdxl": "sdxl-lora",
+                  "sd": "sd15-lora"},
+    "full": {"tiny-random": "tiny", "toy": "toy", "tiny-xl": "tiny-xl", "sdxl": "sdxl-full-24gb", "sd": "sd15-full"},
+    "lean": {"tiny-random": "tiny", "toy": "toy", "tiny-xl": "tiny-xl", "sdxl": "sdxl-lora-8gb", "sd": "sd15-lean"},
 }
 PRESET_LABELS = {"fast-lora": "Fast LoRA", "full": "Full quality", "lean": "Memory-lean"}
+# What each purpose's card says under its label, by kind of base model (the page's default is "sd")
+PRESET_ABOUT = {
+    "sd": {"fast-lora": "small adapter file, quickest, ~6 GB GPU",
+           "full": "fine-tunes the whole UNet, the paper's recipe",
+           "lean": "full fine-tune that fits 8–16 GB GPUs"},
+    "sdxl": {"fast-lora": "SDXL adapter file at 1024 px, fits a 12 GB GPU",
+             "full": "fine-tunes the whole SDXL UNet, 24 GB GPU",
+             "lean": "SDXL adapter that fits an 8 GB GPU"},
+}
 TOY_NOTE = ("toy knows only its toy world (six classes such as dog, cat and teapot, drawn in simple "
             "rendered scenes): it learns your subject as it can draw it, so real photos come out as toy-world "
             "renderings. Use a Stable Diffusion model for photo-real results.")
@@ -34,7 +46,8 @@ TOY_NOTE = ("toy knows only its toy world (six classes such as dog, cat and teap
 
 def model_options() -> list[dict]:
     """Built-in models the page lists; `toy` only once its weights are shipped in this install."""
-    options = [{"value": "tiny-random", "label": "tiny-random (smoke test: random weights, learns nothing)"}]
+    options = [{"value": "tiny-random", "label": "tiny-random (smoke test: random weights, learns nothing)"},
+               {"value": "tiny-random-xl", "label": "tiny-random-xl (SDXL smoke test: random weights, learns nothing)"}]
     if (TOY_WEIGHTS / "model_index.json").exists():
         options.insert(0, {"value": "toy", "label": "toy (built-in toy-world model)"})
     return options
@@ -44,21 +57,36 @@ def hub_online() -> bool:
     return not hub_offline()
 
 
+def model_kind(model: str) -> str:
+    """Which column of PRESETS a base model takes: tiny-random and toy by name, SDXL models by
+    their family; "sd" for the rest, and for a model that cannot be read (its check says why)."""
+    if model in ("tiny-random", "toy"):
+        return model
+    try:
+        family = model_family(model.strip()).family
+    except DreamboothError:
+        return "sd"
+    return family if family in ("sdxl", "tiny-xl") else "sd"
+
+
 def preset_for(purpose: str, model: str) -> str:
     """The YAML preset for a purpose and base model; falls back to the SD 1.5 one."""
     if purpose not in PRESETS:
         raise DreamboothError("unknown preset", [Problem("preset", f"{purpose!r}: use {', '.join(PRESETS)}")])
-    tiny, toy, sd = PRESETS[purpose]
-    choice = {"tiny-random": tiny, "toy": toy}.get(model, sd)
-    return choice if choice in list_presets() else sd
+    choices = PRESETS[purpose]
+    choice = choices[model_kind(model)]
+    return choice if choice in list_presets() else choices["sd"]
 
 
 def preset_defaults(purpose: str, model: str) -> dict:
-    """The values the advanced section starts from, read from the preset itself."""
-    config = load_config(preset_for(purpose, model), {"data": {"class_noun": "placeholder"}})  # needed by validation
-    return {"preset": preset_for(purpose, model), "steps": config.train.steps, "lr": config.train.lr,
+    """The values the advanced section starts from, read from the preset itself, and what the
+    purposes' cards say for this model."""
+    preset = preset_for(purpose, model)
+    config = load_config(preset, {"data": {"class_noun": "placeholder"}})  # needed by validation
+    return {"preset": preset, "steps": config.train.steps, "lr": config.train.lr,
             "prior": config.prior.enabled, "class_images": config.prior.num_images,
-            "sample_every": config.output.sample_every, "resolution": config.data.resolution}
+            "sample_every": config.output.sample_every, "resolution": config.data.resolution,
+            "about": PRESET_ABOUT.get(model_kind(model), PRESET_ABOUT["sd"])}
 
 
 def model_problems(model: str) -> list[Problem]:

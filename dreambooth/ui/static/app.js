@@ -173,6 +173,10 @@ async function loadPresetDefaults() {
     $("sample-every").value = d.sample_every; $("prior").checked = d.prior;
     localStorage.setItem("resolution", d.resolution);
     $("train-note").textContent = `preset ${d.preset} · ${d.resolution} px`;
+    for (const [purpose, about] of Object.entries(d.about || {})) {  // an SDXL model's cards differ from SD 1.5's
+      const card = document.querySelector(`input[name=preset][value=${purpose}]`);
+      if (card) card.parentElement.querySelector("small").textContent = about;
+    }
     saveForm();  // the saved form must hold this preset's values, or a reload restores the last preset's
     if (state.set) await loadSet(state.set.id);
   } catch (e) { $("train-note").textContent = e.message; }
