@@ -20,6 +20,7 @@ from test_formats import PROMPT, _image
 from dreambooth.errors import ModelSourceError
 from dreambooth.formats.exporters import export
 
+
 def wide_xl_base(folder):
     """The tiny SDXL with a wider second text encoder (48 against 32): diffusers' from_single_file
     tells SDXL's two encoders apart by width, as in the real model (768 against 1280)."""
@@ -219,7 +220,8 @@ def test_xl_single_file_layout_and_metadata(xl_runs, tmp_path):
         qkv = f.get_tensor("conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight")
     assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "conditioner"}
     assert "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in keys
-    assert "model.diffusion_model.label_emb.0.2.weight" in keys and "first_stage_model.decoder.mid.attn_1.q.weight" in keys
+    assert "model.diffusion_model.label_emb.0.2.weight" in keys
+    assert "first_stage_model.decoder.mid.attn_1.q.weight" in keys
     te2 = load_components(str(xl_runs["full"] / "final")).text_encoder_2.state_dict()
     # OpenCLIP computes x @ text_projection: the transpose of the transformers Linear weight
     assert torch.equal(projection, te2["text_projection.weight"].T.half())
@@ -310,7 +312,8 @@ def _a1111_unmapped(lora, model_keys):
             name = f"1_model_transformer_resblocks_{b}_{x}"
             name = name.rsplit("_", 2)[0] if name.endswith(("_q_proj", "_k_proj", "_v_proj")) else name
         else:
-            name = base.replace("lora_unet", "diffusion_model").replace("lora_te1_text_model", "0_transformer_text_model")
+            name = base.replace("lora_unet", "diffusion_model")
+            name = name.replace("lora_te1_text_model", "0_transformer_text_model")
         if name not in modules:
             failed.append(key)
     return failed
@@ -355,3 +358,31 @@ def test_xl_merged_folder_and_peft_lora_equal_the_runtime_lora(xl_runs, tmp_path
     assert (tmp_path / "merged" / "text_encoder_2" / "model.fp16.safetensors").is_file()
     info = json.loads((merged / "dreambooth.json").read_text())
     assert info["merged_lora"] and info["metadata"]["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+
+
+# --- a trained run, end to end ------------------------------------------------------------------
+
+def test_a_trained_sdxl_lora_run_exports_to_every_format_and_each_loads(train_run, tmp_path):
+    """The runs above are written without training; this one is trained (LoRA on the UNet and both
+    text encoders), so the boundary between what training writes to final/ and what the exporters
+    read is covered as a user meets it."""
+    from safetensors.torch import load_file
+
+    from dreambooth.formats.lora import load_lora_into_pipeline
+    from dreambooth.models import builtin_path, load_components
+
+    run = train_run("xl-lora-trained", "tiny-xl-lora", ["train.train_text_encoder=true"])
+    kohya = export(run, "lora-kohya", tmp_path / "kohya.safetensors", dtype="fp32")
+    assert {k.split("_")[1] for k in load_file(kohya)} == {"unet", "te1", "te2"}
+    single = export(run, "single-file", tmp_path / "merged.safetensors", dtype="fp32")
+    merged = export(run, "diffusers", tmp_path / "merged", dtype="fp32")
+    base = builtin_path("tiny-random-xl")
+    runtime = _xl_pipe(base)
+    load_lora_into_pipeline(runtime, kohya)
+    from_single, from_folder = load_components(str(single)), load_components(str(merged))
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        a, b = getattr(from_single, part).state_dict(), getattr(from_folder, part).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b), part
+    trained, plain = _image(_xl_pipe(merged)), _image(_xl_pipe(base))
+    assert np.abs(trained - plain).max() > 1e-3  # the two training steps changed the model
+    np.testing.assert_allclose(_image(runtime), trained, atol=2e-3)  # merged == LoRA applied at run time

@@ -251,7 +251,8 @@ def test_sdxl_single_file_is_what_comfyui_kohya_and_a1111_read(tmp_path):
     for diffusers, original in (("down_blocks.1.attentions.1.proj_in.weight", "input_blocks.5.1.proj_in.weight"),
                                 ("down_blocks.2.resnets.0.conv1.weight", "input_blocks.7.0.in_layers.2.weight"),
                                 ("down_blocks.1.downsamplers.0.conv.weight", "input_blocks.6.0.op.weight"),
-                                ("up_blocks.0.resnets.2.conv_shortcut.weight", "output_blocks.2.0.skip_connection.weight"),
+                                ("up_blocks.0.resnets.2.conv_shortcut.weight",
+                                 "output_blocks.2.0.skip_connection.weight"),
                                 ("up_blocks.1.upsamplers.0.conv.weight", "output_blocks.5.2.conv.weight"),
                                 ("up_blocks.2.attentions.0.norm.weight", "output_blocks.6.1.norm.weight"),
                                 ("add_embedding.linear_2.bias", "label_emb.0.2.bias")):

@@ -184,7 +184,8 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, photos, preset)
     assert any(k.startswith("text_encoder_2.") for k in
                load_file(tmp_path / "resumed" / "checkpoints" / "step-00002" / "trainable.safetensors"))
     assert isinstance(train(config, tmp_path / "resumed", resume=True), ev.Finished)
-    a, b = final_state(tmp_path / "straight", preset == "tiny-lora"), final_state(tmp_path / "resumed", preset == "tiny-lora")
+    lora = preset == "tiny-lora"
+    a, b = final_state(tmp_path / "straight", lora), final_state(tmp_path / "resumed", lora)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key

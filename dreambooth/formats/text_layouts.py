@@ -70,4 +70,5 @@ def open_clip_to_original(state: dict[str, torch.Tensor], num_layers: int,
 def xl_text_to_original(text: dict[str, torch.Tensor], text_2: dict[str, torch.Tensor],
                         num_layers_2: int) -> dict[str, torch.Tensor]:
     """SDXL's two text encoders under `conditioner.embedders.0/1`."""
-    return {**clip_to_original(text, XL_CLIP_PREFIX), **open_clip_to_original(text_2, num_layers_2, XL_OPEN_CLIP_PREFIX)}
+    return {**clip_to_original(text, XL_CLIP_PREFIX),
+            **open_clip_to_original(text_2, num_layers_2, XL_OPEN_CLIP_PREFIX)}

@@ -104,7 +104,8 @@ class TrainState:
     """A prepared run: models on their device, optimizer and schedule (restored when resumed), the
     latent sources and prompt embeddings, and the flags that pick the step function.
 
-    `modules` are the bare trainable modules ({"unet": ..., "text_encoder": ..., SDXL: "text_encoder_2": ...}); `wrapped` the
+    `modules` are the bare trainable modules ({"unet": ..., "text_encoder": ..., and for SDXL
+    "text_encoder_2": ...}); `wrapped` the
     same as the plain step calls them (through `accelerator.prepare`; the bare ones on the fast step).
     `start` is the number of steps already done (> 0 when resumed). With `lag` > 0 the loop reads
     the losses of a step that many steps late (the fast step on CUDA).
