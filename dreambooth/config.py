@@ -135,6 +135,10 @@ class TrainConfig:
     compile: str = _f("none", "torch.compile the UNet in the fast step: none, default, reduce-overhead or "
                               "max-autotune-no-cudagraphs (faster steps after minutes of compiling)")
     cuda_graph: bool = _f(True, "fast step on CUDA: replay forward+backward as one CUDA graph")
+    weights: str = _f("fp32", "dtype of the weights a full fine-tune trains: fp32 (master weights), or bf16 (half "
+                              "the weight and gradient memory; the optimizer rounds each update stochastically, so "
+                              "updates far below bf16's resolution still move the weights on average; needs "
+                              "mixed_precision bf16 and adamw8bit_torchao or adamwfp8_torchao)")
     channels_last: bool = _f(True, "CUDA only: UNet and VAE in channels-last memory layout (faster convolutions)")
 
     def problems(self) -> list[Problem]:
@@ -152,7 +156,22 @@ class TrainConfig:
              "train.lora_targets", f"{self.lora_targets!r}: give module names, e.g. [to_q, to_k, to_v, to_out.0]"),
             (not self.checkpoint_levels or self.gradient_checkpointing, "train.checkpoint_levels",
              f"{self.checkpoint_levels} has no effect without train.gradient_checkpointing=true"),
+            (self.weights in ("fp32", "bf16"), "train.weights", f"{self.weights!r}: use fp32 or bf16"),
+            *self._bf16_weight_problems(),
         ])
+
+    def _bf16_weight_problems(self) -> list[tuple[bool, str, str]]:
+        """bf16 weights round every update to 8 mantissa bits: AdamW's steps at lr 5e-6 would round
+        to nothing, so only optimizers that round stochastically may train them."""
+        if self.weights != "bf16":
+            return []
+        return [(self.mode == "full", "train.weights",
+                 "bf16 is for full fine-tunes; LoRA adapters are small and train in fp32"),
+                (self.optimizer in ("adamw8bit_torchao", "adamwfp8_torchao"), "train.weights",
+                 f"bf16 weights need an optimizer that rounds stochastically: set train.optimizer to "
+                 f"adamwfp8_torchao or adamw8bit_torchao (not {self.optimizer})"),
+                (self.mixed_precision in ("auto", "bf16"), "train.weights",
+                 f"bf16 weights need mixed_precision bf16 (not {self.mixed_precision})")]
 
 
 @dataclass(frozen=True)

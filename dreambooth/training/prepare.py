@@ -13,6 +13,7 @@ from accelerate.state import AcceleratorState, PartialState
 
 from dreambooth.config import RunConfig
 from dreambooth.data.images import load_rgb
+from dreambooth.errors import ConfigError, Problem
 from dreambooth.identifier import check_identifier
 from dreambooth.models import load_components
 from dreambooth.models.vae import load_vae
@@ -49,6 +50,10 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
         yield ev.Notice(str(problem))
     device = pick_device(config.train.device)
     precision = mixed_precision_here(config.train.mixed_precision, device)
+    if config.train.weights == "bf16" and precision != "bf16":  # auto gave fp16 (no bf16 on the card) or "no" (CPU)
+        raise ConfigError("train.weights=bf16 needs bf16 mixed precision", [Problem(
+            "train.weights", f"this run resolved train.mixed_precision to {precision!r}: use train.weights=fp32 "
+            "(with a smaller preset), or a card with bf16 (compute capability 8.0+)")])
     # fp16: the steps run their own autocast and loss scaler (training/scaling.py) on any device;
     # accelerate's scaler lives in its optimizer wrapper and would scale a second time
     accelerator = make_accelerator(device, "no" if precision == "fp16" else precision)
@@ -110,6 +115,9 @@ def _optimization(components, config: RunConfig, run: RunDir, accelerator, preci
     checkpoint when resuming), as `TrainState` fields."""
     device, frozen_dtype = accelerator.device, frozen_dtype_of(precision)
     modules = mark_trainable(components, config.train)
+    if config.train.weights == "bf16":
+        for module in modules.values():
+            module.to(torch.bfloat16)
     flats = flatten_modules(modules) if fast and wants_flat(config, device) else None
     optimizer = make_optimizer(modules, config.train, device, flats)
     lr_schedule = make_lr_schedule(optimizer, modules, config.train)

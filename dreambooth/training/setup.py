@@ -124,6 +124,8 @@ def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, devi
     if train.optimizer == "adamwfp8":
         return AdamWFp8(groups, **kwargs)
     if train.optimizer in TORCHAO_OPTIMIZERS:
+        if train.weights == "bf16":
+            kwargs["bf16_stochastic_round"] = True  # see TrainConfig.weights
         return torchao_adamw(train.optimizer, groups, kwargs)
     if device.type == "cuda":
         kwargs["fused"] = True  # one kernel for all parameters instead of one per tensor
