@@ -38,7 +38,10 @@ def test_plan_picks_the_largest_preset_that_fits_each_card(card, sd15, sd21, sdx
         assert {r.tier.family for r in result.rows} == {family}
         fitting = [r.tier.target_gb for r in result.rows if r.fits]
         assert max(fitting) == next(r.tier.target_gb for r in result.rows if r.tier.preset == expected)
-        assert all(r.precision == precision for r in result.rows)  # the presets all say mixed_precision auto
+        auto = [r for r in result.rows if r.tier.mixed_precision == "auto"]
+        assert auto and all(r.precision == precision for r in auto)
+        for row in (r for r in result.rows if r.tier.mixed_precision == "bf16"):  # sdxl-full-24gb: bf16 weights
+            assert row.precision == "bf16" and (card.bf16 or (not row.fits and "native bf16" in row.why))
     if not card.bf16:
         assert any("fp16" in n for n in plan("sd21", card).notes)
 
