@@ -45,6 +45,10 @@ ROWS = {
                           "extra": ["--gradient_checkpointing"], "budget": 80},
     "sd15-24gb": {"preset": "sd15-24gb", "model": "random-sd15", "card": "rtx3090-24gb", "budget": 90},
     "ref-sd15-24gb": {"ref": "full_te", "model": "random-sd15", "card": "rtx3090-24gb", "budget": 70},
+    # SDXL at 1024 px: ours only (the reference's SDXL LoRA script is compared in sdxl_vs_reference.py)
+    "sdxl-lora": {"preset": "sdxl-lora", "model": "random-sdxl", "card": "rtx3060-12gb", "budget": 170},
+    "sdxl-lora-8gb": {"preset": "sdxl-lora-8gb", "model": "random-sdxl", "card": "rtx3070-8gb", "budget": 170},
+    "sdxl-full-24gb": {"preset": "sdxl-full-24gb", "model": "random-sdxl", "card": "rtx3090-24gb", "budget": 200},
 }
 REF_STEPS = 30  # reference rows: steps to see; the rate leaves out the first 6
 
@@ -76,6 +80,11 @@ def row_dotted(spec: dict, steps: int, tiny: bool) -> list[str]:
     return dotted
 
 
+def native_size(model: str) -> int:
+    """The subject photos' size for a full-size random model: its native resolution."""
+    return {"random-sd15": 512, "random-sd21": 768, "random-sdxl": 1024}[model]
+
+
 def ours_worker(name: str, spec: dict, work: Path, steps: int, tiny: bool) -> dict:
     """One tier preset end to end in this process; phase peaks from the run's log.jsonl."""
     import torch
@@ -87,10 +96,10 @@ def ours_worker(name: str, spec: dict, work: Path, steps: int, tiny: bool) -> di
 
     cap, _, tf32 = CARDS[spec["card"]]
     emulate_card(None if tiny else cap, tf32)
-    model = "tiny-random" if tiny else spec["model"]
+    model = ("tiny-random-xl" if "sdxl" in spec["model"] else "tiny-random") if tiny else spec["model"]
     run = work / f"run_{name}"
     config = load_config(spec["preset"], {"model": {"name": model}, "data": {
-        "images": str(work / ("instance64" if tiny else f"instance{512 if 'sd15' in model else 768}")),
+        "images": str(work / ("instance64" if tiny else f"instance{native_size(model)}")),
         "class_noun": "dog"}, "prior": {"cache": str(work / f"classes_{name}")}}, row_dotted(spec, steps, tiny))
     stamps, began, result = [], time.perf_counter(), {"finished": False}
     try:
@@ -161,7 +170,7 @@ def setup(work: Path, tiny: bool, rows: list[str]) -> None:
 
     from dreambooth.models.builtin import builtin_path
 
-    for size in ([64] if tiny else [512, 768]):
+    for size in ([64] if tiny else [512, 768, 1024]):
         write_subject_photos(work / f"instance{size}", size=size)
     for model in (["tiny-random"] if tiny else sorted({ROWS[r]["model"] for r in rows})):
         t = time.perf_counter()
