@@ -142,18 +142,15 @@ def tiny_xl_configs() -> dict:
 
 def save_tiny_pipeline(out: Path, variant: str, seed: int) -> None:
     """Build a tiny SD pipeline with seeded random weights and save it as a diffusers folder."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     cfg = tiny_configs(variant)
+    unet, vae, text_encoder = _seeded_parts(cfg, seed)
     if variant == "sdxl":
-        return _save_tiny_xl(out, cfg, seed)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**cfg["unet"])
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**cfg["vae"])
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
+        return _save_xl(out, unet, vae, text_encoder, text_encoder_2, EulerDiscreteScheduler(**cfg["scheduler"]))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -168,19 +165,17 @@ def save_tiny_pipeline(out: Path, variant: str, seed: int) -> None:
     copy_tokenizer_files(Path(out) / "tokenizer")
 
 
-def _save_tiny_xl(out: Path, cfg: dict, seed: int) -> None:
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def _seeded_parts(cfg: dict, seed: int) -> tuple:
+    """UNet, VAE and (first) text encoder of a tiny config, each from its own seed."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**cfg["unet"])
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**cfg["vae"])
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
-    torch.manual_seed(seed + 3)
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_encoder_2"]))
-    _save_xl(out, unet, vae, text_encoder, text_encoder_2, EulerDiscreteScheduler(**cfg["scheduler"]))
+    return unet, vae, CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
 
 
 def _save_xl(out: Path, unet, vae, text_encoder, text_encoder_2, scheduler) -> None:
