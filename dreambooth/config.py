@@ -167,7 +167,7 @@ class TrainConfig:
             return []
         return [(self.mode == "full", "train.weights",
                  "bf16 is for full fine-tunes; LoRA adapters are small and train in fp32"),
-                (self.optimizer in ("adamw8bit_torchao", "adamwfp8_torchao"), "train.weights",
+                (self.optimizer.endswith("_torchao"), "train.weights",
                  f"bf16 weights need an optimizer that rounds stochastically: set train.optimizer to "
                  f"adamwfp8_torchao or adamw8bit_torchao (not {self.optimizer})"),
                 (self.mixed_precision in ("auto", "bf16"), "train.weights",

@@ -45,22 +45,27 @@ def make_pipeline(components, sampler: str = DEFAULT_SAMPLER, *, device: torch.d
 
     `compile_unet`: sample through `torch.compile(unet)` (the module itself stays as it is).
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-                  unet=compiled(components.unet) if compile_unet else components.unet,
-                  scheduler=make_scheduler(sampler, components.noise_scheduler.config))
-    if components.is_xl:
-        pipe = StableDiffusionXLPipeline(**common, text_encoder_2=components.text_encoder_2,
-                                         tokenizer_2=components.tokenizer_2, add_watermarker=False)
-    else:
-        pipe = StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    pipe = pipeline_of(components, make_scheduler(sampler, components.noise_scheduler.config),
+                       unet=compiled(components.unet) if compile_unet else None)
     pipe.set_progress_bar_config(disable=True)
     components.vae.enable_slicing()  # a batch decodes one image at a time: the same images, one image's peak
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def pipeline_of(components, scheduler, *, unet=None):
+    """The diffusers pipeline object over the components (SDXL: StableDiffusionXLPipeline, no
+    watermarker; SD: no safety checker); `unet` in place of theirs when given."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
+                  unet=components.unet if unet is None else unet, scheduler=scheduler)
+    if components.is_xl:
+        return StableDiffusionXLPipeline(**common, text_encoder_2=components.text_encoder_2,
+                                         tokenizer_2=components.tokenizer_2, add_watermarker=False)
+    return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
 
 
 def decodes_in_fp32(pipe) -> bool:

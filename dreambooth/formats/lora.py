@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.errors import ModelSourceError, Problem
-from dreambooth.formats.single_file import UNET_PREFIX, unet_to_original
+from dreambooth.formats.single_file import unet_namer
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' load_lora_weights reads
 _DOWN_UP = {".lora.down.weight": ".lora_A.weight", ".lora.up.weight": ".lora_B.weight",
@@ -70,13 +70,13 @@ def peft_to_kohya(state: dict[str, torch.Tensor], alphas: dict[str, float],
     """PEFT layout -> kohya layout; `alphas` maps each part to its lora_alpha. `xl_unet`: the SDXL
     UNet's config, whose modules kohya names in the original layout."""
     prefixes = _KOHYA_XL_PREFIX if xl_unet else _KOHYA_PREFIX
+    original = unet_namer(xl_unet) if xl_unet else None
     out = {}
     for key, value in to_peft_layout(state).items():
         part, rest = key.split(".", 1)
         module, kind = rest.rsplit(".", 2)[0], rest.rsplit(".", 2)[1]
-        if xl_unet and part == "unet":
-            module = unet_to_original({module + ".weight": value}, xl_unet).popitem()[0]
-            module = module.removeprefix(UNET_PREFIX).removesuffix(".weight")
+        if original and part == "unet":
+            module = original(module + ".weight").removesuffix(".weight")
         name = prefixes[part] + module.replace(".", "_")
         out[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = value
         out[f"{name}.alpha"] = torch.tensor(float(alphas[part]), dtype=value.dtype)

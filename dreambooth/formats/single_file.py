@@ -112,12 +112,18 @@ def unet_key(key: str, layers_per_block: int, up_has_attention: list[bool]) -> s
     return f"{block}.1.{tail}"  # attentions: transformer internals keep their names
 
 
-def unet_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+def unet_namer(config: dict):
+    """`key -> original name` (without UNET_PREFIX) of the diffusers UNet keys of this config's layout."""
     lpb = config["layers_per_block"]
     if not isinstance(lpb, int):
         raise ValueError(f"layers_per_block={lpb!r}: only one value for all levels has an LDM layout")
     up_attn = [t.startswith("CrossAttn") for t in config["up_block_types"]]
-    return {UNET_PREFIX + unet_key(k, lpb, up_attn): v for k, v in state.items()}
+    return lambda key: unet_key(key, lpb, up_attn)
+
+
+def unet_to_original(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    name = unet_namer(config)
+    return {UNET_PREFIX + name(k): v for k, v in state.items()}
 
 
 def vae_key(key: str, num_levels: int) -> str:

@@ -14,7 +14,7 @@ from dreambooth.models.builtin import copy_tokenizer_files
 from dreambooth.priors import class_image_key, class_image_progress
 from dreambooth.prompts import fill_prompt
 from dreambooth.rundir import RUN_INFO, RunDir
-from dreambooth.sampling import eval_mode, make_grid, make_pipeline, sample_per_prompt
+from dreambooth.sampling import eval_mode, make_grid, make_pipeline, pipeline_of, sample_per_prompt
 from dreambooth.training.state import TEXT_ENCODER_NAMES
 
 
@@ -95,7 +95,7 @@ def save_pipeline_folder(components, folder: Path) -> None:
     base = diffusers.DDPMScheduler.load_config(components.folder, subfolder="scheduler")
     scheduler = getattr(diffusers, base["_class_name"]).from_config(base)
     scheduler.register_to_config(prediction_type=components.prediction_type)
-    pipe = pipeline_for_saving(components, scheduler)
+    pipe = pipeline_of(components, scheduler)
     # fp32 throughout: frozen parts that trained in bf16/fp16 beside fp32 weights would give a folder
     # that a plain `from_pretrained(folder)` loads with mixed dtypes and fails at the first matmul.
     parts = (components.unet, components.vae, *components.text_encoders)
@@ -111,19 +111,6 @@ def save_pipeline_folder(components, folder: Path) -> None:
             part.to(dtype)
     for name in ("tokenizer", "tokenizer_2")[: len(components.tokenizers)]:
         copy_tokenizer_files(folder / name)
-
-
-def pipeline_for_saving(components, scheduler):
-    """The diffusers pipeline object whose `save_pretrained` writes the model's folder."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
-                  unet=components.unet, scheduler=scheduler)
-    if components.is_xl:
-        return StableDiffusionXLPipeline(**common, text_encoder_2=components.text_encoder_2,
-                                         tokenizer_2=components.tokenizer_2, add_watermarker=False)
-    return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
 
 
 def write_text_encoder(text_encoder, folder: Path, *, dtype: torch.dtype | None = None,

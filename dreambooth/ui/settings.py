@@ -71,22 +71,26 @@ def model_kind(model: str) -> str:
 
 def preset_for(purpose: str, model: str) -> str:
     """The YAML preset for a purpose and base model; falls back to the SD 1.5 one."""
+    return _preset_of_kind(purpose, model_kind(model))
+
+
+def _preset_of_kind(purpose: str, kind: str) -> str:
     if purpose not in PRESETS:
         raise DreamboothError("unknown preset", [Problem("preset", f"{purpose!r}: use {', '.join(PRESETS)}")])
     choices = PRESETS[purpose]
-    choice = choices[model_kind(model)]
-    return choice if choice in list_presets() else choices["sd"]
+    return choices[kind] if choices[kind] in list_presets() else choices["sd"]
 
 
 def preset_defaults(purpose: str, model: str) -> dict:
     """The values the advanced section starts from, read from the preset itself, and what the
     purposes' cards say for this model."""
-    preset = preset_for(purpose, model)
+    kind = model_kind(model)  # reads the model's config files: once
+    preset = _preset_of_kind(purpose, kind)
     config = load_config(preset, {"data": {"class_noun": "placeholder"}})  # needed by validation
     return {"preset": preset, "steps": config.train.steps, "lr": config.train.lr,
             "prior": config.prior.enabled, "class_images": config.prior.num_images,
             "sample_every": config.output.sample_every, "resolution": config.data.resolution,
-            "about": PRESET_ABOUT.get(model_kind(model), PRESET_ABOUT["sd"])}
+            "about": PRESET_ABOUT.get(kind, PRESET_ABOUT["sd"])}
 
 
 def model_problems(model: str) -> list[Problem]:
