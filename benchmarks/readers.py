@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 
@@ -40,17 +44,82 @@ def _on_path(checkout: str | None, name: str, probe: str):
         return f"SKIPPED: importing {probe} from {checkout} failed: {type(e).__name__}: {e}"
 
 
+class _Absent(types.ModuleType):
+    """Stands in for a package a reader imports at module level but never calls on our path."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        setattr(self, name, _Absent(f"{self.__name__}.{name}"))
+        return getattr(self, name)
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError(f"{self.__name__} was called, but it is a stand-in: install the real package")
+
+
+class _AbsentFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, package: str):
+        self.package = package
+
+    def find_spec(self, name, path, target=None):
+        if name == self.package or name.startswith(self.package + "."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _Absent(spec.name)
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+def _stand_in(packages: tuple[str, ...], users: str) -> list[str]:
+    """The readers import torchvision and OpenCV at module level for parts our files never reach
+    (training transforms, other model families): where one is not installed, import a stand-in."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    if not missing:
+        return []
+    import diffusers.utils  # noqa: F401  (decides at import what is available)
+    from transformers.utils import import_utils
+
+    import_utils.is_torchvision_available()  # cached as False before a stand-in can answer
+    import_utils.is_cv2_available()
+    sys.meta_path[:0] = [_AbsentFinder(name) for name in missing]
+    return [f"{', '.join(missing)} not installed: a stand-in that raises when called is imported instead ({users})"]
+
+
+def _prepare_comfyui() -> list[str]:
+    """ComfyUI imports torchvision for Stable Cascade and Cosmos and picks CUDA at import time."""
+    notes = _stand_in(("torchvision",), "ComfyUI uses it only in its Stable Cascade, Cosmos and ACE modules")
+    import torch
+
+    if not torch.cuda.is_available():
+        import comfy.cli_args
+
+        comfy.cli_args.args.cpu = True
+        notes.append("no CUDA: ComfyUI runs with --cpu")
+    return notes
+
+
 def comfyui(args) -> list[str]:
+    if not args.comfyui:
+        return ["SKIPPED: no --comfyui checkout given"]
+    sys.path.insert(0, str(Path(args.comfyui).resolve()))
+    lines = _prepare_comfyui()
     sd = _on_path(args.comfyui, "comfyui", "comfy.sd")
     if isinstance(sd, str):
-        return [sd]
-    lines = []
+        return lines + [sd]
     if args.folder:
         te = _state(Path(args.folder) / "text_encoder" / "model.safetensors")
         lines.append(f"DiffusersLoader text encoder detected as {sd.detect_te_model(te)} (None = falls back to SD 1)")
     if args.single_file:
-        model, clip, vae, _ = sd.load_checkpoint_guess_config(args.single_file, output_vae=True, output_clip=True)[:4]
-        lines.append(f"checkpoint: {type(model.model).__name__}, model type {model.model.model_type.name}")
+        with _captured_warnings(logging.DEBUG) as messages:  # ComfyUI logs missing and left-over keys
+            model, clip, vae, _ = sd.load_checkpoint_guess_config(args.single_file, output_vae=True,
+                                                                  output_clip=True)[:4]
+        reports = [m for m in messages if any(w in m for w in ("missing", "unexpected", "left over"))]
+        lines.append(f"checkpoint: {type(model.model).__name__}, model type {model.model.model_type.name}, "
+                     f"text encoder {type(clip.cond_stage_model).__name__}, VAE {type(vae.first_stage_model).__name__}")
+        lines.append(f"key reports while loading: {len(reports)}" + "".join(f"\n      {m[:300]}" for m in reports))
         if args.lora or args.lora_peft:
             import comfy.lora
 
@@ -67,21 +136,26 @@ def comfyui(args) -> list[str]:
 
 
 @contextlib.contextmanager
-def _captured_warnings():
+def _captured_warnings(level: int = logging.WARNING):
     messages: list[str] = []
-    handler = logging.Handler(logging.WARNING)
+    handler = logging.Handler(level)
     handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger().addHandler(handler)
+    root = logging.getLogger()
+    before, handlers = root.level, root.handlers[:]
+    root.handlers[:] = [handler]  # the messages are reported below, not printed as they come
+    root.setLevel(min(before, level))
     try:
         yield messages
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.handlers[:] = handlers
+        root.setLevel(before)
 
 
 def sd_scripts(args) -> list[str]:
+    notes = _stand_in(("torchvision", "cv2"), "sd-scripts uses them for training images") if args.sd_scripts else []
     model_util = _on_path(args.sd_scripts, "sd-scripts", "library.model_util")
     if isinstance(model_util, str):
-        return [model_util]
+        return notes + [model_util]
     if not args.single_file:
         return ["SKIPPED: no --single-file given"]
     keys = _state(Path(args.single_file))
@@ -90,13 +164,30 @@ def sd_scripts(args) -> list[str]:
 
         text1, text2, vae, unet, logit_scale, _ = sdxl_model_util.load_models_from_sdxl_checkpoint(
             sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0, args.single_file, "cpu")
-        return [f"load_models_from_sdxl_checkpoint: {type(unet).__name__}, {type(text1).__name__}, "
-                f"{type(text2).__name__}, logit_scale {'absent' if logit_scale is None else 'present'} "
-                "(it raises on any missing or unexpected key; its reports are logged above)"]
-    v2 = any(k.startswith("cond_stage_model.model.") for k in keys)
-    text, vae, unet = model_util.load_models_from_stable_diffusion_checkpoint(v2, args.single_file)
-    return [f"load_models_from_stable_diffusion_checkpoint(v2={v2}): {type(unet).__name__}, {type(text).__name__} "
-            "(its load_state_dict reports are logged above)"]
+        lines = notes + [f"load_models_from_sdxl_checkpoint: {type(unet).__name__}, {type(text1).__name__}, "
+                 f"{type(text2).__name__}, logit_scale {'absent' if logit_scale is None else 'present'} "
+                 "(it raises on any missing or unexpected key; its reports are logged above)"]
+        text_encoders = [text1, text2]
+    else:
+        v2 = any(k.startswith("cond_stage_model.model.") for k in keys)
+        text, vae, unet = model_util.load_models_from_stable_diffusion_checkpoint(v2, args.single_file)
+        lines = notes + [f"load_models_from_stable_diffusion_checkpoint(v2={v2}): {type(unet).__name__}, "
+                 f"{type(text).__name__} (its load_state_dict reports are logged above)"]
+        text_encoders = [text]
+    if args.lora:
+        from networks import lora as kohya_lora
+
+        network, weights = kohya_lora.create_network_from_weights(1.0, args.lora, vae, text_encoders, unet,
+                                                                  for_inference=True)
+        network.apply_to(text_encoders, unet)  # registers the modules, as kohya's own scripts do first
+        result = network.load_state_dict(weights, strict=False)
+        lines.append(f"networks.lora.create_network_from_weights({Path(args.lora).name}): "
+                     f"{len(network.text_encoder_loras)} text-encoder and {len(network.unet_loras)} UNet modules; "
+                     f"{len(result.unexpected_keys)} of {len(weights)} tensors unexpected, "
+                     f"{len(result.missing_keys)} missing"
+                     + (f": {(result.unexpected_keys or result.missing_keys)[:3]} ..."
+                        if result.unexpected_keys or result.missing_keys else ""))
+    return lines
 
 
 def a1111(args) -> list[str]:
@@ -142,6 +233,13 @@ def diffusers_now(args) -> list[str]:
     return lines
 
 
+def _versions() -> str:
+    """The libraries a reader ran on: sd-scripts pins transformers 4 and diffusers 0.32."""
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "diffusers"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for flag in ("--folder", "--single-file", "--lora", "--lora-peft", "--comfyui", "--sd-scripts", "--a1111",
@@ -154,7 +252,7 @@ def main() -> None:
             lines = reader(args)
         except Exception as e:  # one reader failing must not hide the others' results
             lines = [f"FAILED: {type(e).__name__}: {e}"]
-        print(f"== {name}")
+        print(f"== {name} ({_versions()})")
         print("\n".join(f"   {line}" for line in lines) or "   (nothing to check)")
 
 

@@ -183,8 +183,11 @@ def read_card(gpu_memory: str | None = None) -> Card:
     memory = parse_memory(gpu_memory) if gpu_memory else None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        total = props.total_memory / 1e9
-        return Card(props.name, total if memory is None else memory, (props.major, props.minor))
+        name, total = props.name, props.total_memory / 1e9
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(0)
+        if fraction < 1.0:  # this process was capped (set_per_process_memory_fraction): plan for the cap
+            name, total = f"{name} capped at {total * fraction:.1f} GB", total * fraction
+        return Card(name, total if memory is None else memory, (props.major, props.minor))
     if memory is not None:
         return Card(f"--gpu-memory {gpu_memory} (no GPU here)", memory, None)
     return Card("CPU", None, None)

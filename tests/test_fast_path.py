@@ -399,3 +399,61 @@ def test_missing_8bit_optimizer_package_names_the_extra(monkeypatch, optimizer, 
     with pytest.raises(ConfigError) as caught:
         make_optimizer({"unet": torch.nn.Linear(2, 2)}, TrainConfig(optimizer=optimizer), torch.device("cpu"))
     assert f"dreambooth[{extra}]" in str(caught.value.problems[0])
+
+
+def _prepared_state(tmp_path, photos, name, monkeypatch, fast, extra=()):
+    """The TrainState that training prepares, with the steps not run."""
+    from dreambooth.training import loop, train_events
+
+    seen = {}
+
+    def no_steps(state, step_fn, stop):
+        seen["state"] = state
+        yield from ()
+
+    monkeypatch.setattr(loop, "run_steps", no_steps)
+    monkeypatch.setattr(loop, "FastStep", lambda state: None)
+    config = load_config("tiny-lora", {"data": {"images": str(photos), "class_noun": "dog"}},
+                         ["prior.enabled=false", "train.device=cpu", "train.mixed_precision=bf16",
+                          f"train.fast={fast}", *extra])
+    list(train_events(config, tmp_path / name))
+    return seen["state"]
+
+
+def test_lora_fast_step_puts_the_frozen_unet_on_the_device_in_bf16_and_keeps_adapters_fp32(
+        tmp_path, photos, monkeypatch):
+    """An SDXL UNet in fp32 is 10.3 GB, more than a 12 GB card has beside the rest: the fast LoRA
+    step stores the frozen UNet in the autocast dtype, so it goes to the device in it directly.
+    peft gives new adapters their layer's dtype; they are raised back to fp32, and start from the
+    seeded fp32 initialisation rounded once to bf16."""
+    from dreambooth.models.components import Components
+
+    placed = []
+    to = torch.nn.Module.to
+
+    def spy(module, *args, **kwargs):
+        if getattr(module, "_is_unet", False):
+            placed.append(kwargs.get("dtype", args[1] if len(args) > 1 else None))
+        return to(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    original_init = Components.__init__
+
+    def mark(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.unet._is_unet = True
+
+    monkeypatch.setattr(Components, "__init__", mark)
+    fast = _prepared_state(tmp_path, photos, "fast", monkeypatch, "always")
+    assert placed[0] == torch.bfloat16
+    params = dict(fast.components.unet.named_parameters())
+    lora = {k: p for k, p in params.items() if "lora_" in k}
+    assert lora and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
+    assert all(p.dtype == torch.bfloat16 for k, p in params.items() if k not in lora)
+
+    placed.clear()
+    plain = dict(_prepared_state(tmp_path, photos, "plain", monkeypatch, "never").components.unet.named_parameters())
+    assert placed[0] is None  # the plain step keeps fp32 weights under autocast
+    for key, p in lora.items():
+        assert torch.equal(p.detach(), plain[key].detach().bfloat16().float()), key
+    assert any(not torch.equal(p, plain[k]) for k, p in lora.items() if "lora_A" in k)  # rounded, not the same

@@ -118,9 +118,13 @@ def test_read_card_reads_the_gpu_and_the_override_keeps_its_capability(monkeypat
     props = SimpleNamespace(name="Tesla T4", total_memory=15_835_398_144, major=7, minor=5)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0, raising=False)
     card = read_card()
     assert (card.name, round(card.memory_gb, 2), card.capability, card.bf16) == ("Tesla T4", 15.84, (7, 5), False)
     assert read_card("8GB") == Card("Tesla T4", 8.0, (7, 5))
+    # a process capped with set_per_process_memory_fraction plans for its cap
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 0.5, raising=False)
+    assert read_card() == Card("Tesla T4 capped at 7.9 GB", props.total_memory / 2e9, (7, 5))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert read_card() == CPU
     assert read_card("16GB").memory_gb == 16.0 and read_card("16GB").capability is None

@@ -59,6 +59,19 @@ def prepare_modules(components, config, device: torch.device) -> None:
         components.vae.to(memory_format=torch.channels_last)
 
 
+def lowers_frozen(config, fast: bool, frozen_dtype: torch.dtype) -> bool:
+    """Whether the fast step stores a LoRA run's frozen weights in the autocast dtype."""
+    return fast and config.train.mode == "lora" and frozen_dtype != torch.float32
+
+
+def raise_trainable_to_fp32(modules: dict[str, torch.nn.Module]) -> None:
+    """Trainable parameters in fp32, whatever the dtype of the frozen layers they were added to."""
+    for module in modules.values():
+        for param in module.parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+                param.data = param.data.float()
+
+
 def lower_frozen_weights(modules: dict[str, torch.nn.Module], dtype: torch.dtype) -> None:
     """Store frozen weights (the base of a LoRA model) in the autocast dtype.
 
