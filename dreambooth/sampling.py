@@ -155,37 +155,70 @@ def vae_tiling(vae, resolution: int) -> Iterator[None]:
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
                   resolution: int, negative_prompt: str = "", batch_size: int = 8,
-                  stop: threading.Event | None = None) -> list:
+                  stop: threading.Event | None = None, park_text_encoders: bool = False) -> list:
     """Render prompts[i] with seeds[i]; batches are cut for memory, not for randomness.
 
     A set `stop` ends sampling after the current denoising step; the interrupted batch is
     dropped (its images are half denoised), so fewer images than prompts come back.
+    `park_text_encoders`: encode every prompt first, then keep the text encoders on the CPU while
+    the UNet denoises (SDXL's are 1.6 GB in bf16); the images are the same.
     """
     device = pipe._execution_device
     extra = {"callback_on_step_end": _interrupt_when(stop)} if stop is not None else {}
     fp32_decode = decodes_in_fp32(pipe)
     if fp32_decode:
         extra["output_type"] = "latent"
-    images = []
-    for start in range(0, len(prompts), batch_size):
-        if stop is not None and stop.is_set():
-            break
-        chunk = slice(start, start + batch_size)
-        with sampling_precision(pipe), vae_tiling(pipe.vae, resolution):
-            out = pipe(
-                prompt=prompts[chunk],
-                negative_prompt=[negative_prompt] * len(prompts[chunk]) if negative_prompt else None,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                height=resolution,
-                width=resolution,
-                generator=seeded_generators(seeds[chunk], device),
-                **extra,
-            )
+    negatives = [negative_prompt] * len(prompts) if negative_prompt else None
+    with _prompts_encoded_then_parked(pipe, prompts, negatives, guidance, park_text_encoders) as conditioning:
+        images = []
+        for start in range(0, len(prompts), batch_size):
             if stop is not None and stop.is_set():
                 break
-            images.extend(decode_fp32(pipe, out.images) if fp32_decode else out.images)
+            chunk = slice(start, start + batch_size)
+            with sampling_precision(pipe), vae_tiling(pipe.vae, resolution):
+                out = pipe(
+                    **conditioning(chunk),
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    height=resolution,
+                    width=resolution,
+                    generator=seeded_generators(seeds[chunk], device),
+                    **extra,
+                )
+                if stop is not None and stop.is_set():
+                    break
+                images.extend(decode_fp32(pipe, out.images) if fp32_decode else out.images)
     return images
+
+
+EMBEDDING_NAMES = {  # what encode_prompt returns, by the names the pipeline's call takes
+    False: ("prompt_embeds", "negative_prompt_embeds"),
+    True: ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"),
+}
+
+
+@contextlib.contextmanager
+def _prompts_encoded_then_parked(pipe, prompts: list[str], negatives: list[str] | None, guidance: float,
+                                 park: bool):
+    """Yields chunk -> the pipeline's conditioning arguments for prompts[chunk]: the prompts
+    themselves, or (`park`) their embeddings, made at once, with the text encoders on the CPU
+    until the block ends."""
+    if not park:
+        yield lambda chunk: dict(prompt=prompts[chunk], negative_prompt=negatives[chunk] if negatives else None)
+        return
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    device = pipe._execution_device
+    with sampling_precision(pipe):
+        embeddings = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                        do_classifier_free_guidance=guidance > 1.0, negative_prompt=negatives)
+    named = dict(zip(EMBEDDING_NAMES[hasattr(pipe, "text_encoder_2")], embeddings))
+    for encoder in encoders:
+        encoder.to("cpu")
+    try:
+        yield lambda chunk: {name: None if value is None else value[chunk] for name, value in named.items()}
+    finally:
+        for encoder in encoders:
+            encoder.to(device)
 
 
 @contextlib.contextmanager
