@@ -127,8 +127,9 @@ class TrainConfig:
                                    "(their down and up blocks, where activations are largest); 0, or the UNet's "
                                    "number of levels or more: every block", 0, 64)
     cache_latents: bool = _f(True, "encode subject/class images once (VAE is frozen)")
-    offload_frozen: bool = _f(False, "keep the VAE (and a frozen text encoder) on the CPU while steps run; they come "
-                                     "back for samples and scoring (needs cached latents)")
+    offload_frozen: bool = _f(False, "keep the VAE on the CPU while steps run (it comes back for samples and "
+                                     "scoring) and a frozen text encoder on the CPU throughout, where it encodes "
+                                     "the few prompts in fp32 (needs cached latents)")
     seed: int = _f(0, "seed of noise, timesteps and data order; step k's randomness depends on (seed, k)",
                    0, SEED_MAX)
     fast: str = _f("auto", "auto (with CUDA), always or never: the static-shape step of training/fast.py, same math")

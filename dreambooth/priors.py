@@ -105,7 +105,6 @@ def class_image_progress(
     cache_dir: str | Path | None = None,
     batch_size: int = 4,
     stop: threading.Event | None = None,
-    park_text_encoders: bool = False,
 ) -> Iterator[tuple[int, int, list[Path]]]:
     """Yield (done, total, paths) first for the cached images, then after each new image.
 
@@ -128,7 +127,6 @@ def class_image_progress(
             pipe, [key.prompt] * len(batch), [key.image_seed(i) for i in batch],
             steps=key.steps, guidance=key.guidance, resolution=key.resolution,
             negative_prompt=key.negative_prompt, batch_size=batch_size, stop=stop,
-            park_text_encoders=park_text_encoders,
         )
         for index, image in zip(batch, images):  # fewer images than asked when stopped
             _save_png_atomically(image, folder / _name(index))

@@ -155,13 +155,15 @@ def vae_tiling(vae, resolution: int) -> Iterator[None]:
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
                   resolution: int, negative_prompt: str = "", batch_size: int = 8,
-                  stop: threading.Event | None = None, park_text_encoders: bool = False) -> list:
+                  stop: threading.Event | None = None, encode_first: bool | None = None) -> list:
     """Render prompts[i] with seeds[i]; batches are cut for memory, not for randomness.
 
     A set `stop` ends sampling after the current denoising step; the interrupted batch is
     dropped (its images are half denoised), so fewer images than prompts come back.
-    `park_text_encoders`: encode every prompt first, then keep the text encoders on the CPU while
-    the UNet denoises (SDXL's are 1.6 GB in bf16); the images are the same.
+    `encode_first`: encode the prompts where the text encoders are and hand the pipeline their
+    embeddings; None (auto) does so when the encoders are not on the pipeline's device, as with
+    `train.offload_frozen` on a small card (SDXL's encoders are 1.6 GB in bf16). The images are
+    the same to the rounding of another batch size or device.
     """
     device = pipe._execution_device
     extra = {"callback_on_step_end": _interrupt_when(stop)} if stop is not None else {}
@@ -169,25 +171,25 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
     if fp32_decode:
         extra["output_type"] = "latent"
     negatives = [negative_prompt] * len(prompts) if negative_prompt else None
-    with _prompts_encoded_then_parked(pipe, prompts, negatives, guidance, park_text_encoders) as conditioning:
-        images = []
-        for start in range(0, len(prompts), batch_size):
+    conditioning = _conditioning(pipe, prompts, negatives, guidance, encode_first)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        if stop is not None and stop.is_set():
+            break
+        chunk = slice(start, start + batch_size)
+        with sampling_precision(pipe), vae_tiling(pipe.vae, resolution):
+            out = pipe(
+                **conditioning(chunk),
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+                generator=seeded_generators(seeds[chunk], device),
+                **extra,
+            )
             if stop is not None and stop.is_set():
                 break
-            chunk = slice(start, start + batch_size)
-            with sampling_precision(pipe), vae_tiling(pipe.vae, resolution):
-                out = pipe(
-                    **conditioning(chunk),
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    height=resolution,
-                    width=resolution,
-                    generator=seeded_generators(seeds[chunk], device),
-                    **extra,
-                )
-                if stop is not None and stop.is_set():
-                    break
-                images.extend(decode_fp32(pipe, out.images) if fp32_decode else out.images)
+            images.extend(decode_fp32(pipe, out.images) if fp32_decode else out.images)
     return images
 
 
@@ -197,28 +199,33 @@ EMBEDDING_NAMES = {  # what encode_prompt returns, by the names the pipeline's c
 }
 
 
-@contextlib.contextmanager
-def _prompts_encoded_then_parked(pipe, prompts: list[str], negatives: list[str] | None, guidance: float,
-                                 park: bool):
-    """Yields chunk -> the pipeline's conditioning arguments for prompts[chunk]: the prompts
-    themselves, or (`park`) their embeddings, made at once, with the text encoders on the CPU
-    until the block ends."""
-    if not park:
-        yield lambda chunk: dict(prompt=prompts[chunk], negative_prompt=negatives[chunk] if negatives else None)
-        return
-    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+def _conditioning(pipe, prompts: list[str], negatives: list[str] | None, guidance: float,
+                  encode_first: bool | None):
+    """chunk -> the pipeline's conditioning arguments for prompts[chunk]: the prompts themselves,
+    or their embeddings, encoded on the text encoders' own device (once per pipeline and prompt)
+    and moved to the pipeline's."""
     device = pipe._execution_device
-    with sampling_precision(pipe):
-        embeddings = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
-                                        do_classifier_free_guidance=guidance > 1.0, negative_prompt=negatives)
-    named = dict(zip(EMBEDDING_NAMES[hasattr(pipe, "text_encoder_2")], embeddings))
-    for encoder in encoders:
-        encoder.to("cpu")
-    try:
-        yield lambda chunk: {name: None if value is None else value[chunk] for name, value in named.items()}
-    finally:
-        for encoder in encoders:
-            encoder.to(device)
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    where = next(encoders[0].parameters()).device
+    if encode_first is None:
+        encode_first = any(next(e.parameters()).device != device for e in encoders)
+    if not encode_first:
+        return lambda chunk: dict(prompt=prompts[chunk], negative_prompt=negatives[chunk] if negatives else None)
+    memo = vars(pipe).setdefault("_encoded_prompts", {})  # class images: one prompt, many batches
+    names = EMBEDDING_NAMES[hasattr(pipe, "text_encoder_2")]
+    rows = []
+    for i, prompt in enumerate(prompts):
+        key = (prompt, negatives[i] if negatives else None, guidance > 1.0)
+        if key not in memo:
+            with sampling_precision(pipe) if where == device else contextlib.nullcontext():
+                out = pipe.encode_prompt(prompt=[key[0]], device=where, num_images_per_prompt=1,
+                                         do_classifier_free_guidance=key[2],
+                                         negative_prompt=None if key[1] is None else [key[1]])
+            memo[key] = [None if t is None else t.to(device) for t in out]
+        rows.append(memo[key])
+    named = {name: None if rows[0][k] is None else torch.cat([row[k] for row in rows])
+             for k, name in enumerate(names)}
+    return lambda chunk: {name: None if value is None else value[chunk] for name, value in named.items()}
 
 
 @contextlib.contextmanager

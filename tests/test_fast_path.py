@@ -384,6 +384,31 @@ def test_frozen_parking_moves_the_frozen_modules_and_brings_them_back(monkeypatc
     assert targets[2:] == [(components.vae, "meta"), (components.text_encoder, "meta")]
 
 
+def test_offload_frozen_on_cuda_keeps_frozen_text_encoders_on_the_cpu_and_encodes_there():
+    """On a small card (train.offload_frozen on CUDA) the frozen text encoders never go to the card:
+    parking moves the VAE alone, and the prompt embeddings are encoded where the encoders are and
+    handed over in the dtype the frozen parts train in."""
+    from dreambooth.config import load_config
+    from dreambooth.models import load_components
+    from dreambooth.training.state import FrozenParking, PromptEmbeddings, text_encoders_stay_on_cpu
+
+    components = load_components("tiny-random-xl")
+    overrides = {"data": {"images": ".", "class_noun": "dog"}}
+    lean = load_config("tiny-xl-lora", overrides, ["train.offload_frozen=true"])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert text_encoders_stay_on_cpu(lean, cuda) and not text_encoders_stay_on_cpu(lean, cpu)
+    assert not text_encoders_stay_on_cpu(load_config("tiny-xl-lora", overrides, []), cuda)
+    trained = load_config("tiny-xl-lora", overrides, ["train.offload_frozen=true", "train.train_text_encoder=true"])
+    assert not text_encoders_stay_on_cpu(trained, cuda)
+    assert FrozenParking(components, lean, cuda).modules == [components.vae]
+    assert FrozenParking(components, lean, cpu).modules == [components.vae, *components.text_encoders]
+
+    fp32 = PromptEmbeddings(components, lean, cpu)
+    low = PromptEmbeddings(components, lean, cpu, torch.bfloat16)
+    for a, b in zip(fp32.frozen, low.frozen):
+        assert a.dtype == torch.float32 and b.dtype == torch.bfloat16 and torch.equal(a.bfloat16(), b)
+
+
 
 @pytest.mark.parametrize("optimizer,module,extra", [("adamw8bit", "bitsandbytes", "bnb"),
                                                      ("adamw8bit_torchao", "torchao.optim", "lean"),

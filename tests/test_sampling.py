@@ -23,27 +23,17 @@ def test_sample_per_prompt_gives_each_prompt_every_seed():
 
 @pytest.mark.parametrize("model,negative", [("tiny-random", ""), ("tiny-random", "blurry"), ("tiny-random-xl", ""),
                                             ("tiny-random-xl", "blurry")])
-def test_parked_text_encoders_give_the_same_images(model, negative, monkeypatch):
-    """The lean presets encode the prompts first and keep the text encoders on the CPU while the
-    UNet denoises: the same images as the pipeline encoding them itself (to the rounding of another
-    batch size), and the encoders come back."""
-    components = load_components(model)
-    pipe = make_pipeline(components, "ddim")
+def test_prompts_encoded_first_give_the_same_images(model, negative):
+    """Text encoders kept on the CPU (train.offload_frozen on CUDA) encode the prompts there and the
+    pipeline gets their embeddings: the same images as the pipeline encoding them itself (to the
+    rounding of another batch size), each distinct prompt encoded once per pipeline."""
+    pipe = make_pipeline(load_components(model), "ddim")
     options = dict(steps=2, guidance=5.0, resolution=64, negative_prompt=negative, batch_size=2)
-    prompts, seeds = ["a photo of sks dog", "a dog on the moon", "a dog"], [3, 7, 9]
+    prompts, seeds = ["a photo of sks dog", "a dog on the moon", "a photo of sks dog"], [3, 7, 9]
     plain = sample_images(pipe, prompts, seeds, **options)
-    moves, to = [], torch.nn.Module.to
-    encoders = {id(e): name for name, e in (("te1", components.text_encoder), ("te2", components.text_encoder_2))}
-
-    def spy(module, *args, **kwargs):
-        if id(module) in encoders:
-            moves.append((encoders[id(module)], str(args[0] if args else kwargs.get("device"))))
-        return to(module, *args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.Module, "to", spy)
-    parked = sample_images(pipe, prompts, seeds, park_text_encoders=True, **options)
-    assert len(parked) == len(plain)
-    for a, b in zip(parked, plain):  # all prompts are encoded in one batch here: batching rounds, +-1
+    assert not vars(pipe).get("_encoded_prompts")  # auto: the encoders are on the pipeline's device
+    first = sample_images(pipe, prompts, seeds, encode_first=True, **options)
+    assert len(vars(pipe)["_encoded_prompts"]) == 2
+    assert len(first) == len(plain)
+    for a, b in zip(first, plain):  # one prompt per encoder call here: batching rounds, +-1
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
-    expected = [name for name in ("te1", "te2") if name in encoders.values() and (name == "te1" or components.is_xl)]
-    assert moves == [(name, "cpu") for name in expected] + [(name, "cpu") for name in expected]  # parked, back

@@ -28,7 +28,6 @@ def prepare_class_images(components, config: RunConfig, device, stop=None):
         lambda: make_pipeline(components, config.prior.sampler, device=device,
                               compile_unet=config.prior.compile and torch.device(device).type == "cuda"),
         cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size, stop=stop,
-        park_text_encoders=config.train.offload_frozen,
     )
 
 
@@ -42,7 +41,7 @@ def write_samples(components, config: RunConfig, run: RunDir, step: int) -> Path
         # batches as large as the preset's class-image batches, which it sizes for the card
         rows = sample_per_prompt(pipe, prompts, list(range(out.sample_images)), steps=out.sample_steps,
                                  guidance=7.5, resolution=config.data.resolution,
-                                 batch_size=config.prior.batch_size, park_text_encoders=config.train.offload_frozen)
+                                 batch_size=config.prior.batch_size)
     images = [image for row in rows for image in row]
     path = run.samples / f"step-{step:05d}.png"
     make_grid(images, cols=out.sample_images).save(path)

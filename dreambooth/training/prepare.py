@@ -37,7 +37,7 @@ from dreambooth.training.outputs import prepare_class_images
 from dreambooth.training.scaling import LossScaler
 from dreambooth.training.scoring import CheckpointScoring
 from dreambooth.training.setup import make_lr_schedule, make_optimizer, mark_trainable
-from dreambooth.training.state import FrozenParking, PromptEmbeddings, TrainState
+from dreambooth.training.state import FrozenParking, PromptEmbeddings, TrainState, text_encoders_stay_on_cpu
 
 Events = Generator[ev.Event, None, "TrainState | None"]
 
@@ -83,7 +83,7 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     with meter.phase("latent cache", accelerator.device):
         instances, classes = _latent_sources(components, config, report, class_paths)
     with meter.phase("text embeddings", accelerator.device):
-        prompts = PromptEmbeddings(components, config, accelerator.device)
+        prompts = PromptEmbeddings(components, config, accelerator.device, frozen_dtype_of(precision))
     scoring = CheckpointScoring(components, config, run) if config.eval.every else None
     parking = FrozenParking(components, config, accelerator.device)
     if config.train.offload_frozen and not parking.modules:
@@ -101,8 +101,9 @@ def _place_models(components, config: RunConfig, accelerator, precision: str) ->
     """Move the models to the device in their dtypes; return whether the fast step runs."""
     device, frozen_dtype = accelerator.device, frozen_dtype_of(precision)
     components.vae.to(device, vae_dtype(components, frozen_dtype))
-    for text_encoder in components.text_encoders:
-        text_encoder.to(device, frozen_dtype if not config.train.train_text_encoder else torch.float32)
+    if not text_encoders_stay_on_cpu(config, device):  # those stay fp32 on the CPU
+        for text_encoder in components.text_encoders:
+            text_encoder.to(device, frozen_dtype if not config.train.train_text_encoder else torch.float32)
     fast, why_not = use_fast_path(config, device, accelerator.num_processes, precision)
     # The fast step stores a LoRA run's frozen UNet in the autocast dtype (_optimization); placing it
     # so at once spares the fp32 copy on the card (SDXL: 10.3 GB where 5.1 GB stay)

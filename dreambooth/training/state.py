@@ -19,16 +19,28 @@ from dreambooth.training.scaling import LossScaler
 from dreambooth.training.scoring import CheckpointScoring
 
 
+def text_encoders_stay_on_cpu(config: RunConfig, device: torch.device) -> bool:
+    """`train.offload_frozen` on CUDA with frozen text encoders: they never go to the card. They
+    encode a few prompts per run (subject and class prompt, the class images' prompt once, the
+    validation prompts) on the CPU in fp32, so the card never holds them beside the UNet (SDXL: 1.6 GB
+    in bf16 beside 5.1 GB). Moving the UNet out instead would break the fast step's CUDA graph,
+    which holds the addresses of its weights."""
+    return (config.train.offload_frozen and device.type == "cuda" and not config.train.train_text_encoder
+            and latents_cached(config))
+
+
 class FrozenParking:
     """`train.offload_frozen`: the frozen VAE (and text encoder) wait on the CPU while steps run.
 
     The steps never call them once latents and prompt embeddings are cached; samples, scoring and
     the end of training bring them back (`back()`). Nothing moves unless asked, nor when latents are
-    not cached (the random-crop step encodes every batch).
+    not cached (the random-crop step encodes every batch). Text encoders that stay on the CPU
+    (`text_encoders_stay_on_cpu`) are not moved at all.
     """
 
     def __init__(self, components, config: RunConfig, device: torch.device, park_to: str = "cpu"):
-        frozen = [components.vae] + ([] if config.train.train_text_encoder else list(components.text_encoders))
+        encoders = config.train.train_text_encoder or text_encoders_stay_on_cpu(config, device)
+        frozen = [components.vae] + ([] if encoders else list(components.text_encoders))
         self.modules = frozen if config.train.offload_frozen and latents_cached(config) else []
         self.device, self.park_to = device, park_to
 
@@ -63,7 +75,7 @@ class PromptEmbeddings:
     takes with the micro-conditioning as added conditions.
     """
 
-    def __init__(self, components, config: RunConfig, device: torch.device):
+    def __init__(self, components, config: RunConfig, device: torch.device, dtype: torch.dtype | None = None):
         data = config.data
         texts = [fill_prompt(data.instance_prompt, data.identifier, data.class_noun),
                  fill_prompt(data.class_prompt, data.identifier, data.class_noun)]
@@ -72,15 +84,18 @@ class PromptEmbeddings:
         self.ids = self.all_ids[0]
         self.xl = components.is_xl
         self.frozen = None
-        if not config.train.train_text_encoder:
+        if not config.train.train_text_encoder:  # encoded where the encoders are (the CPU: see FrozenParking)
+            where = next(components.text_encoder.parameters()).device
             with torch.no_grad():
-                self.frozen = self.encode(components.text_encoders)
+                context, pooled = self.encode(components.text_encoders, [ids.to(where) for ids in self.all_ids])
+            self.frozen = tuple(None if t is None else t.to(device, dtype or t.dtype) for t in (context, pooled))
 
-    def encode(self, text_encoders) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode(self, text_encoders, all_ids=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(context (2, 77, D), pooled (2, P) or None for SD 1.x/2.x) from the given encoders."""
+        all_ids = all_ids or self.all_ids
         if not self.xl:
-            return text_encoders[0](self.ids)[0], None
-        outputs = [encoder(ids, output_hidden_states=True) for encoder, ids in zip(text_encoders, self.all_ids)]
+            return text_encoders[0](all_ids[0])[0], None
+        outputs = [encoder(ids, output_hidden_states=True) for encoder, ids in zip(text_encoders, all_ids)]
         return torch.cat([out.hidden_states[-2] for out in outputs], dim=-1), outputs[-1].text_embeds
 
     def batch(self, is_prior: torch.Tensor, text_encoders) -> tuple[torch.Tensor, torch.Tensor | None]:
