@@ -135,21 +135,27 @@ def sampling_precision(pipe):
 
 
 TILED_FROM = 768  # px: where VAE tiling starts (the decoder's attention grows with the square of the pixels)
+TILE_PX = 512  # px: the largest tile. SDXL's VAE would tile only above its own 1024 px, and its fp32
+# decode of one 1024 px image peaks near 4 GB, more than an 8 GB card has beside the bf16 UNet.
 
 
 @contextlib.contextmanager
 def vae_tiling(vae, resolution: int) -> Iterator[None]:
-    """Decode in overlapping tiles at `TILED_FROM` px and above (diffusers tiles only images larger
-    than the VAE's own sample size). Below that the images stay exactly as without tiling."""
+    """Decode in overlapping tiles of at most `TILE_PX` px at `TILED_FROM` px and above (diffusers
+    tiles only images larger than the VAE's own sample size). Below that the images stay exactly
+    as without tiling."""
     if resolution < TILED_FROM:
         yield
         return
-    before = vae.use_tiling
+    before = vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size
     vae.enable_tiling()
+    if vae.tile_sample_min_size > TILE_PX:
+        scale = vae.tile_sample_min_size // vae.tile_latent_min_size
+        vae.tile_sample_min_size, vae.tile_latent_min_size = TILE_PX, TILE_PX // scale
     try:
         yield
     finally:
-        vae.use_tiling = before
+        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size = before
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 out-of-memory errors that name the phase and keep the checkpoint."""
 import json
 import weakref
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -196,6 +197,25 @@ def test_vae_tiling_only_at_768_px_and_above(tiny):
     with vae_tiling(vae, 768):
         assert vae.use_tiling
     assert not vae.use_tiling
+
+
+def test_vae_tiles_are_at_most_512_px_for_a_1024_px_vae():
+    """SDXL's VAE would tile only above its own 1024 px; its 1024 px decode is cut into 512 px tiles
+    (64 latent pixels), and its own sizes come back afterwards."""
+    from diffusers import AutoencoderKL
+
+    from dreambooth.sampling import vae_tiling
+
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, latent_channels=4, sample_size=1024,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == (1024, 128)
+    decoded = []
+    vae.tiled_decode = lambda z, **kw: decoded.append(z.shape[-1]) or SimpleNamespace(sample=torch.zeros(1, 3, 8, 8))
+    with vae_tiling(vae, 1024):
+        assert (vae.tile_sample_min_size, vae.tile_latent_min_size) == (512, 64)
+        vae.decode(torch.zeros(1, 4, 128, 128))
+    assert decoded == [128]  # the 128-latent image went through the tiled decode
+    assert (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size) == (False, 1024, 128)
 
 
 def test_sampling_in_mixed_precision_keeps_no_cast_copy_of_the_weights():
