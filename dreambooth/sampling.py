@@ -205,6 +205,12 @@ EMBEDDING_NAMES = {  # what encode_prompt returns, by the names the pipeline's c
 }
 
 
+def _device_of(module) -> torch.device | None:
+    """Where a module's weights are (None for one without any)."""
+    first = next(module.parameters(), None) if hasattr(module, "parameters") else None
+    return None if first is None else first.device
+
+
 def _conditioning(pipe, prompts: list[str], negatives: list[str] | None, guidance: float,
                   encode_first: bool | None):
     """chunk -> the pipeline's conditioning arguments for prompts[chunk]: the prompts themselves,
@@ -212,11 +218,11 @@ def _conditioning(pipe, prompts: list[str], negatives: list[str] | None, guidanc
     and moved to the pipeline's."""
     device = pipe._execution_device
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
-    where = next(encoders[0].parameters()).device
     if encode_first is None:
-        encode_first = any(next(e.parameters()).device != device for e in encoders)
+        encode_first = any(_device_of(e) not in (None, device) for e in encoders)
     if not encode_first:
         return lambda chunk: dict(prompt=prompts[chunk], negative_prompt=negatives[chunk] if negatives else None)
+    where = _device_of(encoders[0]) or device
     memo = vars(pipe).setdefault("_encoded_prompts", {})  # class images: one prompt, many batches
     names = EMBEDDING_NAMES[hasattr(pipe, "text_encoder_2")]
     rows = []

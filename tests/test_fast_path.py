@@ -321,7 +321,9 @@ def test_compiled_modules_cache_under_the_tool_cache(tmp_path, monkeypatch):
 def test_offload_frozen_parks_the_vae_during_steps_and_brings_it_back_for_samples(tmp_path, photos, monkeypatch):
     """`train.offload_frozen`: the VAE and the frozen text encoder leave the device before the first
     step, no step calls them while parked, and they come back around every sample grid; the losses
-    do not change. On the CPU there is nowhere to park, so "parked" is a hook that fails any call."""
+    do not change. On the CPU there is nowhere to park, so "parked" is a hook that fails any call.
+    On CUDA the frozen text encoder never goes to the card (it encodes on the CPU, in fp32), so the
+    VAE alone is parked, and the losses differ from the bf16-encoded ones by bf16 rounding."""
     import contextlib
 
     from dreambooth.training import loop, prepare, state
@@ -351,13 +353,17 @@ def test_offload_frozen_parks_the_vae_during_steps_and_brings_it_back_for_sample
     real_write = loop.write_samples
     monkeypatch.setattr(loop, "write_samples", lambda *a: (at_sampling.append(moves[-1][0]), real_write(*a))[1])
     extra = ["train.offload_frozen=true", "output.sample_every=2"]
+    cuda = torch.cuda.is_available()
     for fast in ("always", "never"):
         moves.clear(), at_sampling.clear()
         offloaded, _ = run(tmp_path, photos, f"parked-{fast}", fast, "tiny", extra)
-        assert moves[0] == ("park", 2)  # the VAE and the frozen text encoder, before step 1
+        assert moves[0] == ("park", 1 if cuda else 2)  # the VAE (and the frozen text encoder), before step 1
         assert at_sampling == ["back", "back", "back"]  # steps 2 and 4 and the final grid
         plain, _ = run(tmp_path, photos, f"plain-{fast}", fast, "tiny", ["output.sample_every=2"])
-        assert offloaded == plain
+        if cuda:  # bf16 keeps 8 bits: 0.4% per value (see test_fast_step_trains_like_the_plain_step_on_cuda)
+            torch.testing.assert_close(torch.tensor(offloaded), torch.tensor(plain), rtol=2e-2, atol=0)
+        else:
+            assert offloaded == plain
     moves.clear()
     run(tmp_path, photos, "te", "always", "tiny", extra + ["train.train_text_encoder=true"])
     assert moves[0] == ("park", 1)  # the text encoder trains, so it stays

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from dreambooth.models import load_components
 from dreambooth.sampling import make_pipeline, sample_images, sample_per_prompt
