@@ -66,6 +66,7 @@ class Tier:
     trains: str
     resolution: int
     mixed_precision: str
+    failed_under_cap: str | None = None  # measured and did not fit its target: what ran out
 
     @property
     def needs_gpu(self) -> bool:
@@ -134,6 +135,8 @@ def _row(tier: Tier, card: Card) -> Row:
         return Row(tier, False, precision, "needs native bf16 (compute capability 8.0+)")
     if not tier.needs_gpu:
         return Row(tier, True, precision, "runs anywhere")
+    if tier.failed_under_cap:
+        return Row(tier, False, precision, f"does not fit its {tier.target_gb:g} GB yet: {tier.failed_under_cap}")
     need, what = ((tier.measured_peak_gb, "measured peak") if tier.measured_peak_gb is not None
                   else (tier.target_gb, "target"))
     fits = need <= card.usable_gb
@@ -159,7 +162,8 @@ def _notes(family: str, card: Card, rows: tuple[Row, ...], best: str | None) -> 
     elif best is None and card.is_gpu:
         smallest = min(rows, key=lambda r: r.tier.target_gb).tier
         notes.append(f"no preset fits {card.usable_gb:.1f} GB usable; the smallest, {smallest.preset}, "
-                     f"is built for a {smallest.card_gb:g} GB card")
+                     f"is built for a {smallest.card_gb:g} GB card"
+                     + (" but does not fit it yet (its row says what ran out)" if smallest.failed_under_cap else ""))
     return notes
 
 

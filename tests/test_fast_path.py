@@ -488,3 +488,15 @@ def test_lora_fast_step_puts_the_frozen_unet_on_the_device_in_bf16_and_keeps_ada
     for key, p in lora.items():
         assert torch.equal(p.detach(), plain[key].detach().bfloat16().float()), key
     assert any(not torch.equal(p, plain[k]) for k, p in lora.items() if "lora_A" in k)  # rounded, not the same
+
+
+def test_class_images_sample_with_the_models_where_training_placed_them(tmp_path, photos, monkeypatch):
+    """`pipe.to(device)` would bring text encoders kept on the CPU (offload_frozen on CUDA) back to
+    the card beside the UNet, the peak the 8 GB SDXL preset cannot afford."""
+    from diffusers import DiffusionPipeline
+
+    moved = []
+    monkeypatch.setattr(DiffusionPipeline, "to", lambda self, *a, **k: moved.append(a) or self)
+    run(tmp_path, photos, "classes", "never", "tiny", ["prior.num_images=2", "output.sample_images=0",
+                                                        "train.steps=1"])
+    assert moved == []

@@ -27,7 +27,7 @@ CPU = Card("CPU", None, None)
 @pytest.mark.parametrize("card,sd15,sd21,sdxl,precision", [
     (T4, "sd15-12gb", "sd21-16gb", "sdxl-lora", "fp16"),
     (RTX3060, "sd15-12gb", "sd21-lora-8gb", "sdxl-lora", "bf16"),
-    (RTX3070, "sd15-8gb", "sd21-lora-8gb", "sdxl-lora-8gb", "bf16"),
+    (RTX3070, "sd15-8gb", "sd21-lora-8gb", None, "bf16"),  # sdxl-lora-8gb ran out of memory under its cap
     (RTX4090, "sd15-24gb", "sd21-16gb", "sdxl-full-24gb", "bf16"),
     (H100, "sd15-24gb", "sd21-16gb", "sdxl-full-24gb", "bf16"),
 ])
@@ -37,7 +37,10 @@ def test_plan_picks_the_largest_preset_that_fits_each_card(card, sd15, sd21, sdx
         assert result.best == expected
         assert {r.tier.family for r in result.rows} == {family}
         fitting = [r.tier.target_gb for r in result.rows if r.fits]
-        assert max(fitting) == next(r.tier.target_gb for r in result.rows if r.tier.preset == expected)
+        if expected is None:
+            assert not fitting
+        else:
+            assert max(fitting) == next(r.tier.target_gb for r in result.rows if r.tier.preset == expected)
         auto = [r for r in result.rows if r.tier.mixed_precision == "auto"]
         assert auto and all(r.precision == precision for r in auto)
         for row in (r for r in result.rows if r.tier.mixed_precision == "bf16"):  # sdxl-full-24gb: bf16 weights
@@ -72,6 +75,16 @@ def test_a_measured_peak_decides_the_fit_instead_of_the_target():
     assert "measured peak 15.6 GB" in next(r.why for r in result.rows if r.tier.preset == "sd21-16gb")
 
 
+def test_a_tier_that_ran_out_of_memory_under_its_cap_is_never_picked():
+    tiers = load_tiers()
+    small = next(t for t in tiers if t.preset == "sd15-8gb")
+    failed = dataclasses.replace(small, failed_under_cap="class images ran out at 7.4 GB")
+    result = plan("sd15", Card("RTX 3070", 8.0, (8, 6)), tuple(failed if t is small else t for t in tiers))
+    assert result.best is None
+    assert "class images ran out at 7.4 GB" in next(r.why for r in result.rows if r.tier.preset == "sd15-8gb")
+    assert any("does not fit" in n for n in result.notes)
+
+
 def test_a_bf16_preset_does_not_fit_a_card_without_native_bf16():
     tiers = tuple(dataclasses.replace(t, mixed_precision="bf16") if t.preset == "sd15-12gb" else t
                   for t in load_tiers())
@@ -91,7 +104,9 @@ def test_tier_table_names_valid_presets_and_holds_no_invented_measurements():
         assert all(v is None for v in measured) or all(v is not None for v in measured)
     sdxl = [t for t in tiers if t.family == "sdxl"]
     assert {t.preset for t in sdxl} == {"sdxl-lora", "sdxl-lora-8gb", "sdxl-full-24gb"}
-    assert all(t.measured_peak_gb is None and t.resolution == 1024 for t in sdxl)  # measured on a GPU later
+    assert all(t.resolution == 1024 for t in sdxl)
+    # every row is measured, or measured and found out of memory (never both)
+    assert all((t.measured_peak_gb is None) == (t.failed_under_cap is not None) for t in sdxl)
     for name in ("sdxl-lora", "sdxl-lora-8gb", "sdxl-full-24gb", "sdxl-fast"):
         config = load_config(name, {"data": {"class_noun": "dog"}})
         assert config.model.name == "stabilityai/stable-diffusion-xl-base-1.0" and config.prior.enabled
@@ -188,9 +203,11 @@ def test_plan_command_prints_the_table_and_the_pick(monkeypatch, capsys):
     assert "best preset: none" in capsys.readouterr().out
     assert main(["plan", "--model", "nobody/uncached", "--gpu-memory", "12GB", "--family", "sd15"]) == 0
     assert "best preset: sd15-12gb" in capsys.readouterr().out
-    assert main(["plan", "--model", "nobody/uncached", "--gpu-memory", "8GB", "--family", "sdxl"]) == 0
+    assert main(["plan", "--model", "nobody/uncached", "--gpu-memory", "12GB", "--family", "sdxl"]) == 0
     out = capsys.readouterr().out
-    assert "best preset: sdxl-lora-8gb" in out and "Stable Diffusion XL" in out and "not measured" in out
+    assert "best preset: sdxl-lora" in out and "Stable Diffusion XL" in out and "9.66 GB" in out
+    assert main(["plan", "--model", "nobody/uncached", "--gpu-memory", "8GB", "--family", "sdxl"]) == 1
+    assert "sdxl-lora-8gb" in (out := capsys.readouterr().out) and "ran out of memory" in out
 
 
 def test_train_preset_auto_prints_the_plan_and_trains_with_its_pick(tmp_path, subject_dir, monkeypatch, capsys):

@@ -21,11 +21,12 @@ from dreambooth.training.state import TEXT_ENCODER_NAMES
 def prepare_class_images(components, config: RunConfig, device, stop=None):
     """Yield (done, total, paths) as class images are made; paths is final when done == total.
 
-    A set `stop` ends the iteration early, with the finished images kept in the cache.
+    A set `stop` ends the iteration early, with the finished images kept in the cache. The models
+    are where training placed them (text encoders kept on the CPU stay there: no `pipe.to`).
     """
     yield from class_image_progress(
         class_image_key(components.folder, config), config.prior.num_images,
-        lambda: make_pipeline(components, config.prior.sampler, device=device,
+        lambda: make_pipeline(components, config.prior.sampler,
                               compile_unet=config.prior.compile and torch.device(device).type == "cuda"),
         cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size, stop=stop,
     )
