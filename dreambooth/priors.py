@@ -6,6 +6,12 @@ images (model weights, prompt, negative prompt, sampler, steps, guidance, resolu
 manifest lists the finished ones, and image i is rendered from its own seed (seed, i): a killed
 generation resumes where it stopped and produces exactly the images it would have.
 
+Training needs only each class image's latent (its prior-loss target), so the cache keeps the
+sampler's final latents (`00000.safetensors`, fp32) and decodes PNGs (`00000.png`) only as previews:
+the first `PREVIEWS` of a training run, every one for `dreambooth priors`. No decode, PNG write and
+VAE re-encode per image. Caches written before latents were kept (PNGs only) are still read: their
+images are encoded at training time as before.
+
 Generation reports each finished image and stops, when asked, within one denoising step: a
 stop flag (set by Ctrl-C, SIGTERM or the web app's Cancel) is checked between batches and by the
 pipeline's step callback, and the images already finished stay in the cache.
@@ -19,13 +25,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import torch
+
 from dreambooth.atomic import replace_file, write_json
 from dreambooth.models import cache_root, model_identity
 from dreambooth.models.vae import vae_folder
 from dreambooth.prompts import fill_prompt
-from dreambooth.sampling import sample_images
+from dreambooth.sampling import decode_latents, sample_images
 
 MANIFEST = "manifest.json"
+PREVIEWS = 8  # PNGs decoded per training run's class images, to look at (the demo shows 8)
 
 
 @dataclass(frozen=True)
@@ -55,12 +64,28 @@ def class_image_folder(key: ClassImageKey, cache_dir: str | Path | None = None) 
 
 
 def cached_class_images(key: ClassImageKey, cache_dir: str | Path | None = None) -> list[Path]:
-    """Images finished under exactly this key, in index order (none when the key differs)."""
+    """PNGs (previews) finished under exactly this key, in index order (none when the key differs)."""
+    return _listed(key, cache_dir, "images")
+
+
+def cached_class_latents(key: ClassImageKey, cache_dir: str | Path | None = None) -> list[Path]:
+    """Latent files finished under exactly this key, in index order."""
+    return _listed(key, cache_dir, "latents")
+
+
+def _listed(key: ClassImageKey, cache_dir, kind: str) -> list[Path]:
     folder = class_image_folder(key, cache_dir)
     manifest = _read_manifest(folder)
     if manifest is None or manifest.get("key") != asdict(key):
         return []
-    return [folder / name for name in manifest["images"] if (folder / name).exists()]
+    return [folder / name for name in manifest.get(kind, []) if (folder / name).exists()]
+
+
+def load_class_latent(path: Path):
+    """The (C, h, w) fp32 latent of one class image, in the UNet's scale."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["latent"]
 
 
 class GenerationStopped(Exception):
@@ -81,15 +106,17 @@ def ensure_class_images(
     batch_size: int = 4,
     progress: Callable[[int, int], None] | None = None,
     stop: threading.Event | None = None,
+    previews: int = PREVIEWS,
 ) -> list[Path]:
-    """Return `num` class images for `key`, generating only the missing ones.
+    """Return the `num` class images' entries for `key` (see `class_image_progress`), generating
+    only the missing ones.
 
     `make_pipe` builds the sampling pipeline; it is called only when something is missing.
     `progress(done, total)` is called after every finished image. When `stop` is set, raises
     `GenerationStopped` once the current denoising step ends.
     """
     for done, total, paths in class_image_progress(key, num, make_pipe, cache_dir=cache_dir,
-                                                    batch_size=batch_size, stop=stop):
+                                                    batch_size=batch_size, stop=stop, previews=previews):
         if progress:
             progress(done, total)
     if done < total:
@@ -105,43 +132,77 @@ def class_image_progress(
     cache_dir: str | Path | None = None,
     batch_size: int = 4,
     stop: threading.Event | None = None,
+    previews: int = PREVIEWS,
 ) -> Iterator[tuple[int, int, list[Path]]]:
-    """Yield (done, total, paths) first for the cached images, then after each new image.
+    """Yield (done, total, entries) first for the cached images, then after each new image.
 
-    `paths` lists all `num` images only in the last tuple, when done == total; a set `stop`
-    ends the iteration early (done < total), keeping every image finished so far.
+    `entries` lists all `num` images only in the last tuple, when done == total: for each index its
+    latent file, or its PNG where an older cache has no latent. A set `stop` ends the iteration
+    early (done < total), keeping every image finished so far. New images get a PNG preview when
+    their index is below `previews`.
     """
     folder = class_image_folder(key, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    done = {p.name for p in cached_class_images(key, cache_dir)}
-    todo = [i for i in range(num) if _name(i) not in done]
-    everything = [folder / _name(i) for i in range(num)]
-    yield num - len(todo), num, everything if not todo else []
-    pipe = make_pipe() if todo else None
+    listed = _read_manifest(folder) if (folder / MANIFEST).exists() else None
+    if listed is None or listed.get("key") != asdict(key):
+        listed = {"images": [], "latents": []}
+    pngs = {n for n in listed.get("images", []) if (folder / n).exists()}
+    latents = {n for n in listed.get("latents", []) if (folder / n).exists()}
+
+    def entry(i: int) -> Path:
+        return folder / (_latent_name(i) if _latent_name(i) in latents else _name(i))
+
+    todo = [i for i in range(num) if _latent_name(i) not in latents and _name(i) not in pngs]
+    yield num - len(todo), num, [entry(i) for i in range(num)] if not todo else []
+    unseen = [i for i in range(min(num, previews)) if _latent_name(i) in latents and _name(i) not in pngs]
+    pipe = make_pipe() if todo or unseen else None
+    for start in range(0, len(unseen), batch_size):  # previews asked for now of latents made before
+        chunk = unseen[start : start + batch_size]
+        made = torch.stack([load_class_latent(folder / _latent_name(i)) for i in chunk])
+        for index, image in zip(chunk, decode_latents(pipe, made, key.resolution)):
+            _save_png_atomically(image, folder / _name(index))
+            pngs.add(_name(index))
+        _write_manifest(folder, key, sorted(pngs), sorted(latents))
     finished = num - len(todo)
     for start in range(0, len(todo), batch_size):
         if stop is not None and stop.is_set():
             return
         batch = todo[start : start + batch_size]
-        images = sample_images(
+        made = sample_images(
             pipe, [key.prompt] * len(batch), [key.image_seed(i) for i in batch],
             steps=key.steps, guidance=key.guidance, resolution=key.resolution,
-            negative_prompt=key.negative_prompt, batch_size=batch_size, stop=stop,
+            negative_prompt=key.negative_prompt, batch_size=batch_size, stop=stop, latents=True,
         )
-        for index, image in zip(batch, images):  # fewer images than asked when stopped
-            _save_png_atomically(image, folder / _name(index))
-            done.add(_name(index))
-            _write_manifest(folder, key, sorted(done))
+        shown = [(i, z) for i, z in zip(batch, made) if i < previews]
+        if shown:
+            for (index, _), image in zip(shown, decode_latents(pipe, torch.stack([z for _, z in shown]),
+                                                              key.resolution)):
+                _save_png_atomically(image, folder / _name(index))
+                pngs.add(_name(index))
+        for index, latent in zip(batch, made):  # fewer latents than asked when stopped
+            _save_latent_atomically(latent, folder / _latent_name(index))
+            latents.add(_latent_name(index))
+            _write_manifest(folder, key, sorted(pngs), sorted(latents))
             finished += 1
-            yield finished, num, everything if finished == num else []
+            yield finished, num, [entry(i) for i in range(num)] if finished == num else []
 
 
 def _name(index: int) -> str:
     return f"{index:05d}.png"
 
 
+def _latent_name(index: int) -> str:
+    return f"{index:05d}.safetensors"
+
+
 def _save_png_atomically(image, path: Path) -> None:
     replace_file(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def _save_latent_atomically(latent, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    replace_file(path, lambda tmp: save_file({"latent": latent.contiguous()}, str(tmp)))
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -151,8 +212,8 @@ def _read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def _write_manifest(folder: Path, key: ClassImageKey, names: list[str]) -> None:
-    write_json(folder / MANIFEST, {"key": asdict(key), "images": names})
+def _write_manifest(folder: Path, key: ClassImageKey, images: list[str], latents: list[str]) -> None:
+    write_json(folder / MANIFEST, {"key": asdict(key), "images": images, "latents": latents})
 
 
 def class_image_key(model_folder: Path, config) -> ClassImageKey:

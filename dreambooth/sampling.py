@@ -81,22 +81,34 @@ def decode_fp32(pipe, latents: torch.Tensor) -> list:
     """
     vae = pipe.vae
     before = vae.dtype
-    config = vae.config
-    latents = latents.float()
-    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / config.scaling_factor + mean
-    else:
-        latents = latents / config.scaling_factor
     with torch.autocast(latents.device.type, enabled=False):
         if before != torch.float32:
             vae.to(torch.float32)
         try:
-            image = vae.decode(latents, return_dict=False)[0]
+            image = vae.decode(_unscaled(vae.config, latents.float()), return_dict=False)[0]
         finally:
             if before != torch.float32:
                 vae.to(before)
+    return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def _unscaled(config, latents: torch.Tensor) -> torch.Tensor:
+    """The UNet's latents in the VAE decoder's scale (SDXL-style VAEs may also shift them)."""
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        return latents * std / config.scaling_factor + mean
+    return latents / config.scaling_factor
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor, resolution: int) -> list:
+    """PIL images of (B, C, h, w) latents as the pipeline would decode them (tiles, precision)."""
+    latents = latents.to(pipe._execution_device)
+    with sampling_precision(pipe), vae_tiling(pipe.vae, resolution):
+        if decodes_in_fp32(pipe):
+            return decode_fp32(pipe, latents)
+        image = pipe.vae.decode(_unscaled(pipe.vae.config, latents).to(pipe.vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="pil")
 
 
@@ -161,8 +173,12 @@ def vae_tiling(vae, resolution: int) -> Iterator[None]:
 @torch.no_grad()
 def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
                   resolution: int, negative_prompt: str = "", batch_size: int = 8,
-                  stop: threading.Event | None = None, encode_first: bool | None = None) -> list:
+                  stop: threading.Event | None = None, encode_first: bool | None = None,
+                  latents: bool = False) -> list:
     """Render prompts[i] with seeds[i]; batches are cut for memory, not for randomness.
+
+    `latents`: return each image's final latent (C, h, w), fp32 on the CPU, in the UNet's scale
+    (what training takes as its target), without decoding it.
 
     A set `stop` ends sampling after the current denoising step; the interrupted batch is
     dropped (its images are half denoised), so fewer images than prompts come back.
@@ -173,8 +189,8 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
     """
     device = pipe._execution_device
     extra = {"callback_on_step_end": _interrupt_when(stop)} if stop is not None else {}
-    fp32_decode = decodes_in_fp32(pipe)
-    if fp32_decode:
+    fp32_decode = decodes_in_fp32(pipe) and not latents
+    if fp32_decode or latents:
         extra["output_type"] = "latent"
     negatives = [negative_prompt] * len(prompts) if negative_prompt else None
     conditioning = _conditioning(pipe, prompts, negatives, guidance, encode_first)
@@ -195,7 +211,10 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
             )
             if stop is not None and stop.is_set():
                 break
-            images.extend(decode_fp32(pipe, out.images) if fp32_decode else out.images)
+            if latents:
+                images.extend(out.images.float().cpu())
+            else:
+                images.extend(decode_fp32(pipe, out.images) if fp32_decode else out.images)
     return images
 
 

@@ -19,20 +19,35 @@ KEY = ClassImageKey(model="abc", prompt="a photo of a dog", negative_prompt="", 
                     guidance=7.5, resolution=8, seed=0)
 
 
+class FakeVAE:
+    """Decodes a (B, 4, 2, 2) latent to 8x8 images whose colour is the latent's first value."""
+
+    dtype = torch.float32
+    config = SimpleNamespace(scaling_factor=0.5)
+    use_tiling = False
+
+    def decode(self, latents, return_dict=False):
+        return (latents[:, :3, :1, :1].expand(-1, 3, 8, 8) / 127.5 - 1,)
+
+
 class FakePipe:
-    """Stands in for a diffusion pipeline: the image colour is a function of the seed."""
+    """Stands in for a diffusion pipeline: the latent (and so the image colour) is a function of the seed."""
 
     def __init__(self, fail_after: int | None = None):
         self.calls, self.fail_after = [], fail_after
         self._execution_device = torch.device("cpu")
-        self.unet = self.vae = self.text_encoder = SimpleNamespace(dtype=torch.float32)
+        self.unet = self.text_encoder = SimpleNamespace(dtype=torch.float32)
+        self.vae = FakeVAE()
+        self.image_processor = SimpleNamespace(postprocess=lambda image, output_type: [
+            Image.fromarray(((row.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()) for row in image])
 
-    def __call__(self, prompt, generator, **kwargs):
+    def __call__(self, prompt, generator, output_type="pil", **kwargs):
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-generation
+        assert output_type == "latent"  # class images are kept as latents
         self.calls.append(len(prompt))
-        images = [Image.new("RGB", (8, 8), tuple(int(g.initial_seed() % 251) for _ in range(3))) for g in generator]
-        return type("Out", (), {"images": images})
+        latents = torch.stack([torch.full((4, 2, 2), float(g.initial_seed() % 251) * 0.5) for g in generator])
+        return type("Out", (), {"images": latents})
 
 
 @pytest.mark.parametrize("field,value", [("model", "other"), ("prompt", "a photo of a cat"),
@@ -46,7 +61,8 @@ def test_every_field_changes_the_key(field, value):
 def test_generates_only_missing_images(tmp_path):
     pipe = FakePipe()
     first = ensure_class_images(KEY, 3, lambda: pipe, cache_dir=tmp_path, batch_size=2)
-    assert [p.name for p in first] == ["00000.png", "00001.png", "00002.png"] and sum(pipe.calls) == 3
+    assert [p.name for p in first] == ["00000.safetensors", "00001.safetensors", "00002.safetensors"]
+    assert sum(pipe.calls) == 3
     more = FakePipe()
     paths = ensure_class_images(KEY, 5, lambda: more, cache_dir=tmp_path, batch_size=2)
     assert len(paths) == 5 and sum(more.calls) == 2  # only images 3 and 4 were made
@@ -71,7 +87,9 @@ def test_killed_generation_resumes_to_the_same_images(tmp_path):
     folder = class_image_folder(KEY, tmp_path / "a")
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["images"] == ["00000.png", "00001.png"]
-    assert sorted(p.name for p in folder.iterdir()) == ["00000.png", "00001.png", "manifest.json"]  # no temporaries
+    assert manifest["latents"] == ["00000.safetensors", "00001.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [  # no temporaries
+        "00000.png", "00000.safetensors", "00001.png", "00001.safetensors", "manifest.json"]
     resumed = ensure_class_images(KEY, 6, lambda: FakePipe(), cache_dir=tmp_path / "a", batch_size=2)
     straight = ensure_class_images(KEY, 6, lambda: FakePipe(), cache_dir=tmp_path / "b", batch_size=3)
     for a, b in zip(resumed, straight):
@@ -100,7 +118,7 @@ class SteppingPipe(FakePipe):
                 self.on_step(self.steps_run)
             if callback_on_step_end is not None:
                 callback_on_step_end(self, i, i, {})
-        return super().__call__(prompt, generator)
+        return super().__call__(prompt, generator, **kwargs)
 
 
 def test_priors_progress_is_reported_per_image(tmp_path):
@@ -156,3 +174,59 @@ def test_priors_training_stops_during_class_images(tmp_path, subject_dir):
     resumed = list(train_events(config, tmp_path / "run", resume=True))
     assert [(e.done, e.total) for e in resumed if isinstance(e, ev.ClassImagesProgress)][0] == (2, 6)
     assert isinstance(resumed[-1], ev.Finished)
+
+
+def test_class_images_are_kept_as_latents_with_png_previews_of_the_first(tmp_path):
+    """Training takes each class image's latent as its target, so only the first `previews` are
+    decoded; asking for more previews later decodes the kept latents without sampling again."""
+    from dreambooth.priors import cached_class_latents, load_class_latent
+
+    pipe = FakePipe()
+    entries = ensure_class_images(KEY, 4, lambda: pipe, cache_dir=tmp_path, batch_size=3, previews=2)
+    assert [p.name for p in cached_class_images(KEY, tmp_path)] == ["00000.png", "00001.png"]
+    assert cached_class_latents(KEY, tmp_path) == entries
+    latent = load_class_latent(entries[1])
+    assert latent.shape == (4, 2, 2) and latent.dtype == torch.float32
+    colour = Image.open(cached_class_images(KEY, tmp_path)[1]).getpixel((0, 0))
+    assert colour == (round(float(latent[0, 0, 0]) / 0.5),) * 3  # the preview is that latent, decoded
+    again = FakePipe()
+    ensure_class_images(KEY, 4, lambda: again, cache_dir=tmp_path, batch_size=3, previews=4)
+    assert again.calls == [] and len(cached_class_images(KEY, tmp_path)) == 4  # decoded, not sampled
+
+
+def test_a_cache_of_pngs_from_before_latents_were_kept_is_still_used(tmp_path):
+    """Older caches list PNGs only: those stay the entries (training encodes them), and images added
+    to such a cache are kept as latents."""
+    folder = class_image_folder(KEY, tmp_path)
+    folder.mkdir(parents=True)
+    for name in ("00000.png", "00001.png"):
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(folder / name)
+    (folder / "manifest.json").write_text(json.dumps({"key": KEY.__dict__, "images": ["00000.png", "00001.png"]}))
+    pipe = FakePipe()
+    entries = ensure_class_images(KEY, 3, lambda: pipe, cache_dir=tmp_path, previews=0)
+    assert [p.name for p in entries] == ["00000.png", "00001.png", "00002.safetensors"] and pipe.calls == [1]
+
+
+def test_class_source_takes_kept_latents_as_targets_and_encodes_older_pngs(tmp_path):
+    """A kept latent is its image's target as it is, without posterior noise; its mirror is the
+    latent mirrored. A PNG from an older cache is encoded with the VAE, as before."""
+    from safetensors.torch import save_file
+
+    from dreambooth.models import load_components
+    from dreambooth.training.batches import FixedLatents, LatentSource, class_source, step_generator
+
+    vae = load_components("tiny-random").vae
+    latent = torch.randn(4, 8, 8)
+    save_file({"latent": latent}, str(tmp_path / "00000.safetensors"))
+    Image.new("RGB", (64, 64), (200, 30, 90)).save(tmp_path / "00001.png")
+    mixed = class_source([tmp_path / "00000.safetensors", tmp_path / "00001.png"], vae, 64, cache=True)
+    assert isinstance(mixed, FixedLatents) and len(mixed.images) == 2
+    g = step_generator(0, 3)
+    plain, ids = mixed.latent(0, False, g)
+    torch.testing.assert_close(plain, latent)
+    torch.testing.assert_close(mixed.latent(0, True, g)[0], latent.flip(-1))
+    assert ids.tolist() == [64, 64, 0, 0, 64, 64]
+    png_only = class_source([tmp_path / "00001.png"], vae, 64, cache=True)
+    assert type(png_only) is LatentSource
+    a, b = mixed.latent(1, False, step_generator(0, 5)), png_only.latent(0, False, step_generator(0, 5))
+    torch.testing.assert_close(a[0], b[0])  # the same posterior sample as the PNG-only source

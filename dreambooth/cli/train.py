@@ -80,7 +80,7 @@ def cmd_priors(args) -> int:
         class_image_key(components.folder, config), args.num,
         lambda: make_pipeline(components.to(pick_device(config.train.device)), config.prior.sampler),
         cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size,
-        progress=lambda done, total: _advance(bar, done),
+        progress=lambda done, total: _advance(bar, done), previews=args.num,  # asked for: every PNG
     )
     bar.close()
     print(f"{len(paths)} class images in {paths[0].parent}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -121,6 +122,43 @@ class LatentSource:
             post = self._encode(index, flip, crop_rng)
         noise = torch.randn(post.mean.shape, generator=generator).to(post.mean.device, post.mean.dtype)
         return (post.mean + post.std * noise) * self.scale, ids
+
+
+class FixedLatents(LatentSource):
+    """Class images given as latents (the sampler's own, `priors`): each one's latent is its target,
+    without noise; the mirror image's is the latent mirrored along its width, which is what the VAE
+    gives a mirrored image up to its reconstruction error. Entries from older caches that hold a
+    PNG come with their VAE posterior instead (`posteriors`: index -> (plain, mirrored))."""
+
+    def __init__(self, latents: list, vae, resolution: int, posteriors: dict | None = None):
+        self.images, self.vae, self.resolution, self.crop = latents, vae, resolution, "center"
+        self.centre_ids = [micro_conditioning((resolution, resolution), resolution, "center") for _ in latents]
+        self.device, self.dtype = vae.device, vae.dtype
+        self.scale = vae.config.scaling_factor
+        self._cache = {}
+        for i, latent in enumerate(latents):
+            if latent is None:
+                self._cache[(i, False)], self._cache[(i, True)] = posteriors[i]
+                continue
+            mean = (latent / self.scale).to(self.device, self.dtype)
+            for flip in (False, True):
+                plain = mean.flip(-1) if flip else mean
+                self._cache[(i, flip)] = Posterior(plain, torch.zeros_like(plain))
+
+
+def class_source(entries: list, vae, resolution: int, *, cache: bool) -> LatentSource:
+    """The class images' latent source from the cache's entries (`priors.class_image_progress`): a
+    latent file or, from a cache written before latents were kept, a PNG to encode."""
+    from dreambooth.data.images import load_rgb
+    from dreambooth.priors import load_class_latent
+
+    pngs = [i for i, path in enumerate(entries) if Path(path).suffix == ".png"]
+    if len(pngs) == len(entries):
+        return LatentSource([load_rgb(p) for p in entries], vae, resolution, crop="center", cache=cache)
+    encoded = LatentSource([load_rgb(entries[i]) for i in pngs], vae, resolution, crop="center", cache=True)
+    posteriors = {i: (encoded._cache[(j, False)], encoded._cache[(j, True)]) for j, i in enumerate(pngs)}
+    latents = [None if i in posteriors else load_class_latent(Path(path)) for i, path in enumerate(entries)]
+    return FixedLatents(latents, vae, resolution, posteriors)
 
 
 def build_batch(step: int, seed: int, instances: LatentSource, classes: LatentSource | None,

@@ -21,7 +21,7 @@ from dreambooth.precision import resolve_precision
 from dreambooth.rundir import RunDir
 from dreambooth.sampling import pick_device
 from dreambooth.training import events as ev
-from dreambooth.training.batches import LatentSource
+from dreambooth.training.batches import LatentSource, class_source
 from dreambooth.training.checkpoints import list_checkpoints, resume_checkpoint
 from dreambooth.training.fast import (
     lower_frozen_weights,
@@ -153,14 +153,14 @@ def _optimization(components, config: RunConfig, run: RunDir, accelerator, preci
 
 def _latent_sources(components, config: RunConfig, report, class_paths: list
                     ) -> tuple[LatentSource, LatentSource | None]:
-    """The subject photos' and the class images' latents (encoded once when they are cached)."""
+    """The subject photos' latents (encoded once when they are cached) and the class images' (the
+    sampler's, from the class-image cache)."""
     data, cache = config.data, config.train.cache_latents
     instances = LatentSource([load_rgb(i.path, max_pixels=data.max_pixels) for i in report.images],
                              components.vae, data.resolution, crop=data.crop, cache=cache)
     classes = None
     if config.prior.enabled:
-        classes = LatentSource([load_rgb(p) for p in class_paths[: config.prior.num_images]], components.vae,
-                               data.resolution, crop="center", cache=cache)
+        classes = class_source(class_paths[: config.prior.num_images], components.vae, data.resolution, cache=cache)
     return instances, classes
 
 
