@@ -9,12 +9,18 @@ generation resumes where it stopped and produces exactly the images it would hav
 Generation reports each finished image and stops, when asked, within one denoising step: a
 stop flag (set by Ctrl-C, SIGTERM or the web app's Cancel) is checked between batches and by the
 pipeline's step callback, and the images already finished stay in the cache.
+
+Several processes may want the same images at once (the runs of a batch share their class images):
+one generates them under a per-key `flock` beside the folder, the others wait, reporting the images
+it finishes, and then find them cached. No image is made twice and the manifest loses no entry.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -113,11 +119,37 @@ def class_image_progress(
     """
     folder = class_image_folder(key, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    everything = [folder / _name(i) for i in range(num)]
+    cached = len(_missing(key, num, cache_dir))
+    yield num - cached, num, everything if not cached else []
+    if not cached:
+        return
+    with _KeyLock(folder.with_name(folder.name + ".lock")) as lock:
+        while not lock.try_acquire():  # another process makes these images: report its progress
+            if stop is not None and stop.is_set():
+                return
+            time.sleep(0.2)
+            missing = len(_missing(key, num, cache_dir))
+            if missing < cached:
+                cached = missing
+                yield num - missing, num, everything if not missing else []
+        yield from _generate(key, num, make_pipe, folder, cache_dir, batch_size, stop)
+
+
+def _missing(key: ClassImageKey, num: int, cache_dir) -> list[int]:
     done = {p.name for p in cached_class_images(key, cache_dir)}
+    return [i for i in range(num) if _name(i) not in done]
+
+
+def _generate(key, num, make_pipe, folder: Path, cache_dir, batch_size: int, stop):
+    """The missing images, made while this process holds the key's lock."""
+    done = {p.name for p in cached_class_images(key, cache_dir)}  # read again: the lock's last holder made some
     todo = [i for i in range(num) if _name(i) not in done]
     everything = [folder / _name(i) for i in range(num)]
-    yield num - len(todo), num, everything if not todo else []
-    pipe = make_pipe() if todo else None
+    if not todo:
+        yield num, num, everything
+        return
+    pipe = make_pipe()
     finished = num - len(todo)
     for start in range(0, len(todo), batch_size):
         if stop is not None and stop.is_set():
@@ -134,6 +166,29 @@ def class_image_progress(
             _write_manifest(folder, key, sorted(done))
             finished += 1
             yield finished, num, everything if finished == num else []
+
+
+class _KeyLock:
+    """An exclusive `flock` on the cache key's lock file, taken without blocking so that a waiting
+    process still sees the stop flag; the kernel drops it when its process ends, however it ends."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def try_acquire(self) -> bool:
+        import fcntl
+
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing the descriptor releases the flock
 
 
 def _name(index: int) -> str:
