@@ -161,6 +161,8 @@ def _run_locally(jobs: list[tuple[int, Subject]], status: BatchStatus, stop: thr
         free.put(device)
     logs = status.batch.folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    # CPU workers split the cores: each torch would otherwise start a thread per core
+    threads = max(1, (os.cpu_count() or 1) // len(devices)) if None in devices else None
 
     def one(position: int, subject: Subject) -> None:
         device = free.get()
@@ -168,7 +170,7 @@ def _run_locally(jobs: list[tuple[int, Subject]], status: BatchStatus, stop: thr
             if stop.is_set():
                 return  # stays pending; the next invocation runs it
             status.set(position, "running")
-            result = _run_process(subject, device, logs / f"{subject.index:02d}-{subject.name}.log", stop)
+            result = _run_process(subject, device, threads, logs / f"{subject.index:02d}-{subject.name}.log", stop)
             status.set(position, result["status"], result)
         finally:
             free.put(device)
@@ -178,12 +180,13 @@ def _run_locally(jobs: list[tuple[int, Subject]], status: BatchStatus, stop: thr
             future.result()
 
 
-def _run_process(subject: Subject, device: str | None, log: Path, stop: threading.Event) -> dict:
+def _run_process(subject: Subject, device: str | None, threads: int | None, log: Path,
+                 stop: threading.Event) -> dict:
     began = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_worker_main, args=(subject.config, str(subject.output), device, str(log),
-                                                         sender), name=f"dreambooth-batch-{subject.name}")
+    process = context.Process(target=_worker_main, args=(subject.config, str(subject.output), device, threads,
+                                                         str(log), sender), name=f"dreambooth-batch-{subject.name}")
     process.start()
     sender.close()
     result, signalled = None, False
@@ -200,13 +203,18 @@ def _run_process(subject: Subject, device: str | None, log: Path, stop: threadin
     if result is None:
         result = _result("failed", began, error=f"the worker process exited with code {process.exitcode} "
                          f"before reporting; see {log}")
-    return result
+    return {**result, "seconds": round(time.perf_counter() - began, 2)}  # with the worker's start-up
 
 
-def _worker_main(config, output: str, device: str | None, log: str, sender) -> None:
-    """The worker process: its GPU, its log file as stdout and stderr, one subject."""
+def _worker_main(config, output: str, device: str | None, threads: int | None, log: str, sender) -> None:
+    """The worker process: its GPU (or its share of the CPU cores), its log file as stdout and stderr,
+    one subject."""
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = device
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     with open(log, "a") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)

@@ -42,7 +42,7 @@ class BatchStatus:
                     row[key] = result[key]
             self._write()
             if status not in ("pending", "queued"):
-                detail = f": {row['error'].splitlines()[0]}" if row["error"] and status == "failed" else ""
+                detail = f": {brief(row['error'])}" if row["error"] and status == "failed" else ""
                 self.print_line(f"[{self.progress()}] {row['name']} {status}{detail}")
 
     def progress(self) -> str:
@@ -69,7 +69,7 @@ class BatchStatus:
         """The final table: one line per subject."""
         header = ("subject", "status", "time", "run directory / error")
         lines = [(r["name"], r["status"], _duration(r["seconds"]) if r["seconds"] else "-",
-                  r["error"].splitlines()[0] if r["status"] == "failed" and r["error"] else r["output"])
+                  brief(r["error"]) if r["status"] == "failed" and r["error"] else r["output"])
                  for r in self.rows]
         widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(3)]
         return "\n".join("  ".join([*(str(c).ljust(w) for c, w in zip(row[:3], widths)), row[3]])
@@ -84,6 +84,13 @@ class BatchStatus:
             "finished": not any(counts[s] for s in LEFT), "counts": counts,
             "seconds_left": self.seconds_left(), "subjects": self.rows,
         })
+
+
+def brief(error: str) -> str:
+    """One line of an error report: its first listed problem (which names the file or key), else its summary."""
+    lines = [line.strip() for line in error.strip().splitlines()]
+    listed = [line[2:] for line in lines if line.startswith("- ")]
+    return (listed or lines or [""])[0]
 
 
 def status_path(folder: Path) -> Path:
