@@ -191,3 +191,17 @@ def test_time_left_is_the_mean_finished_duration_per_round_of_workers(tmp_path):
     status.set(3, "running")
     assert status.seconds_left() == 20.0 * 1  # two left, two at a time: one more round of 20 s
     assert "2/5 done, 1 running, 1 failed, about 20 s left" == status.progress()
+
+
+def test_a_second_batch_on_one_folder_is_refused(tmp_path):
+    from dreambooth.batch.run import BATCH_LOCK
+    from dreambooth.errors import RunDirError
+    from dreambooth.rundir import RunLock
+
+    photos(tmp_path / "rex")
+    batch = read_manifest(write_manifest(tmp_path / "m.yaml", [{"images": "rex", "class_noun": "dog"}],
+                                         defaults={"preset": "tiny"}))
+    batch.folder.mkdir()
+    with RunLock.acquire(batch.folder / BATCH_LOCK), pytest.raises(RunDirError, match=str(os.getpid())):
+        run_batch(batch, backend="local")
+    assert not (batch.folder / "rex").exists() and not (batch.folder / "batch.json").exists()

@@ -21,9 +21,12 @@ from pathlib import Path
 from dreambooth.batch.manifest import Batch, Subject
 from dreambooth.batch.status import BatchStatus
 from dreambooth.errors import ConfigError, DreamboothError, Problem
-from dreambooth.rundir import RunDir, is_run_dir
+from dreambooth.rundir import RunDir, RunLock, is_run_dir
+from dreambooth.training import events as ev
+from dreambooth.training import train, train_events
 
 BACKENDS = ("auto", "ray", "local")
+BATCH_LOCK = ".batch.lock"
 
 
 def run_batch(batch: Batch, *, backend: str = "auto", workers: int | None = None, ray_address: str | None = None,
@@ -36,17 +39,21 @@ def run_batch(batch: Batch, *, backend: str = "auto", workers: int | None = None
     """
     stop = stop or threading.Event()
     backend = pick_backend(backend)
-    status = BatchStatus(batch, backend, slots=1, print_line=print_line)
-    jobs = []
-    for position, subject in enumerate(batch.subjects):
-        if is_run_dir(subject.output):
-            status.set(position, "skipped")
-        else:
-            jobs.append((position, subject))
-    if jobs:
-        if backend == "ray":
+    if workers is not None and workers < 1:
+        raise ConfigError(f"--workers {workers}", [Problem("--workers", "must be at least 1, or left out for one "
+                                                           "worker per visible GPU")])
+    batch.folder.mkdir(parents=True, exist_ok=True)
+    with RunLock.acquire(batch.folder / BATCH_LOCK):  # a second `batch` on this folder is refused, naming the PID
+        status = BatchStatus(batch, backend, slots=1, print_line=print_line)
+        jobs = []
+        for position, subject in enumerate(batch.subjects):
+            if is_run_dir(subject.output):
+                status.set(position, "skipped")
+            else:
+                jobs.append((position, subject))
+        if jobs and backend == "ray":
             _run_on_ray(jobs, status, stop, ray_address or os.environ.get("RAY_ADDRESS"))
-        else:
+        elif jobs:
             _run_locally(jobs, status, stop, local_devices(workers))
     return status
 
@@ -67,9 +74,6 @@ def run_subject(config, output: str, *, handle_signals: bool = False) -> dict:
     """Train one subject in this process to the end, resuming its run dir when it has one; returns
     {status: done|failed|stopped, seconds, error, final}. The subject's own failures are returned, not
     raised, so that a worker reports them and goes on."""
-    from dreambooth.training import events as ev
-    from dreambooth.training import train, train_events
-
     began = time.perf_counter()
     resume = RunDir(Path(output)).config.exists()
     try:
