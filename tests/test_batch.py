@@ -59,7 +59,7 @@ def test_ray_batch_isolates_a_failure_and_rerun_retries_only_it(tmp_path, ray_se
     report = json.loads((tmp_path / "pets" / "batch.json").read_text())
     assert [s["status"] for s in report["subjects"]] == ["done", "done", "failed"]
     assert "broken.jpg" in report["subjects"][2]["error"] and report["counts"]["failed"] == 1
-    assert report["finished"] and report["backend"] == "ray"
+    assert not report["active"] and not report["complete"] and report["backend"] == "ray"
     assert all(is_run_dir(tmp_path / "pets" / name) for name in ("rex", "tom"))
     assert not is_run_dir(tmp_path / "pets" / "bad")
     folders = [p for p in cache.iterdir() if p.is_dir()]
@@ -71,6 +71,7 @@ def test_ray_batch_isolates_a_failure_and_rerun_retries_only_it(tmp_path, ray_se
     finished = {name: (tmp_path / "pets" / name / "final").stat().st_mtime_ns for name in ("rex", "tom")}
     status = run_batch(read_manifest(manifest), backend="ray", print_line=lines.append)
     assert [r["status"] for r in status.rows] == ["skipped", "skipped", "done"]
+    assert json.loads((tmp_path / "pets" / "batch.json").read_text())["complete"]
     assert finished == {name: (tmp_path / "pets" / name / "final").stat().st_mtime_ns for name in ("rex", "tom")}
     assert is_run_dir(tmp_path / "pets" / "bad")
 

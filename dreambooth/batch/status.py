@@ -79,9 +79,10 @@ class BatchStatus:
         counts = self.counts()
         self.batch.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.batch.folder / STATUS_FILE, {
-            "format": "dreambooth-batch/1", "manifest": str(self.batch.manifest), "backend": self.backend,
-            "slots": self.slots, "started": self.started, "updated": _now(),
-            "finished": not any(counts[s] for s in LEFT), "counts": counts,
+            "format": "dreambooth-batch/1", "manifest": str(Path(self.batch.manifest).resolve()),
+            "backend": self.backend, "slots": self.slots, "started": self.started, "updated": _now(),
+            "active": any(counts[s] for s in LEFT), "complete": counts["done"] + counts["skipped"] == len(self.rows),
+            "counts": counts,
             "seconds_left": self.seconds_left(), "subjects": self.rows,
         })
 
