@@ -206,3 +206,19 @@ def test_a_second_batch_on_one_folder_is_refused(tmp_path):
     with RunLock.acquire(batch.folder / BATCH_LOCK), pytest.raises(RunDirError, match=str(os.getpid())):
         run_batch(batch, backend="local")
     assert not (batch.folder / "rex").exists() and not (batch.folder / "batch.json").exists()
+
+
+def test_local_workers_get_one_visible_gpu_each(monkeypatch):
+    import torch
+
+    from dreambooth.batch.run import local_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert local_devices() == ["3", "5"]
+    assert local_devices(3) == ["3", "5", "3"]  # more workers than GPUs share them in turn
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert local_devices() == ["0", "1"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_devices() == [None] and local_devices(2) == [None, None]

@@ -67,7 +67,8 @@ def read_manifest(path: str | Path, output: str | Path | None = None) -> Batch:
     base = path.resolve().parent
     problems = [Problem(f"{path}: {key}", f"unknown key; a manifest has: {', '.join(TOP_KEYS)}")
                 for key in data if key not in TOP_KEYS]
-    folder = _resolve(base, output or data.get("output") or path.stem)
+    # a folder given on the command line is read from the working directory, the manifest's from its own
+    folder = Path(output).resolve() if output else _resolve(base, data.get("output") or path.stem)
     defaults = data.get("defaults") or {}
     if not isinstance(defaults, dict):
         problems.append(Problem(f"{path}: defaults", f"{defaults!r} is not a mapping of subject keys"))
