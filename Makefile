@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 	@# a multi-GB CUDA build.
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	else $(PY) -m pip install -q -r requirements-cpu.txt; fi
-	$(PY) -m pip install -q -e ".[test,eval,lean,ui]"
+	$(PY) -m pip install -q -e ".[test,eval,lean,ui,ray]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -15,12 +15,18 @@ images are encoded at training time as before.
 Generation reports each finished image and stops, when asked, within one denoising step: a
 stop flag (set by Ctrl-C, SIGTERM or the web app's Cancel) is checked between batches and by the
 pipeline's step callback, and the images already finished stay in the cache.
+
+Several processes may want the same images at once (the runs of a batch share their class images):
+one generates them under a per-key `flock` beside the folder, the others wait, reporting the images
+it finishes, and then find them cached. No image is made twice and the manifest loses no entry.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -143,26 +149,65 @@ def class_image_progress(
     """
     folder = class_image_folder(key, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    listed = _read_manifest(folder) if (folder / MANIFEST).exists() else None
-    if listed is None or listed.get("key") != asdict(key):
-        listed = {"images": [], "latents": []}
-    pngs = {n for n in listed.get("images", []) if (folder / n).exists()}
-    latents = {n for n in listed.get("latents", []) if (folder / n).exists()}
+    state = _Listed(folder, key)
+    missing = len(state.missing(num))
+    yield num - missing, num, state.entries(num) if not missing else []
+    if not missing and not state.unseen(num, previews):
+        return
+    with _KeyLock(folder.with_name(folder.name + ".lock")) as lock:
+        while not lock.try_acquire():  # another process makes these images: report its progress
+            if stop is not None and stop.is_set():
+                return
+            time.sleep(0.2)
+            now = _Listed(folder, key).missing(num)
+            if len(now) < missing:
+                missing = len(now)
+                yield num - missing, num, _Listed(folder, key).entries(num) if not missing else []
+        yield from _generate(key, num, make_pipe, folder, batch_size, stop, previews)
 
-    def entry(i: int) -> Path:
-        return folder / (_latent_name(i) if _latent_name(i) in latents else _name(i))
 
-    todo = [i for i in range(num) if _latent_name(i) not in latents and _name(i) not in pngs]
-    yield num - len(todo), num, [entry(i) for i in range(num)] if not todo else []
-    unseen = [i for i in range(min(num, previews)) if _latent_name(i) in latents and _name(i) not in pngs]
-    pipe = make_pipe() if todo or unseen else None
-    for start in range(0, len(unseen), batch_size):  # previews asked for now of latents made before
+class _Listed:
+    """What the manifest of `folder` lists under `key` (nothing when it was made under another),
+    and of that what exists: PNG and latent names."""
+
+    def __init__(self, folder: Path, key: ClassImageKey):
+        listed = _read_manifest(folder) or {}
+        if listed.get("key") != asdict(key):
+            listed = {}
+        self.folder = folder
+        self.pngs = {n for n in listed.get("images", []) if (folder / n).exists()}
+        self.latents = {n for n in listed.get("latents", []) if (folder / n).exists()}
+
+    def missing(self, num: int) -> list[int]:
+        return [i for i in range(num) if _latent_name(i) not in self.latents and _name(i) not in self.pngs]
+
+    def unseen(self, num: int, previews: int) -> list[int]:
+        """Indices below `previews` whose latent is kept but not yet decoded to a PNG."""
+        return [i for i in range(min(num, previews)) if _latent_name(i) in self.latents and _name(i) not in self.pngs]
+
+    def entries(self, num: int) -> list[Path]:
+        return [self.folder / (_latent_name(i) if _latent_name(i) in self.latents else _name(i)) for i in range(num)]
+
+    def write(self, key: ClassImageKey) -> None:
+        _write_manifest(self.folder, key, sorted(self.pngs), sorted(self.latents))
+
+
+def _generate(key, num, make_pipe, folder: Path, batch_size: int, stop, previews: int):
+    """The missing images (and previews asked for now of latents kept before), made while this
+    process holds the key's lock."""
+    state = _Listed(folder, key)  # read again: the lock's last holder made some
+    todo, unseen = state.missing(num), state.unseen(num, previews)
+    if not todo and not unseen:
+        yield num, num, state.entries(num)
+        return
+    pipe = make_pipe()
+    for start in range(0, len(unseen), batch_size):
         chunk = unseen[start : start + batch_size]
         made = torch.stack([load_class_latent(folder / _latent_name(i)) for i in chunk])
         for index, image in zip(chunk, decode_latents(pipe, made, key.resolution)):
             _save_png_atomically(image, folder / _name(index))
-            pngs.add(_name(index))
-        _write_manifest(folder, key, sorted(pngs), sorted(latents))
+            state.pngs.add(_name(index))
+        state.write(key)
     finished = num - len(todo)
     for start in range(0, len(todo), batch_size):
         if stop is not None and stop.is_set():
@@ -178,13 +223,36 @@ def class_image_progress(
             for (index, _), image in zip(shown, decode_latents(pipe, torch.stack([z for _, z in shown]),
                                                               key.resolution)):
                 _save_png_atomically(image, folder / _name(index))
-                pngs.add(_name(index))
+                state.pngs.add(_name(index))
         for index, latent in zip(batch, made):  # fewer latents than asked when stopped
             _save_latent_atomically(latent, folder / _latent_name(index))
-            latents.add(_latent_name(index))
-            _write_manifest(folder, key, sorted(pngs), sorted(latents))
+            state.latents.add(_latent_name(index))
+            state.write(key)
             finished += 1
-            yield finished, num, [entry(i) for i in range(num)] if finished == num else []
+            yield finished, num, state.entries(num) if finished == num else []
+
+
+class _KeyLock:
+    """An exclusive `flock` on the cache key's lock file, taken without blocking so that a waiting
+    process still sees the stop flag; the kernel drops it when its process ends, however it ends."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def try_acquire(self) -> bool:
+        import fcntl
+
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # closing the descriptor releases the flock
 
 
 def _name(index: int) -> str:

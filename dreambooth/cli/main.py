@@ -150,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--family", default=None, choices=["sd15", "sd21", "sdxl", "tiny", "tiny-xl", "toy"],
                     help="the model's family when it cannot be told offline (e.g. an uncached hub id)")
     pl.set_defaults(run="plan.cmd_plan")
+
+    b = sub.add_parser("batch", help="train many subjects from a manifest, one run directory each (Ray or local GPUs)")
+    b.add_argument("manifest", help="YAML file listing the subjects (see the README's 'Many subjects')")
+    b.add_argument("--output", default=None, help="the batch folder (default: the manifest's output:, or a folder "
+                   "named after the manifest beside it)")
+    b.add_argument("--backend", default="auto", choices=["auto", "ray", "local"],
+                   help="ray: Ray tasks with one GPU each; local: one worker process per visible GPU (or one on "
+                   "the CPU); auto: ray when installed")
+    b.add_argument("--ray-address", default=None, help="the Ray cluster to join, e.g. auto (default: RAY_ADDRESS, "
+                   "else a Ray started for this batch)")
+    b.add_argument("--workers", type=int, default=None, help="local backend: worker processes (default: one per GPU)")
+    b.set_defaults(run="batch.cmd_batch")
     return p
 
 
