@@ -9,6 +9,9 @@ generation resumes where it stopped and produces exactly the images it would hav
 Generation reports each finished image and stops, when asked, within one denoising step: a
 stop flag (set by Ctrl-C, SIGTERM or the web app's Cancel) is checked between batches and by the
 pipeline's step callback, and the images already finished stay in the cache.
+
+Several processes of one run (`ranks.Ranks`) each make a disjoint share of the missing images into
+the same folder; once all are on disk (a barrier) rank 0 alone writes the manifest.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from dreambooth.atomic import replace_file, write_json
 from dreambooth.models import cache_root, model_identity
 from dreambooth.models.vae import vae_folder
 from dreambooth.prompts import fill_prompt
+from dreambooth.ranks import Ranks
 from dreambooth.sampling import sample_images
 
 MANIFEST = "manifest.json"
@@ -105,11 +109,14 @@ def class_image_progress(
     cache_dir: str | Path | None = None,
     batch_size: int = 4,
     stop: threading.Event | None = None,
+    ranks: Ranks = Ranks(),
 ) -> Iterator[tuple[int, int, list[Path]]]:
     """Yield (done, total, paths) first for the cached images, then after each new image.
 
     `paths` lists all `num` images only in the last tuple, when done == total; a set `stop`
-    ends the iteration early (done < total), keeping every image finished so far.
+    ends the iteration early (done < total), keeping every image finished so far. With several
+    processes each makes `ranks.share` of the missing images (every process reads the same manifest
+    first: nothing writes it before the barrier), then all meet, and the last tuple counts them all.
     """
     folder = class_image_folder(key, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,12 +124,42 @@ def class_image_progress(
     todo = [i for i in range(num) if _name(i) not in done]
     everything = [folder / _name(i) for i in range(num)]
     yield num - len(todo), num, everything if not todo else []
-    pipe = make_pipe() if todo else None
+    if ranks.count > 1:
+        if todo:  # every process read the same manifest, so all of them skip this together
+            yield from _shared_images(key, todo, done, everything, make_pipe, batch_size, stop, ranks)
+        return
     finished = num - len(todo)
-    for start in range(0, len(todo), batch_size):
+    for index in _make_images(key, todo, make_pipe, folder, batch_size, stop):
+        done.add(_name(index))
+        _write_manifest(folder, key, sorted(done))
+        finished += 1
+        yield finished, num, everything if finished == num else []
+
+
+def _shared_images(key: ClassImageKey, todo: list[int], done: set[str], everything: list[Path], make_pipe,
+                   batch_size: int, stop, ranks: Ranks) -> Iterator[tuple[int, int, list[Path]]]:
+    """One of several processes: its share of `todo`, a barrier, then rank 0 writes the manifest.
+    A stop ends this process's share early; it still meets the others at the barrier."""
+    num, folder = len(everything), everything[0].parent
+    finished = num - len(todo)
+    for _ in _make_images(key, ranks.share(todo), make_pipe, folder, batch_size, stop):
+        finished += 1
+        yield finished, num, []
+    ranks.wait()  # every share is on disk (or its process was stopped)
+    made = done | {path.name for path in everything if path.exists()}  # written atomically: whole images
+    if ranks.main:
+        _write_manifest(folder, key, sorted(made))
+    yield len(made), num, everything if len(made) == num else []
+
+
+def _make_images(key: ClassImageKey, indices: list[int], make_pipe, folder: Path, batch_size: int,
+                 stop) -> Iterator[int]:
+    """Render and save the images of `indices`, yielding each index once its file is written."""
+    pipe = make_pipe() if indices else None
+    for start in range(0, len(indices), batch_size):
         if stop is not None and stop.is_set():
             return
-        batch = todo[start : start + batch_size]
+        batch = indices[start : start + batch_size]
         images = sample_images(
             pipe, [key.prompt] * len(batch), [key.image_seed(i) for i in batch],
             steps=key.steps, guidance=key.guidance, resolution=key.resolution,
@@ -130,10 +167,7 @@ def class_image_progress(
         )
         for index, image in zip(batch, images):  # fewer images than asked when stopped
             _save_png_atomically(image, folder / _name(index))
-            done.add(_name(index))
-            _write_manifest(folder, key, sorted(done))
-            finished += 1
-            yield finished, num, everything if finished == num else []
+            yield index
 
 
 def _name(index: int) -> str:
