@@ -7,6 +7,7 @@ the CPU, NCCL on GPUs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,16 @@ class Ranks:
         """Barrier: return once every process got here."""
         if self.count > 1:
             torch.distributed.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block, then the others: for work that fills a shared cache on first use
+        (a built-in model built into the cache folder), which would race if all ran it at once."""
+        if not self.main:
+            self.wait()
+        yield
+        if self.main:
+            self.wait()
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         """The mean of `value` over the processes (a detached copy)."""

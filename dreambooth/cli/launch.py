@@ -2,6 +2,7 @@
 (what `accelerate launch -m dreambooth train ...` does), which trains one subject data-parallel."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -38,7 +39,15 @@ def launch_command(processes: int, argv: list[str]) -> list[str]:
     """
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "dreambooth", *without_gpus(argv)]
+            "--main_process_port", str(free_port()), "-m", "dreambooth", *without_gpus(argv)]
+
+
+def free_port() -> int:
+    """A TCP port free now, for the processes to meet on: torchrun's fixed default (29500) would
+    make two runs on one machine collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_processes(processes: int, device: str) -> None:

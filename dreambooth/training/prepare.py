@@ -53,9 +53,10 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     (`ranks`) they share the class images and the latent cache; rank 0 alone writes.
     """
     meter = meter or PhaseMeter()
-    components = load_components(config.model.name, prediction_type=config.model.prediction_type)
-    if config.model.vae:
-        components.vae = load_vae(config.model.vae, components.vae)
+    with ranks.main_first():  # a built-in model is built into the cache once
+        components = load_components(config.model.name, prediction_type=config.model.prediction_type)
+        if config.model.vae:
+            components.vae = load_vae(config.model.vae, components.vae)
     for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
         yield ev.Notice(str(problem))
     device = pick_device(config.train.device)
