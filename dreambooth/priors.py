@@ -19,6 +19,9 @@ pipeline's step callback, and the images already finished stay in the cache.
 Several processes may want the same images at once (the runs of a batch share their class images):
 one generates them under a per-key `flock` beside the folder, the others wait, reporting the images
 it finishes, and then find them cached. No image is made twice and the manifest loses no entry.
+The processes of one run on several devices (`ranks.Ranks`) instead each make a disjoint share of
+the missing images into the same folder; once all are on disk (a barrier) rank 0 alone writes the
+manifest.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from dreambooth.atomic import replace_file, write_json
 from dreambooth.models import cache_root, model_identity
 from dreambooth.models.vae import vae_folder
 from dreambooth.prompts import fill_prompt
+from dreambooth.ranks import Ranks
 from dreambooth.sampling import decode_latents, sample_images
 
 MANIFEST = "manifest.json"
@@ -139,19 +143,26 @@ def class_image_progress(
     batch_size: int = 4,
     stop: threading.Event | None = None,
     previews: int = PREVIEWS,
+    ranks: Ranks = Ranks(),
 ) -> Iterator[tuple[int, int, list[Path]]]:
     """Yield (done, total, entries) first for the cached images, then after each new image.
 
     `entries` lists all `num` images only in the last tuple, when done == total: for each index its
     latent file, or its PNG where an older cache has no latent. A set `stop` ends the iteration
     early (done < total), keeping every image finished so far. New images get a PNG preview when
-    their index is below `previews`.
+    their index is below `previews`. With several processes each makes `ranks.share` of the missing
+    images (every process reads the same manifest first: nothing writes it before the barrier),
+    then all meet, and the last tuple counts them all.
     """
     folder = class_image_folder(key, cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     state = _Listed(folder, key)
     missing = len(state.missing(num))
     yield num - missing, num, state.entries(num) if not missing else []
+    if ranks.count > 1:
+        if missing:  # every process read the same manifest, so all of them skip this together
+            yield from _shared_images(key, num, state, make_pipe, batch_size, stop, previews, ranks)
+        return
     if not missing and not state.unseen(num, previews):
         return
     with _KeyLock(folder.with_name(folder.name + ".lock")) as lock:
@@ -209,27 +220,58 @@ def _generate(key, num, make_pipe, folder: Path, batch_size: int, stop, previews
             state.pngs.add(_name(index))
         state.write(key)
     finished = num - len(todo)
-    for start in range(0, len(todo), batch_size):
+    for _ in _make_images(key, todo, pipe, state, batch_size, stop, previews):
+        state.write(key)
+        finished += 1
+        yield finished, num, state.entries(num) if finished == num else []
+
+
+def _shared_images(key: ClassImageKey, num: int, state: _Listed, make_pipe, batch_size: int, stop, previews: int,
+                   ranks: Ranks) -> Iterator[tuple[int, int, list[Path]]]:
+    """One of several processes: its share of the missing images, a barrier, then rank 0 writes the
+    manifest. A stop ends this process's share early; it still meets the others at the barrier."""
+    todo = state.missing(num)
+    mine = ranks.share(todo)
+    finished = num - len(todo)
+    for _ in _make_images(key, mine, make_pipe() if mine else None, state, batch_size, stop, previews):
+        finished += 1
+        yield finished, num, []
+    ranks.wait()  # every share is on disk (or its process was stopped)
+    folder = state.folder
+    for i in range(num):  # written atomically: whole files
+        for name, kept in ((_latent_name(i), state.latents), (_name(i), state.pngs)):
+            if (folder / name).exists():
+                kept.add(name)
+    if ranks.main:
+        state.write(key)
+    missing = len(state.missing(num))
+    yield num - missing, num, state.entries(num) if not missing else []
+
+
+def _make_images(key: ClassImageKey, indices: list[int], pipe, state: _Listed, batch_size: int, stop,
+                 previews: int) -> Iterator[int]:
+    """Sample the images of `indices` and keep their latents (and PNG previews below `previews`),
+    yielding each index once its latent is written."""
+    folder = state.folder
+    for start in range(0, len(indices), batch_size):
         if stop is not None and stop.is_set():
             return
-        batch = todo[start : start + batch_size]
+        batch = indices[start : start + batch_size]
         made = sample_images(
             pipe, [key.prompt] * len(batch), [key.image_seed(i) for i in batch],
             steps=key.steps, guidance=key.guidance, resolution=key.resolution,
             negative_prompt=key.negative_prompt, batch_size=batch_size, stop=stop, latents=True,
         )
+        for index, latent in zip(batch, made):  # fewer latents than asked when stopped
+            _save_latent_atomically(latent, folder / _latent_name(index))
+            state.latents.add(_latent_name(index))
         shown = [(i, z) for i, z in zip(batch, made) if i < previews]
-        if shown:
+        if shown:  # after the latents: a preview never stands without its latent
             for (index, _), image in zip(shown, decode_latents(pipe, torch.stack([z for _, z in shown]),
                                                               key.resolution)):
                 _save_png_atomically(image, folder / _name(index))
                 state.pngs.add(_name(index))
-        for index, latent in zip(batch, made):  # fewer latents than asked when stopped
-            _save_latent_atomically(latent, folder / _latent_name(index))
-            state.latents.add(_latent_name(index))
-            state.write(key)
-            finished += 1
-            yield finished, num, state.entries(num) if finished == num else []
+        yield from batch[: len(made)]
 
 
 class _KeyLock:

@@ -24,6 +24,7 @@ EXIT_STOPPED = 130  # 128 + SIGINT, what shells report for Ctrl-C; SIGTERM gives
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `train --gpus` hands the launcher
     _quiet_libraries()
     module, name = args.run.split(".")
     command = getattr(importlib.import_module(f"dreambooth.cli.{module}"), name)
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--export", default="", metavar="FORMATS",
                     help="comma-separated formats to write to RUN_DIR/export/ at the end, e.g. single-file,lora-kohya")
     tr.add_argument("--set", dest="overrides", action="append", default=[], metavar="group.key=value")
+    tr.add_argument("--gpus", type=int, default=None, metavar="N",
+                    help="train data-parallel on N GPUs: starts N processes through accelerate's launcher "
+                         "(with --set train.device=cpu: N CPU processes); train.batch_size is the global batch")
     tr.add_argument("--help-config", action=_HelpConfig, help="list every group.key with its default, help and "
                     "allowed range, then exit")
     tr.set_defaults(run="train.cmd_train")

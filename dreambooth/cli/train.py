@@ -14,6 +14,7 @@ import threading
 from tqdm import tqdm
 from transformers import CLIPTokenizer
 
+from dreambooth.cli.launch import check_processes, run_launched
 from dreambooth.cli.main import EXIT_BAD_INPUT, EXIT_STOPPED
 from dreambooth.cli.plan import format_plan
 from dreambooth.config import DataConfig, PriorConfig, TrainConfig, load_config
@@ -28,6 +29,7 @@ from dreambooth.models import load_components
 from dreambooth.models.builtin import TOKENIZER_DIR
 from dreambooth.planning import pick_preset
 from dreambooth.priors import class_image_key, ensure_class_images
+from dreambooth.ranks import launched_rank
 from dreambooth.sampling import make_pipeline, pick_device
 from dreambooth.training import events as ev
 from dreambooth.training import train_events
@@ -98,13 +100,18 @@ def cmd_train(args) -> int:
     formats = [f.strip() for f in args.export.split(",") if f.strip()]
     if formats:
         check_formats(formats, config.train.mode)  # a typo fails now, not after an hour of training
+    if args.gpus is not None:
+        check_processes(args.gpus, config.train.device)
+        if args.gpus > 1:
+            return run_launched(args.gpus, args.argv)
+    main = launched_rank() == 0  # one process of several prints nothing but errors, and exports nothing
     stop = threading.Event()
     with stop_on_signals(stop) as caught:
-        last = render_training(train_events(config, args.output, resume=args.resume,
-                                            overwrite=args.overwrite, stop=stop))
+        events = train_events(config, args.output, resume=args.resume, overwrite=args.overwrite, stop=stop)
+        last = render_training(events) if main else _last(events)
     if isinstance(last, ev.Stopped):  # a distinct status, so scripts do not take it for a finished run
         return 128 + caught[0] if caught else EXIT_STOPPED
-    if formats and isinstance(last, ev.Finished):
+    if formats and isinstance(last, ev.Finished) and main:
         for path in export_after_training(args.output, formats):
             print(f"exported {path}")
     return 0 if last is not None else 1
@@ -121,6 +128,14 @@ def _preset(args) -> str:
     result, found = pick_preset(args.model)
     print(format_plan(result, args.model, found), file=sys.stderr)
     return result.best
+
+
+def _last(events):
+    """Run the events through, rendering none; return the last."""
+    last = None
+    for last in events:
+        pass
+    return last
 
 
 def render_training(events):

@@ -5,16 +5,22 @@ Step k's choices (image order, flips, crops, VAE posterior sample) come from a g
 makes resume exact. With a centre crop the VAE posterior of each image and of its mirror image is
 computed once (`cache_latents`); sampling from the cached posterior with step k's generator gives
 the same latents as encoding afresh.
+
+Several processes (`ranks.Ranks`) draw the same global batch, each computing only its own rows:
+the draws of the other rows are made and dropped, so every process's generator stays where one
+process's would be, and the rows of all processes together are the one-process batch.
 """
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from dreambooth.data.images import crop_offset, prepare_image, resized_size
+from dreambooth.ranks import Ranks
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -70,21 +76,34 @@ class Posterior:
 class LatentSource:
     """Gives the scaled latent of image i (optionally mirrored) for a step's generator.
 
-    Images are encoded where the VAE is, in its dtype, as it is when the source is made.
+    Images are encoded where the VAE is, in its dtype, as it is when the source is made. With several
+    processes each encodes its share of the cached posteriors (whole VAE calls of `ENCODE_ROWS`, as one
+    process makes them) and they are gathered, so every process holds all of them.
     """
 
-    def __init__(self, images: list, vae, resolution: int, *, crop: str, cache: bool):
+    def __init__(self, images: list, vae, resolution: int, *, crop: str, cache: bool, ranks: Ranks = Ranks()):
         self.images, self.vae, self.resolution, self.crop = images, vae, resolution, crop
         # centre crops are fixed, so their micro-conditioning is too (random ones: per draw)
         self.centre_ids = [micro_conditioning(image.size, resolution, "center") for image in images]
         self.device, self.dtype = vae.device, vae.dtype
         self.scale = vae.config.scaling_factor
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)  # diffusers' vae_scale_factor
+        self.latent_shape = (vae.config.latent_channels, resolution // factor, resolution // factor)
         vae.enable_slicing()  # encoding's peak is that of one image; the latents are the same
         self._cache: dict[tuple[int, bool], Posterior] = {}
         if cache and crop == "center":
             keys = [(i, flip) for i in range(len(images)) for flip in (False, True)]
-            for start in range(0, len(keys), ENCODE_ROWS):
-                self._cache.update(self._encode_many(keys[start : start + ENCODE_ROWS]))
+            calls = [keys[start : start + ENCODE_ROWS] for start in range(0, len(keys), ENCODE_ROWS)]
+            for call in ranks.share(calls):
+                self._cache.update(self._encode_many(call))
+            if ranks.count > 1:
+                self._gather(ranks)
+
+    def _gather(self, ranks: Ranks) -> None:
+        """Every process's posteriors, by way of the CPU (a pickled CUDA tensor keeps its device index)."""
+        mine = {key: (post.mean.cpu(), post.std.cpu()) for key, post in self._cache.items()}
+        self._cache = {key: Posterior(mean.to(self.device), std.to(self.device))
+                       for key, (mean, std) in ranks.gather(mine).items()}
 
     def _encode(self, index: int, flip: bool, crop_rng: random.Random | None) -> Posterior:
         pixels = prepare_image(self.images[index], self.resolution, crop=self.crop, flip=flip, rng=crop_rng)
@@ -110,9 +129,16 @@ class LatentSource:
         """Micro-conditioning rows (2 N, 6) in the order of `posteriors` (a mirror keeps its crop)."""
         return torch.stack([ids for ids in self.centre_ids for _ in (False, True)])
 
-    def latent(self, index: int, flip: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scaled latent (C, h, w) and its micro-conditioning (6,)."""
+    def latent(self, index: int, flip: bool, generator: torch.Generator, keep: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The scaled latent (C, h, w) and its micro-conditioning (6,); with `keep` false only the
+        generator advances, as it would have (another process's row: None, nothing encoded)."""
         post, ids = self._cache.get((index, flip)), self.centre_ids[index]
+        if not keep:
+            if post is None and self.crop == "random":
+                torch.randint(0, 2**31, (1,), generator=generator)
+            torch.randn(self.latent_shape if post is None else post.mean.shape, generator=generator)
+            return None
         if post is None:
             crop_rng = None
             if self.crop == "random":  # only random crops draw, so both paths share one stream
@@ -135,6 +161,7 @@ class FixedLatents(LatentSource):
         self.centre_ids = [micro_conditioning((resolution, resolution), resolution, "center") for _ in latents]
         self.device, self.dtype = vae.device, vae.dtype
         self.scale = vae.config.scaling_factor
+        self.latent_shape = tuple(latents[0].shape) if latents and latents[0] is not None else None
         self._cache = {}
         for i, latent in enumerate(latents):
             if latent is None:
@@ -146,7 +173,8 @@ class FixedLatents(LatentSource):
                 self._cache[(i, flip)] = Posterior(plain, torch.zeros_like(plain))
 
 
-def class_source(entries: list, vae, resolution: int, *, cache: bool) -> LatentSource:
+def class_source(entries: list, vae, resolution: int, *, cache: bool, ranks: Ranks = Ranks()
+                 ) -> LatentSource:
     """The class images' latent source from the cache's entries (`priors.class_image_progress`): a
     latent file or, from a cache written before latents were kept, a PNG to encode."""
     from dreambooth.data.images import load_rgb
@@ -154,25 +182,42 @@ def class_source(entries: list, vae, resolution: int, *, cache: bool) -> LatentS
 
     pngs = [i for i, path in enumerate(entries) if Path(path).suffix == ".png"]
     if len(pngs) == len(entries):
-        return LatentSource([load_rgb(p) for p in entries], vae, resolution, crop="center", cache=cache)
-    encoded = LatentSource([load_rgb(entries[i]) for i in pngs], vae, resolution, crop="center", cache=True)
+        return LatentSource([load_rgb(p) for p in entries], vae, resolution, crop="center", cache=cache,
+                            ranks=ranks)
+    encoded = LatentSource([load_rgb(entries[i]) for i in pngs], vae, resolution, crop="center", cache=True,
+                           ranks=ranks)
     posteriors = {i: (encoded._cache[(j, False)], encoded._cache[(j, True)]) for j, i in enumerate(pngs)}
     latents = [None if i in posteriors else load_class_latent(Path(path)) for i, path in enumerate(entries)]
     return FixedLatents(latents, vae, resolution, posteriors)
 
 
+class Batch(NamedTuple):
+    latents: torch.Tensor  # (b, C, h, w): this process's rows
+    is_prior: torch.Tensor  # (b,) bool
+    time_ids: torch.Tensor  # (b, 6) SDXL micro-conditioning
+    rows: torch.Tensor  # (b,) long: the rows' places in the global batch
+    size: int  # rows of the global batch (all processes together)
+
+
 def build_batch(step: int, seed: int, instances: LatentSource, classes: LatentSource | None,
-                batch_size: int, flip_prob: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Latents (B, C, h, w), is_prior (B,) and SDXL micro-conditioning (B, 6) for one step: subject
-    rows first, then class rows (each row with its own image's sizes and crop)."""
+                batch_size: int, flip_prob: float, ranks: Ranks = Ranks()) -> Batch:
+    """This process's rows of step `step`'s global batch: subject rows first, then class rows
+    (each row with its own image's sizes and crop), `batch_size` of each in all. Each process takes
+    its contiguous `ranks.rows` of the subject rows and the same of the class rows, so every process
+    has as many of each and the mean of their losses is the one-process loss."""
     g = step_generator(seed, step, salt=1)
-    rows, is_prior, time_ids = [], [], []
+    mine = range(batch_size)[ranks.rows(batch_size)]
+    rows, is_prior, time_ids, places = [], [], [], []
     sources = [(instances, 0, False)] + ([(classes, 1, True)] if classes is not None else [])
-    for source, salt, prior in sources:
-        for index in pick(len(source.images), batch_size, seed, step, salt):
+    for offset, (source, salt, prior) in enumerate(sources):
+        for j, index in enumerate(pick(len(source.images), batch_size, seed, step, salt)):
             flip = bool(torch.rand((), generator=g) < flip_prob)
-            latent, ids = source.latent(index, flip, g)
-            rows.append(latent)
-            time_ids.append(ids)
+            drawn = source.latent(index, flip, g, keep=j in mine)
+            if drawn is None:
+                continue
+            rows.append(drawn[0])
+            time_ids.append(drawn[1])
             is_prior.append(prior)
-    return torch.stack(rows), torch.tensor(is_prior), torch.stack(time_ids)
+            places.append(offset * batch_size + j)
+    return Batch(torch.stack(rows), torch.tensor(is_prior), torch.stack(time_ids), torch.tensor(places),
+                 batch_size * len(sources))

@@ -42,9 +42,14 @@ def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module]
             torch.save(scaler.state_dict(), tmp / SCALER_FILE)
         (tmp / "state.json").write_text(json.dumps({"step": step}))
 
-    target = replace_folder(folder / f"step-{step:05d}", write)  # an older one of the same step is replaced
+    target = replace_folder(checkpoint_folder(folder, step), write)  # an older one of the same step is replaced
     prune_checkpoints(folder, keep)
     return target
+
+
+def checkpoint_folder(folder: Path, step: int) -> Path:
+    """Where the checkpoint of step `step` is (or will be) written."""
+    return folder / f"step-{step:05d}"
 
 
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:

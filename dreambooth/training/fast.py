@@ -31,7 +31,8 @@ def fast_path_problems(config, device: torch.device, num_processes: int, mixed_p
     checks = [
         (train.grad_accum == 1, "train.grad_accum > 1"),
         (latents_cached(config), "latents are not cached (random crop or cache_latents off)"),
-        (num_processes == 1, "more than one process"),
+        # its CUDA graph holds no DDP gradient all-reduce; the plain step runs under DDP instead
+        (num_processes == 1, "more than one process (DDP)"),
     ]
     return [why for ok, why in checks if not ok]
 
@@ -43,7 +44,7 @@ def use_fast_path(config, device: torch.device, num_processes: int, mixed_precis
         return False, ""
     problems = fast_path_problems(config, device, num_processes, mixed_precision)
     if problems:
-        return False, "fast training step not used: " + "; ".join(problems)
+        return False, "fast training step not used, the plain step runs: " + "; ".join(problems)
     return True, ""
 
 

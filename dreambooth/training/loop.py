@@ -6,6 +6,10 @@ and the web app render (the loop makes no UI calls).
 
 Order of work: validate config and photos (no weights loaded yet), prepare the run directory, load
 the base model, make or reuse class images, then train with the prior-preservation loss.
+
+Under a launcher (`accelerate launch -m dreambooth train ...`) every process runs this generator:
+they train data-parallel on their rows of each global batch (DDP), and rank 0 alone writes the run
+directory (lock, config, log, checkpoints, samples, final/); the others wait where they must.
 """
 from __future__ import annotations
 
@@ -20,12 +24,13 @@ import torch
 
 from dreambooth.config import RunConfig, read_run_config, save_config
 from dreambooth.data.images import check_images
-from dreambooth.errors import Problem, TrainingDiverged
+from dreambooth.errors import ConfigError, Problem, TrainingDiverged
 from dreambooth.planning import read_card
+from dreambooth.ranks import Ranks, launched_ranks
 from dreambooth.rundir import RunDir
 from dreambooth.sampling import pick_device
 from dreambooth.training import events as ev
-from dreambooth.training.checkpoints import newest_intact, save_checkpoint, weights_are_finite
+from dreambooth.training.checkpoints import checkpoint_folder, newest_intact, save_checkpoint, weights_are_finite
 from dreambooth.training.fast import FastStep, LossReadout
 from dreambooth.training.losses import LossParts
 from dreambooth.training.memory import PhaseMeter, oom_advice, peak_now, release_memory
@@ -55,21 +60,38 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
         config = resume_config(with_local_model_resolved(read_run_config(run.config)), config)
     run.check_target(config.data.images)
     check_before_loading(config)
+    ranks = launched_ranks(pick_device(config.train.device))
+    check_batch_split(config, ranks)
     report = check_images(config.data.images, config.data.resolution, max_pixels=config.data.max_pixels)
-    with run.prepare(resume=resume, overwrite=overwrite):  # held until the generator ends
-        save_config(config, run.config)
+    ranks.wait()  # every process has read what it needs of the run directory before rank 0 changes it
+    with run.prepare(resume=resume, overwrite=overwrite) if ranks.main else contextlib.nullcontext():
+        if ranks.main:  # the lock is held until the generator ends
+            save_config(config, run.config)
+        ranks.wait()  # the run directory exists for every process
         if fresh_resume:
             yield ev.Notice(f"{run.root} never reached step 1: starting it again with the given settings")
         for problem in report.problems:
             yield ev.Notice(str(problem))
-        yield from _train(config, run, report, resume and not fresh_resume, stop)
+        yield from _train(config, run, report, resume and not fresh_resume, stop, ranks)
+        ranks.wait()  # no process ends before rank 0 has written everything
 
 
-def _train(config: RunConfig, run: RunDir, report, resume: bool, stop) -> Iterator[ev.Event]:
+def check_batch_split(config: RunConfig, ranks: Ranks) -> None:
+    """`train.batch_size` is the global batch: several processes must split it evenly."""
+    size = config.train.batch_size
+    if size % ranks.count:
+        raise ConfigError(f"train.batch_size={size} cannot be split over {ranks.count} processes", [Problem(
+            "train.batch_size", f"is the global batch (subject rows, and as many class rows); use a multiple "
+            f"of {ranks.count}, e.g. train.batch_size={ranks.count * max(1, size // ranks.count)}, or launch "
+            "fewer processes")])
+
+
+def _train(config: RunConfig, run: RunDir, report, resume: bool, stop, ranks: Ranks) -> Iterator[ev.Event]:
     """Prepare (the run directory is prepared and locked), then run the steps."""
-    meter = PhaseMeter(run.append_log, advice=lambda phase: oom_advice(phase, config, run.checkpoints, _card()))
+    log = run.append_log if ranks.main else None
+    meter = PhaseMeter(log, advice=lambda phase: oom_advice(phase, config, run.checkpoints, _card()))
     try:
-        state = yield from prepare(config, run, report, resume, stop, meter)
+        state = yield from prepare(config, run, report, resume, stop, meter, ranks)
     except torch.OutOfMemoryError as e:  # outside a measured phase: moving the models to the device
         raise meter.unmeasured_out_of_memory("model setup", e) from None
     if state is None:  # stopped before step 1
@@ -126,29 +148,29 @@ def release_training_memory(state: TrainState, step_fn) -> None:
 
 def _steps(state: TrainState, step_fn: StepFunction, stop, began: float) -> Generator[ev.Event, None, bool]:
     """The steps of `run_steps`; returns False when a stop ended them (after its checkpoint)."""
-    config, run, scoring, modules = state.config, state.run, state.scoring, state.modules
+    config, scoring, modules = state.config, state.scoring, state.modules
     out = config.output
     clock = {"began": began, "last": began}
     readout = LossReadout(state.lag)
     for step in range(state.start, config.train.steps):
         parts = step_fn.backward(step)
         # with a lag, the previous step is reported here, while this one runs on the device
-        reported = yield from _report_steps(readout.take(flush=True), config, run, clock)
-        if reported and stop is not None and stop.is_set():  # this step's gradients are dropped
+        reported = yield from _report_steps(readout.take(flush=True), state, clock)
+        if reported and _stop_asked(state, stop):  # this step's gradients are dropped
             yield from _stop(state, reported)
             return False
         scaling = step_fn.update()
         done = step + 1
         readout.push(done, parts, float(state.lr_schedule.get_last_lr()[0]), scaling)  # a tensor for torchao
-        yield from _report_steps(readout.take(flush=_acts_after(done, config, scoring, stop)), config, run, clock)
+        yield from _report_steps(readout.take(flush=_acts_after(done, config, scoring, stop)), state, clock)
         if wants_samples(config) and out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
             yield from _samples(state, done)
         if scoring is not None and scoring.due(done):
             with state.meter.phase("checkpoint scoring", state.device), state.parking.back():
                 row = scoring.score(done, modules)
             yield ev.Evaluated(done, row)
-        stopping = stop is not None and stop.is_set()
-        yield from _report_steps(readout.take(flush=stopping), config, run, clock)
+        stopping = _stop_asked(state, stop)
+        yield from _report_steps(readout.take(flush=stopping), state, clock)
         if stopping:
             yield from _stop(state, done)
             return False
@@ -157,12 +179,20 @@ def _steps(state: TrainState, step_fn: StepFunction, stop, began: float) -> Gene
     return True
 
 
+def _stop_asked(state: TrainState, stop) -> bool:
+    """Whether a stop was asked (of any process: all of them stop at the same step)."""
+    return state.ranks.any(stop is not None and stop.is_set())
+
+
 def _checkpoint(state: TrainState, done: int) -> Iterator[ev.Event]:
-    """Save the weights after step `done` (refusing non-finite ones); returns the folder."""
+    """Save the weights after step `done` (refusing non-finite ones; rank 0 writes, every process
+    holds the same weights); returns the folder."""
     if not weights_are_finite(state.modules):  # a finite loss, then an update that overflowed
         raise _diverged("the weights became NaN or infinite", done, state.run)
-    path = save_checkpoint(state.run.checkpoints, done, state.modules, state.optimizer, state.lr_schedule,
-                           state.config.output.keep_checkpoints, state.scaler)
+    path = checkpoint_folder(state.run.checkpoints, done)
+    if state.ranks.main:
+        save_checkpoint(state.run.checkpoints, done, state.modules, state.optimizer, state.lr_schedule,
+                        state.config.output.keep_checkpoints, state.scaler)
     yield ev.CheckpointSaved(done, path)
     return path
 
@@ -173,23 +203,30 @@ def _stop(state: TrainState, done: int) -> Iterator[ev.Event]:
 
 
 def _finish(state: TrainState, began: float) -> Iterator[ev.Event]:
-    """After the last step: choose a checkpoint (when scored), write final/, then the last samples."""
-    config, scoring = state.config, state.scoring
+    """After the last step: choose a checkpoint (when scored), write final/, then the last samples
+    (rank 0; the other processes only report the end)."""
+    config, scoring, main = state.config, state.scoring, state.ranks.main
     with state.meter.phase("save", state.device):
         choice = scoring.finish(state.modules) if scoring is not None else None
         if choice is not None:
             yield ev.Selected(*choice)
-        final = save_final(state.components, config, state.run, selection=choice)  # first: nothing optional can lose it
+        final = state.run.final
+        if main:  # first: nothing optional can lose it
+            final = save_final(state.components, config, state.run, selection=choice)
     if scoring is not None:
         scoring.cleanup()
     if wants_samples(config):
         yield from _samples(state, config.train.steps)
     memory = state.meter.summary()
-    add_memory_summary(final, memory)
+    if main:
+        add_memory_summary(final, memory)
     yield ev.Finished(config.train.steps, final, time.perf_counter() - began, memory)
 
 
 def _samples(state: TrainState, step: int) -> Iterator[ev.Event]:
+    """A validation grid (rank 0 alone; the others meet it at the next step's gradient all-reduce)."""
+    if not state.ranks.main:
+        return
     out = state.config.output
     yield ev.Phase("validation images", len(out.sample_prompts) * out.sample_images)
     with state.meter.phase("validation samples", state.device), state.parking.back():
@@ -210,11 +247,12 @@ def _acts_after(done: int, config: RunConfig, scoring, stop) -> bool:
             or (scoring is not None and scoring.due(done)) or (stop is not None and stop.is_set()))
 
 
-def _report_steps(records, config: RunConfig, run: RunDir, clock: dict) -> Iterator[ev.Event]:
-    """StepDone events and log lines for finished steps; stop when the run diverged (a non-finite
-    loss; under fp16 see `scaling.divergence`: an overflow the scaler skipped is not divergence).
-    fp16 lines carry the loss scale the step used; skipped steps are always logged, with the count
-    so far. Returns the last step reported (0 for none)."""
+def _report_steps(records, state: TrainState, clock: dict) -> Iterator[ev.Event]:
+    """StepDone events and log lines (rank 0) for finished steps; stop when the run diverged (a
+    non-finite loss; under fp16 see `scaling.divergence`: an overflow the scaler skipped is not
+    divergence). fp16 lines carry the loss scale the step used; skipped steps are always logged, with
+    the count so far. Returns the last step reported (0 for none)."""
+    config, run = state.config, state.run
     out = config.output
     done = 0
     for done, (loss, instance, prior), lr, scaling in records:
@@ -226,7 +264,7 @@ def _report_steps(records, config: RunConfig, run: RunDir, clock: dict) -> Itera
         now = time.perf_counter()
         event = ev.StepDone(done, config.train.steps, loss, instance, prior, lr, now - clock["last"])
         clock["last"] = now
-        if done % out.log_every == 0 or done == config.train.steps or skipped:
+        if state.ranks.main and (done % out.log_every == 0 or done == config.train.steps or skipped):
             scaled = {} if scaling is None else {"loss_scale": scaling.loss_scale, "skipped": skipped,
                                                  "skipped_steps": clock["skipped"]}
             run.append_log({"step": done, "loss": loss, "instance_loss": event.instance_loss,

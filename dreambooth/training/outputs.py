@@ -13,22 +13,24 @@ from dreambooth.models import model_identity
 from dreambooth.models.builtin import copy_tokenizer_files
 from dreambooth.priors import class_image_key, class_image_progress
 from dreambooth.prompts import fill_prompt
+from dreambooth.ranks import Ranks
 from dreambooth.rundir import RUN_INFO, RunDir
 from dreambooth.sampling import eval_mode, make_grid, make_pipeline, pipeline_of, sample_per_prompt
 from dreambooth.training.state import TEXT_ENCODER_NAMES
 
 
-def prepare_class_images(components, config: RunConfig, device, stop=None):
+def prepare_class_images(components, config: RunConfig, device, stop=None, ranks: Ranks = Ranks()):
     """Yield (done, total, paths) as class images are made; paths is final when done == total.
 
     A set `stop` ends the iteration early, with the finished images kept in the cache. The models
-    are where training placed them (text encoders kept on the CPU stay there: no `pipe.to`).
+    are where training placed them (text encoders kept on the CPU stay there: no `pipe.to`). Several
+    processes each make their share (`priors.class_image_progress`).
     """
     yield from class_image_progress(
         class_image_key(components.folder, config), config.prior.num_images,
         lambda: make_pipeline(components, config.prior.sampler,
                               compile_unet=config.prior.compile and torch.device(device).type == "cuda"),
-        cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size, stop=stop,
+        cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size, stop=stop, ranks=ranks,
     )
 
 

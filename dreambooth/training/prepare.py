@@ -18,6 +18,7 @@ from dreambooth.identifier import check_identifier
 from dreambooth.models import load_components
 from dreambooth.models.vae import load_vae
 from dreambooth.precision import resolve_precision
+from dreambooth.ranks import Ranks
 from dreambooth.rundir import RunDir
 from dreambooth.sampling import pick_device
 from dreambooth.training import events as ev
@@ -42,17 +43,20 @@ from dreambooth.training.state import FrozenParking, PromptEmbeddings, TrainStat
 Events = Generator[ev.Event, None, "TrainState | None"]
 
 
-def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: PhaseMeter | None = None) -> Events:
+def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: PhaseMeter | None = None,
+            ranks: Ranks = Ranks()) -> Events:
     """Yield events while preparing; return the state, or None when `stop` ended it before step 1.
 
     `report` is `data.images.check_images`'s report of the subject photos; the run directory is
     prepared and locked. `meter` measures the phases (class images, model setup: what trains and its
-    optimizer, latent cache, text embeddings) and carries on into the state.
+    optimizer, latent cache, text embeddings) and carries on into the state. With several processes
+    (`ranks`) they share the class images and the latent cache; rank 0 alone writes.
     """
     meter = meter or PhaseMeter()
-    components = load_components(config.model.name, prediction_type=config.model.prediction_type)
-    if config.model.vae:
-        components.vae = load_vae(config.model.vae, components.vae)
+    with ranks.main_first():  # a built-in model is built into the cache once
+        components = load_components(config.model.name, prediction_type=config.model.prediction_type)
+        if config.model.vae:
+            components.vae = load_vae(config.model.vae, components.vae)
     for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
         yield ev.Notice(str(problem))
     device = pick_device(config.train.device)
@@ -69,22 +73,22 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     if config.prior.enabled:
         yield ev.Phase("class images", config.prior.num_images)
         with meter.phase("class images", accelerator.device):
-            for done, total, paths in prepare_class_images(components, config, accelerator.device, stop):
+            for done, total, paths in prepare_class_images(components, config, accelerator.device, stop, ranks):
                 yield ev.ClassImagesProgress(done, total)
                 class_paths = paths
         release_memory(accelerator.device)  # the sampling pipeline's leftovers, before the optimizer
-        if stop is not None and stop.is_set():  # stopped while making class images: nothing trained yet
+        if ranks.any(stop is not None and stop.is_set()):  # stopped while making class images: nothing trained yet
             step, path = (list_checkpoints(run.checkpoints) or [(0, run.checkpoints)])[-1]
             yield ev.Stopped(step, path)
             return None
     with meter.phase("model setup", accelerator.device):
-        trained = yield from _optimization(components, config, run, accelerator, precision, fast, resume)
+        trained = yield from _optimization(components, config, run, accelerator, precision, fast, resume, ranks)
     yield ev.Phase("caching latents", len(report.images) + (config.prior.num_images if config.prior.enabled else 0))
     with meter.phase("latent cache", accelerator.device):
-        instances, classes = _latent_sources(components, config, report, class_paths)
+        instances, classes = _latent_sources(components, config, report, class_paths, ranks)
     with meter.phase("text embeddings", accelerator.device):
         prompts = PromptEmbeddings(components, config, accelerator.device, frozen_dtype_of(precision))
-    scoring = CheckpointScoring(components, config, run) if config.eval.every else None
+    scoring = CheckpointScoring(components, config, run) if config.eval.every and ranks.main else None
     parking = FrozenParking(components, config, accelerator.device)
     if config.train.offload_frozen and not parking.modules:
         yield ev.Notice("train.offload_frozen has no effect: the latents are not cached (random crop or "
@@ -94,7 +98,7 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
         torch.cuda.empty_cache()
     return TrainState(config, run, components, accelerator, instances=instances, classes=classes, prompts=prompts,
                       parking=parking, scoring=scoring, fast=fast, lag=readout_lag(fast, accelerator.device),
-                      meter=meter, **trained)
+                      meter=meter, ranks=ranks, **trained)
 
 
 def _place_models(components, config: RunConfig, accelerator, precision: str) -> Generator[ev.Event, None, bool]:
@@ -120,9 +124,11 @@ def _place_models(components, config: RunConfig, accelerator, precision: str) ->
 
 
 def _optimization(components, config: RunConfig, run: RunDir, accelerator, precision: str, fast: bool,
-                  resume: bool) -> Generator[ev.Event, None, dict]:
+                  resume: bool, ranks: Ranks = Ranks()) -> Generator[ev.Event, None, dict]:
     """What trains, its optimizer, schedule and fp16 loss scaler (restored from the newest
-    checkpoint when resuming), as `TrainState` fields."""
+    checkpoint when resuming), as `TrainState` fields. A checkpoint holds no per-process state:
+    every process restores the same one (rank 0 first, which sets damaged ones aside), whatever
+    number of processes wrote it."""
     device, frozen_dtype = accelerator.device, frozen_dtype_of(precision)
     modules = mark_trainable(components, config.train)
     if lowers_frozen(config, fast, frozen_dtype):
@@ -136,31 +142,35 @@ def _optimization(components, config: RunConfig, run: RunDir, accelerator, preci
     scaler = LossScaler(device) if precision == "fp16" else None
     start = 0
     if resume:
-        start, warnings = resume_checkpoint(run.checkpoints, modules, optimizer, lr_schedule, scaler)
+        with accelerator.main_process_first():
+            start, warnings = resume_checkpoint(run.checkpoints, modules, optimizer, lr_schedule, scaler)
         for warning in warnings:
             yield ev.Notice(warning)
-        if start:
+        if start and ranks.main:
             run.truncate_log(start)
     if lowers_frozen(config, fast, frozen_dtype):
         lower_frozen_weights(modules, frozen_dtype)
     # The fast step runs its own autocast on the bare modules (one process only). The plain step
     # keeps the bare optimizer too: accelerate's wrapper only adds its own fp16 scaler's step and
-    # update, and the scaler here is the steps' own.
+    # update, and the scaler here is the steps' own. Under several processes `prepare` wraps the
+    # modules in DDP (without find_unused_parameters: every trainable parameter reaches the loss,
+    # see setup.freeze_unused_layers).
     wrapped = modules if fast else dict(zip(modules, accelerator.prepare(*modules.values(), optimizer)[:-1]))
     return dict(modules=modules, wrapped=wrapped, optimizer=optimizer, lr_schedule=lr_schedule, flats=flats,
                 scaler=scaler, start=start)
 
 
-def _latent_sources(components, config: RunConfig, report, class_paths: list
+def _latent_sources(components, config: RunConfig, report, class_paths: list, ranks: Ranks = Ranks()
                     ) -> tuple[LatentSource, LatentSource | None]:
-    """The subject photos' latents (encoded once when they are cached) and the class images' (the
-    sampler's, from the class-image cache)."""
+    """The subject photos' latents (encoded once when they are cached, each process its share) and
+    the class images' (the sampler's, from the class-image cache)."""
     data, cache = config.data, config.train.cache_latents
     instances = LatentSource([load_rgb(i.path, max_pixels=data.max_pixels) for i in report.images],
-                             components.vae, data.resolution, crop=data.crop, cache=cache)
+                             components.vae, data.resolution, crop=data.crop, cache=cache, ranks=ranks)
     classes = None
     if config.prior.enabled:
-        classes = class_source(class_paths[: config.prior.num_images], components.vae, data.resolution, cache=cache)
+        classes = class_source(class_paths[: config.prior.num_images], components.vae, data.resolution,
+                               cache=cache, ranks=ranks)
     return instances, classes
 
 

@@ -12,6 +12,7 @@ import torch
 
 from dreambooth.config import RunConfig
 from dreambooth.prompts import fill_prompt
+from dreambooth.ranks import Ranks
 from dreambooth.rundir import RunDir
 from dreambooth.training.batches import LatentSource, latents_cached
 from dreambooth.training.memory import PhaseMeter
@@ -145,6 +146,7 @@ class TrainState:
     fast: bool = False
     lag: int = 0
     meter: PhaseMeter = field(default_factory=PhaseMeter)  # per-phase peak memory, logged
+    ranks: Ranks = Ranks()  # the run's processes; rank 0 alone writes the run directory
 
     @property
     def device(self) -> torch.device:
@@ -166,5 +168,6 @@ class TrainState:
 
     @property
     def seed(self) -> int:
-        """The seed of this process's draws (processes of a multi-GPU run draw different batches)."""
-        return self.config.train.seed + 1000 * self.accelerator.process_index
+        """The seed of the step draws: the same in every process, which each build the global batch's
+        draws and take their own rows of it (`batches.build_batch`)."""
+        return self.config.train.seed

@@ -29,7 +29,8 @@ def backward(state: TrainState, step: int) -> LossParts:
     """Forward and backward of each micro-batch of `step`, then gradient clipping.
 
     fp16 runs its own autocast and loss scaler (`state.scaler`; accelerate is told "no"), so the
-    plain and the fast step scale, unscale and skip the same way on any device.
+    plain and the fast step scale, unscale and skip the same way on any device. With several
+    processes each runs its rows of the global batch and DDP averages the gradients.
     """
     config, accelerator, optimizer, scaler = state.config, state.accelerator, state.optimizer, state.scaler
     train = config.train
@@ -40,11 +41,12 @@ def backward(state: TrainState, step: int) -> LossParts:
     alphas, num_t = scheduler.alphas_cumprod, scheduler.config.num_train_timesteps
     for micro in range(train.grad_accum):
         k = step * train.grad_accum + micro
-        latents, is_prior, time_ids = build_batch(k, state.seed, state.instances, state.classes, train.batch_size,
-                                        config.data.flip_prob)
+        latents, is_prior, time_ids, rows, size = build_batch(k, state.seed, state.instances, state.classes,
+                                                             train.batch_size, config.data.flip_prob, state.ranks)
         g = step_generator(state.seed, k, salt=2)
-        noise = torch.randn(latents.shape, generator=g).to(latents)  # (B, 4, H/8, W/8)
-        t = sample_timesteps(latents.shape[0], num_t, g).to(latents.device)
+        # drawn for the global batch, this process's rows taken: the draws of one process
+        noise = torch.randn((size, *latents.shape[1:]), generator=g)[rows].to(latents)  # (B, 4, H/8, W/8)
+        t = sample_timesteps(size, num_t, g)[rows].to(latents.device)
         noisy = add_noise(latents, noise, t, alphas)
         target = prediction_target(latents, noise, t, alphas, state.components.prediction_type)
         sync = micro == train.grad_accum - 1
@@ -60,6 +62,9 @@ def backward(state: TrainState, step: int) -> LossParts:
         scaler.unscale_(params)
     if train.max_grad_norm:
         accelerator.clip_grad_norm_(params, train.max_grad_norm)
+    # DDP averaged the gradients; the losses reported are the global batch's too (equal row counts)
+    if state.ranks.count > 1:
+        parts = LossParts(*state.ranks.mean(torch.stack([part.detach().float() for part in parts])))
     return parts
 
 
