@@ -18,9 +18,9 @@ def test_train_device_cpu_runs_on_the_cpu_where_cuda_is_present_even_after_a_cud
     class_devices = []
     real_class_images = prepare.prepare_class_images
 
-    def recording(components, config, device, stop=None):
+    def recording(components, config, device, *rest):
         class_devices.append(torch.device(device).type)
-        yield from real_class_images(components, config, device, stop)
+        yield from real_class_images(components, config, device, *rest)
     monkeypatch.setattr(prepare, "prepare_class_images", recording)
     config = load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}},
                          ["train.steps=2", "output.checkpoint_every=0", "train.device=cpu"])

@@ -118,7 +118,8 @@ def test_micro_conditioning_of_subject_photos_and_class_images():
     photo = Image.new("RGB", (150, 100), "gray")  # resized to 96x64 at 64 px
     instances = LatentSource([photo], vae, 64, crop="center", cache=True)
     classes = LatentSource([Image.new("RGB", (64, 64), "white")], vae, 64, crop="center", cache=True)
-    _, is_prior, time_ids = build_batch(0, 0, instances, classes, 1, flip_prob=0.5)
+    batch = build_batch(0, 0, instances, classes, 1, flip_prob=0.5)
+    is_prior, time_ids = batch.is_prior, batch.time_ids
     assert is_prior.tolist() == [False, True]
     assert time_ids.tolist() == [[100, 150, 0, 16, 64, 64], [64, 64, 0, 0, 64, 64]]
     assert instances.time_ids().tolist() == [[100, 150, 0, 16, 64, 64]] * 2  # a mirror keeps its crop
