@@ -8,6 +8,7 @@ cheap, so it lives under `cache_root()/inductor`. A `TORCHINDUCTOR_CACHE_DIR` se
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -47,11 +48,26 @@ def make_pipeline(components, sampler: str = DEFAULT_SAMPLER, *, device: torch.d
     """
     pipe = pipeline_of(components, make_scheduler(sampler, components.noise_scheduler.config),
                        unet=compiled(components.unet) if compile_unet else None)
+    pipe.__class__ = _on_unet_device(type(pipe))
     pipe.set_progress_bar_config(disable=True)
     components.vae.enable_slicing()  # a batch decodes one image at a time: the same images, one image's peak
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+@functools.cache
+def _on_unet_device(base: type) -> type:
+    """`base` computing where its UNet is. Text encoders kept on the CPU (`train.offload_frozen` on
+    CUDA) split the pipeline, and diffusers before 2026-08 (huggingface/diffusers#14383) took the
+    first component's device, `text_encoder`'s, for all of it. Sampling pipelines only: saved ones
+    keep their class, whose name model_index.json records."""
+
+    def execution_device(self):
+        return _device_of(self.unet) or base._execution_device.fget(self)
+
+    return type(base.__name__, (base,), {"_execution_device": property(execution_device),
+                                         "__module__": base.__module__})
 
 
 def pipeline_of(components, scheduler, *, unet=None):

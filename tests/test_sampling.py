@@ -36,3 +36,15 @@ def test_prompts_encoded_first_give_the_same_images(model, negative):
     assert len(first) == len(plain)
     for a, b in zip(first, plain):  # one prompt per encoder call here: batching rounds, +-1
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+
+
+def test_a_split_sampling_pipeline_computes_where_its_unet_is():
+    """Text encoders kept elsewhere (the CPU, while the UNet is on the card) must not decide where
+    the pipeline computes; diffusers before 2026-08 took `text_encoder`'s device for the whole."""
+    import torch
+
+    components = load_components("tiny-random")
+    pipe = make_pipeline(components, "ddim")
+    components.text_encoder.to("meta")  # stands for "not where the UNet is" on a machine without a GPU
+    assert pipe._execution_device == torch.device("cpu")
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
