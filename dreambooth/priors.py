@@ -75,20 +75,14 @@ def class_image_folder(key: ClassImageKey, cache_dir: str | Path | None = None) 
 
 def cached_class_images(key: ClassImageKey, cache_dir: str | Path | None = None) -> list[Path]:
     """PNGs (previews) finished under exactly this key, in index order (none when the key differs)."""
-    return _listed(key, cache_dir, "images")
+    folder = class_image_folder(key, cache_dir)
+    return [folder / name for name in sorted(_Listed(folder, key).pngs)]  # names are zero-padded indices
 
 
 def cached_class_latents(key: ClassImageKey, cache_dir: str | Path | None = None) -> list[Path]:
     """Latent files finished under exactly this key, in index order."""
-    return _listed(key, cache_dir, "latents")
-
-
-def _listed(key: ClassImageKey, cache_dir, kind: str) -> list[Path]:
     folder = class_image_folder(key, cache_dir)
-    manifest = _read_manifest(folder)
-    if manifest is None or manifest.get("key") != asdict(key):
-        return []
-    return [folder / name for name in manifest.get(kind, []) if (folder / name).exists()]
+    return [folder / name for name in sorted(_Listed(folder, key).latents)]
 
 
 def load_class_latent(path: Path):
@@ -170,10 +164,10 @@ def class_image_progress(
             if stop is not None and stop.is_set():
                 return
             time.sleep(0.2)
-            now = _Listed(folder, key).missing(num)
-            if len(now) < missing:
-                missing = len(now)
-                yield num - missing, num, _Listed(folder, key).entries(num) if not missing else []
+            now = _Listed(folder, key)
+            if len(now.missing(num)) < missing:
+                missing = len(now.missing(num))
+                yield num - missing, num, now.entries(num) if not missing else []
         yield from _generate(key, num, make_pipe, folder, batch_size, stop, previews)
 
 
@@ -214,10 +208,7 @@ def _generate(key, num, make_pipe, folder: Path, batch_size: int, stop, previews
     pipe = make_pipe()
     for start in range(0, len(unseen), batch_size):
         chunk = unseen[start : start + batch_size]
-        made = torch.stack([load_class_latent(folder / _latent_name(i)) for i in chunk])
-        for index, image in zip(chunk, decode_latents(pipe, made, key.resolution)):
-            _save_png_atomically(image, folder / _name(index))
-            state.pngs.add(_name(index))
+        _save_previews(key, pipe, state, chunk, [load_class_latent(folder / _latent_name(i)) for i in chunk])
         state.write(key)
     finished = num - len(todo)
     for _ in _make_images(key, todo, pipe, state, batch_size, stop, previews):
@@ -267,11 +258,15 @@ def _make_images(key: ClassImageKey, indices: list[int], pipe, state: _Listed, b
             state.latents.add(_latent_name(index))
         shown = [(i, z) for i, z in zip(batch, made) if i < previews]
         if shown:  # after the latents: a preview never stands without its latent
-            for (index, _), image in zip(shown, decode_latents(pipe, torch.stack([z for _, z in shown]),
-                                                              key.resolution)):
-                _save_png_atomically(image, folder / _name(index))
-                state.pngs.add(_name(index))
+            _save_previews(key, pipe, state, *map(list, zip(*shown)))
         yield from batch[: len(made)]
+
+
+def _save_previews(key: ClassImageKey, pipe, state: _Listed, indices: list[int], latents: list) -> None:
+    """Decode the latents of `indices` and write them as their PNG previews."""
+    for index, image in zip(indices, decode_latents(pipe, torch.stack(latents), key.resolution)):
+        _save_png_atomically(image, state.folder / _name(index))
+        state.pngs.add(_name(index))
 
 
 class _KeyLock:
