@@ -131,6 +131,11 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "ours_cls_pndm50_compile_profile": {"kind": "classes", "sampler": "pndm", "steps": n(50, 3),
                                             "batch": n(16, 2), "num": n(32, 4), "budget": 200, "compile": True,
                                             "profile": True},
+        "ours_cls_dpmpp25_fast": {"kind": "classes", "sampler": "dpmpp", "steps": n(25, 3), "batch": n(25, 2),
+                                  "num": n(100, 4), "budget": 90, "fast": True},
+        "ours_cls_dpmpp25_fast50": {"kind": "classes", "sampler": "dpmpp", "steps": n(25, 3), "batch": n(50, 2),
+                                    "num": n(150, 4), "budget": 90, "fast": True},
+        "ref_cls": {"kind": "ref_classes", "batch": n(4, 2), "batches": n(6, 2), "budget": 90},
         "ref_full_te": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full_te", "stop": n(40, 6),
                         "budget": 90},
     }
@@ -191,7 +196,9 @@ def worker_main(name: str, spec: dict, work: Path, tiny: bool) -> None:
     elif spec["kind"] == "classes":
         result = ours.classes_part(model, work / f"classes_{name}", sampler=spec["sampler"], steps=spec["steps"],
                                    batch=spec["batch"], num=spec["num"], compile_unet=spec.get("compile", False),
-                                   profile=spec.get("profile", False))
+                                   profile=spec.get("profile", False), fast=spec.get("fast", False))
+    elif spec["kind"] == "ref_classes":
+        result = ours.reference_classes_part(model, spec["batch"], spec["batches"], tiny)
     else:
         result = ours.e2e_part(model, images, work / f"run_{name}", preset=spec["preset"], dotted=dotted)
     print("RESULT " + json.dumps(result), flush=True)

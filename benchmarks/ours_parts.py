@@ -120,11 +120,32 @@ def _train_result(stamps, losses, notices, measure, began, started) -> dict:
             "notices": notices, **gpu_memory()}
 
 
+def reference_classes_part(model: Path, batch: int, batches: int, tiny: bool) -> dict:
+    """Class images/s as `train_dreambooth.py` makes them: the pipeline's default call (the model's
+    scheduler, 50 steps, guidance 7.5) in fp16 on CUDA, batch `batch`, decoded to PIL images; the
+    first batch is warm-up."""
+    from diffusers import StableDiffusionPipeline
+
+    cuda = torch.cuda.is_available()
+    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float16 if cuda else torch.float32,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.to("cuda" if cuda else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    steps, size = (3, 64) if tiny else (50, 512)
+    stamps = []
+    for _ in range(batches + 1):
+        pipe("a photo of dog", num_images_per_prompt=batch, height=size, width=size, num_inference_steps=steps)
+        stamps.append(time.perf_counter())
+    return {"images_per_s": batch * batches / (stamps[-1] - stamps[0]), "images": batch * (batches + 1),
+            "batch": batch, "unet_evals_per_image": 2 * (steps + 1), **gpu_memory()}
+
+
 def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int, num: int,
-                 compile_unet: bool = False, profile: bool = False) -> dict:
+                 compile_unet: bool = False, profile: bool = False, fast: bool = False) -> dict:
     """Class images/s through the training run's own path (components as train_events holds them).
     `profile`: the batches after the first run under torch.profiler (kernel time by op, per image;
-    the rate is then that of profiled batches)."""
+    the rate is then that of profiled batches). `fast`: `prior.fast` (a UNet copy in the frozen
+    dtype behind CUDA graphs)."""
     from dreambooth.models import load_components
     from dreambooth.priors import class_image_key, ensure_class_images
     from dreambooth.sampling import make_pipeline
@@ -148,7 +169,8 @@ def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int
 
     began = time.perf_counter()
     ensure_class_images(class_image_key(components.folder, config), num,
-                        lambda: make_pipeline(components, sampler, device=device, compile_unet=compile_unet),
+                        lambda: make_pipeline(components, sampler, device=device, compile_unet=compile_unet,
+                                              graphed=dtype if fast and device.type == "cuda" else None),
                         cache_dir=out, batch_size=batch, progress=progress)
     total = time.perf_counter() - began
     kernels = stop_profiler(profiler[0], num - stamps[1][1]) if profiler else None

@@ -40,14 +40,22 @@ def make_scheduler(name: str, base_config: dict):
 
 
 def make_pipeline(components, sampler: str = DEFAULT_SAMPLER, *, device: torch.device | str | None = None,
-                  compile_unet: bool = False):
+                  compile_unet: bool = False, graphed: torch.dtype | None = None):
     """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) over the given (possibly
-    LoRA-wrapped) components; no copies made.
+    LoRA-wrapped) components; no copies made unless asked.
 
     `compile_unet`: sample through `torch.compile(unet)` (the module itself stays as it is).
+    `graphed` (CUDA): sample through CUDA graphs of the UNet in that dtype, a copy when the UNet is
+    in another (`sampler_unet.sampling_unet`); compilation wins when both are asked.
     """
-    pipe = pipeline_of(components, make_scheduler(sampler, components.noise_scheduler.config),
-                       unet=compiled(components.unet) if compile_unet else None)
+    unet = None
+    if compile_unet:
+        unet = compiled(components.unet)
+    elif graphed is not None:
+        from dreambooth.sampler_unet import sampling_unet
+
+        unet = sampling_unet(components.unet, graphed)
+    pipe = pipeline_of(components, make_scheduler(sampler, components.noise_scheduler.config), unet=unet)
     pipe.__class__ = _on_unet_device(type(pipe))
     pipe.set_progress_bar_config(disable=True)
     components.vae.enable_slicing()  # a batch decodes one image at a time: the same images, one image's peak

@@ -19,17 +19,20 @@ from dreambooth.sampling import eval_mode, make_grid, make_pipeline, pipeline_of
 from dreambooth.training.state import TEXT_ENCODER_NAMES
 
 
-def prepare_class_images(components, config: RunConfig, device, stop=None, ranks: Ranks = Ranks()):
+def prepare_class_images(components, config: RunConfig, device, stop=None, ranks: Ranks = Ranks(),
+                         dtype: torch.dtype = torch.float32):
     """Yield (done, total, paths) as class images are made; paths is final when done == total.
 
     A set `stop` ends the iteration early, with the finished images kept in the cache. The models
     are where training placed them (text encoders kept on the CPU stay there: no `pipe.to`). Several
-    processes each make their share (`priors.class_image_progress`).
+    processes each make their share (`priors.class_image_progress`). `dtype` is the frozen models'
+    (`prior.fast` samples with the UNet in it).
     """
+    cuda = torch.device(device).type == "cuda"
     yield from class_image_progress(
         class_image_key(components.folder, config), config.prior.num_images,
-        lambda: make_pipeline(components, config.prior.sampler,
-                              compile_unet=config.prior.compile and torch.device(device).type == "cuda"),
+        lambda: make_pipeline(components, config.prior.sampler, compile_unet=config.prior.compile and cuda,
+                              graphed=dtype if config.prior.fast and cuda else None),
         cache_dir=config.prior.cache or None, batch_size=config.prior.batch_size, stop=stop, ranks=ranks,
     )
 

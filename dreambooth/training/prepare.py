@@ -73,7 +73,8 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     if config.prior.enabled:
         yield ev.Phase("class images", config.prior.num_images)
         with meter.phase("class images", accelerator.device):
-            for done, total, paths in prepare_class_images(components, config, accelerator.device, stop, ranks):
+            for done, total, paths in prepare_class_images(components, config, accelerator.device, stop, ranks,
+                                                            frozen_dtype_of(precision)):
                 yield ev.ClassImagesProgress(done, total)
                 class_paths = paths
         release_memory(accelerator.device)  # the sampling pipeline's leftovers, before the optimizer
