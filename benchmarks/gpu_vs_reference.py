@@ -183,6 +183,7 @@ def run_part_process(script: Path, name: str, spec: dict, work: Path, tiny: bool
 
 def worker_main(name: str, spec: dict, work: Path, tiny: bool) -> None:
     import ours_parts as ours
+    import torch
 
     model, images = work / "model", work / "instance"
     dotted = list(spec.get("dotted", []))
@@ -198,7 +199,11 @@ def worker_main(name: str, spec: dict, work: Path, tiny: bool) -> None:
                                    batch=spec["batch"], num=spec["num"], compile_unet=spec.get("compile", False),
                                    profile=spec.get("profile", False), fast=spec.get("fast", False))
     elif spec["kind"] == "ref_classes":
-        result = ours.reference_classes_part(model, spec["batch"], spec["batches"], tiny)
+        # train_dreambooth.py's class images: fp16 on CUDA, the model's own scheduler, 50 steps
+        result = ours.reference_classes_part(
+            model, spec["batch"], spec["batches"], pipeline="StableDiffusionPipeline", prompt="a photo of dog",
+            dtype=torch.float16 if torch.cuda.is_available() else torch.float32,
+            size=64 if tiny else 512, steps=3 if tiny else 50)
     else:
         result = ours.e2e_part(model, images, work / f"run_{name}", preset=spec["preset"], dotted=dotted)
     print("RESULT " + json.dumps(result), flush=True)

@@ -120,24 +120,24 @@ def _train_result(stamps, losses, notices, measure, began, started) -> dict:
             "notices": notices, **gpu_memory()}
 
 
-def reference_classes_part(model: Path, batch: int, batches: int, tiny: bool) -> dict:
-    """Class images/s as `train_dreambooth.py` makes them: the pipeline's default call (the model's
-    scheduler, 50 steps, guidance 7.5) in fp16 on CUDA, batch `batch`, decoded to PIL images; the
-    first batch is warm-up."""
-    from diffusers import StableDiffusionPipeline
+def reference_classes_part(model: Path, batch: int, batches: int, *, pipeline: str, dtype: torch.dtype,
+                           size: int, steps: int, prompt: str) -> dict:
+    """Class images/s of the diffusers pipeline's default call (its scheduler, `steps` steps, its
+    guidance), decoded to PIL images, as the reference scripts make their class images; the first
+    batch is warm-up. UNet evaluations per image are read from the scheduler (two per timestep)."""
+    import diffusers
 
     cuda = torch.cuda.is_available()
-    pipe = StableDiffusionPipeline.from_pretrained(str(model), torch_dtype=torch.float16 if cuda else torch.float32,
-                                                   safety_checker=None, requires_safety_checker=False)
+    extra = {} if pipeline == "StableDiffusionXLPipeline" else dict(safety_checker=None, requires_safety_checker=False)
+    pipe = getattr(diffusers, pipeline).from_pretrained(str(model), torch_dtype=dtype, **extra)
     pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    steps, size = (3, 64) if tiny else (50, 512)
     stamps = []
     for _ in range(batches + 1):
-        pipe("a photo of dog", num_images_per_prompt=batch, height=size, width=size, num_inference_steps=steps)
+        pipe(prompt, num_images_per_prompt=batch, height=size, width=size, num_inference_steps=steps)
         stamps.append(time.perf_counter())
     return {"images_per_s": batch * batches / (stamps[-1] - stamps[0]), "images": batch * (batches + 1),
-            "batch": batch, "unet_evals_per_image": 2 * (steps + 1), **gpu_memory()}
+            "batch": batch, "unet_evals_per_image": 2 * len(pipe.scheduler.timesteps), **gpu_memory()}
 
 
 def classes_part(model: Path, out: Path, *, sampler: str, steps: int, batch: int, num: int,

@@ -85,7 +85,11 @@ def worker_main(name: str, spec: dict, work: Path, tiny: bool) -> None:
     elif spec["kind"] == "classes":
         result = classes_part(model, work / f"classes_{name}", spec["batch"], spec["num"], tiny)
     elif spec["kind"] == "ref_classes":
-        result = reference_classes_part(model, spec["batch"], spec["batches"], tiny)
+        from ours_parts import reference_classes_part
+
+        result = reference_classes_part(model, spec["batch"], spec["batches"], pipeline="StableDiffusionXLPipeline",
+                                        dtype=_device()[1], size=resolution(tiny), steps=3 if tiny else 50,
+                                        prompt="a photo of a dog")
     else:
         result = flops_part(model, tiny)
     print("RESULT " + json.dumps(result), flush=True)
@@ -96,26 +100,6 @@ def _device():
 
     cuda = torch.cuda.is_available()
     return torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
-
-
-def reference_classes_part(model: Path, batch: int, batches: int, tiny: bool) -> dict:
-    """Class images/s of the SDXL pipeline's default call (50 steps, guidance 5), as the reference
-    script generates them; the first batch is warm-up."""
-    from diffusers import StableDiffusionXLPipeline
-    from ours_parts import gpu_memory
-
-    device, dtype = _device()
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(model), torch_dtype=dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    size = resolution(tiny)
-    stamps = []
-    for _ in range(batches + 1):
-        pipe("a photo of a dog", num_images_per_prompt=batch, height=size, width=size,
-             num_inference_steps=3 if tiny else 50)
-        stamps.append(time.perf_counter())
-    rate = batch * batches / (stamps[-1] - stamps[0])
-    return {"images_per_s": rate, "images": batch * (batches + 1), "batch": batch,
-            "unet_evals_per_image": 2 * (3 if tiny else 50), **gpu_memory()}
 
 
 def classes_part(model: Path, out: Path, batch: int, num: int, tiny: bool) -> dict:

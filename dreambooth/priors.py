@@ -165,8 +165,9 @@ def class_image_progress(
                 return
             time.sleep(0.2)
             now = _Listed(folder, key)
-            if len(now.missing(num)) < missing:
-                missing = len(now.missing(num))
+            left = len(now.missing(num))
+            if left < missing:
+                missing = left
                 yield num - missing, num, now.entries(num) if not missing else []
         yield from _generate(key, num, make_pipe, folder, batch_size, stop, previews)
 

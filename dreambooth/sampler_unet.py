@@ -54,7 +54,7 @@ class GraphedUNet(nn.Module):
         signature = _signature(inputs)
         captured = self._graphs.get(signature)
         if captured is None:
-            captured = self._graphs[signature] = _Captured(self.inner, inputs)
+            captured = self._graphs[signature] = _Captured(self.inner)
         out = captured(inputs, self._shared_pool())
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -73,7 +73,7 @@ class GraphedUNet(nn.Module):
 class _Captured:
     """One signature's static inputs, graph and output; eager until `WARMUP_CALLS` calls are done."""
 
-    def __init__(self, unet: nn.Module, inputs: dict):
+    def __init__(self, unet: nn.Module):
         self.unet = unet
         self.calls = 0
         self.graph = None
@@ -105,9 +105,7 @@ def _run(unet: nn.Module, inputs: dict) -> torch.Tensor:
 
 def _as_tensor(timestep, device: torch.device) -> torch.Tensor:
     """The timestep as a tensor on the device (the pipeline passes one; a plain number is moved)."""
-    if torch.is_tensor(timestep):
-        return timestep if timestep.device == device else timestep.to(device)
-    return torch.tensor(timestep, device=device)
+    return timestep.to(device) if torch.is_tensor(timestep) else torch.tensor(timestep, device=device)
 
 
 def _signature(value) -> tuple:
