@@ -6,6 +6,17 @@ from dreambooth.training import events as ev
 from dreambooth.training import train
 
 
+def cuda_accelerator(monkeypatch):
+    """An Accelerator on CUDA in this CPU-only torch, as an earlier run in the process would leave it.
+    accelerate (1.16 on) asks `torch.accelerator` for the device, which is told "cuda" for this call only:
+    torch's optimizers ask it too, and would look for a CUDA stream."""
+    from dreambooth.training.prepare import make_accelerator
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("cuda"))
+        return make_accelerator(torch.device("cuda"), "no")
+
+
 def test_train_device_cpu_runs_on_the_cpu_where_cuda_is_present_even_after_a_cuda_run(tmp_path, subject_dir,
                                                                                       monkeypatch):
     """CUDA is reported present, and an earlier run in this process left accelerate's process-wide
@@ -14,7 +25,7 @@ def test_train_device_cpu_runs_on_the_cpu_where_cuda_is_present_even_after_a_cud
     from dreambooth.training import prepare
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
-    assert prepare.make_accelerator(torch.device("cuda"), "no").device.type == "cuda"  # the earlier run
+    assert cuda_accelerator(monkeypatch).device.type == "cuda"  # the earlier run
     class_devices = []
     real_class_images = prepare.prepare_class_images
 
@@ -40,7 +51,7 @@ def test_make_accelerator_follows_each_runs_device_and_precision_in_one_process(
     from dreambooth.training.prepare import make_accelerator
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert make_accelerator(torch.device("cuda"), "no").device.type == "cuda"
+    assert cuda_accelerator(monkeypatch).device.type == "cuda"
     cpu = make_accelerator(torch.device("cpu"), "bf16")
     assert (cpu.device.type, cpu.mixed_precision) == ("cpu", "bf16")
     again = make_accelerator(torch.device("cpu"), "no")
