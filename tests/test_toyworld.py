@@ -7,7 +7,16 @@ import pytest
 from PIL import Image
 
 from dreambooth.toyworld import CLASSES, CONTEXTS, SUBJECTS, WEIGHTS_DIR
-from dreambooth.toyworld.render import CONTEXT_PHRASES, caption, identity_of, random_spec, render, render_subject
+from dreambooth.toyworld.render import (
+    CONTEXT_PHRASES,
+    Spec,
+    caption,
+    identity_of,
+    object_mask,
+    random_spec,
+    render,
+    render_subject,
+)
 
 # Measured on 2,000 fresh renders when the oracle was shipped: 0.9995 / 1.0 / 0.9995 (MODEL_CARD.md); minus a margin.
 ORACLE_MIN = {"class": 0.97, "context": 0.97, "identity": 0.95}
@@ -24,6 +33,23 @@ def test_render_is_deterministic_by_seed() -> None:
     assert np.array_equal(np.asarray(render_subject("dog", "moon", 3)), np.asarray(render_subject("dog", "moon", 3)))
     assert not np.array_equal(np.asarray(render_subject("dog", "moon", 3)),
                               np.asarray(render_subject("dog", "moon", 4)))
+
+
+def test_object_mask_covers_exactly_what_the_object_changes() -> None:
+    """Where the render with the object differs from the same background without it, the mask is
+    on; far from the object (mask 0) the two renders agree."""
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        spec = random_spec(rng, classes=[c for c in CLASSES if c != "none"])
+        seed = int(rng.integers(1 << 30))
+        with_object = np.asarray(render(spec, np.random.default_rng(seed)), dtype=int)
+        background = np.asarray(render(Spec("none", spec.context), np.random.default_rng(seed)), dtype=int)
+        mask = np.asarray(object_mask(spec))
+        changed = np.abs(with_object - background).max(axis=2) > 0
+        assert mask.shape == (64, 64) and 0.02 < (mask > 127).mean() < 0.6
+        assert (mask[changed] > 0).mean() > 0.97  # soft edges: a few changed pixels sit just outside
+        assert not changed[mask == 0].any() or changed[mask == 0].mean() < 0.01
+    assert object_mask(Spec("none", "beach")).getextrema() == (0, 0)
 
 
 def test_every_class_renders_in_every_context() -> None:

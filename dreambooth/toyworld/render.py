@@ -154,8 +154,9 @@ def random_spec(rng: np.random.Generator, classes: Sequence[str] = CLASSES,
             return spec
 
 
-def _paste_object(canvas: Image.Image, spec: Spec) -> None:
-    """Scale the object layer by ``size``, mirror it for ``facing``, and stand it on the ground."""
+def _placed_object(spec: Spec) -> tuple[Image.Image, Image.Image, tuple[int, int]]:
+    """The object's colour layer and outline mask, scaled by ``size``, mirrored for ``facing``, and
+    where their top-left corner goes on the canvas so that the object stands on the ground."""
     color, outline = draw_object(spec.class_name, COLORS[spec.color], spec.pattern,
                                  COLORS[spec.pattern_color], spec.pattern_seed, spec.n_spots,
                                  spec.accessory, COLORS[spec.accessory_color])
@@ -168,8 +169,23 @@ def _paste_object(canvas: Image.Image, spec: Spec) -> None:
     bottom = ground + spec.y * max(0.0, RENDER_SIZE - ground - 6)
     top = int(min(bottom - 0.9 * side, RENDER_SIZE - side))
     left = int(spec.x * (RENDER_SIZE - side))
-    canvas.paste((20, 20, 20), (left, max(top, -side // 8)), outline)
-    canvas.paste(color, (left, max(top, -side // 8)), outline.point(lambda v: 255 if v > 200 else v))
+    return color, outline, (left, max(top, -side // 8))
+
+
+def _paste_object(canvas: Image.Image, spec: Spec) -> None:
+    color, outline, corner = _placed_object(spec)
+    canvas.paste((20, 20, 20), corner, outline)
+    canvas.paste(color, corner, outline.point(lambda v: 255 if v > 200 else v))
+
+
+def object_mask(spec: Spec) -> Image.Image:
+    """The 64x64 L mask of where ``render`` draws the object (255 = object, outline included; soft at
+    the edges like the render's own downsampling): the subject region for a masked loss."""
+    canvas = Image.new("L", (RENDER_SIZE, RENDER_SIZE), 0)
+    if spec.class_name != "none":
+        _, outline, corner = _placed_object(spec)
+        canvas.paste(255, corner, outline)
+    return canvas.reduce(RENDER_SIZE // IMAGE_SIZE)
 
 
 def render(spec: Spec, rng: np.random.Generator) -> Image.Image:
@@ -229,4 +245,4 @@ def with_context(spec: Spec, context: str) -> Spec:
 
 
 __all__ = ["CLASSES", "CONTEXTS", "SCENES", "SUBJECTS", "Spec", "render", "random_spec", "caption",
-           "render_subject", "identity_of", "context_phrase", "with_context", "IMAGE_SIZE", "LAYER"]
+           "render_subject", "object_mask", "identity_of", "context_phrase", "with_context", "IMAGE_SIZE", "LAYER"]
