@@ -471,3 +471,29 @@ def test_generate_works_on_every_click_and_across_lora_jobs(tmp_path, subject_di
         assert len(images) == 1 and app.job_file(job_id, "generated", images[0]["file"]).is_file()
     assert len(app.runner.get(first).generated) == 3
     app.shutdown()
+
+
+def test_toy_world_jobs_are_scored_against_their_own_photos_and_show_the_scores(tmp_path, subject_dir):
+    """A job on the toy model whose class the toy world draws scores six checkpoints with the
+    open-set subject fidelity (no built-in subject named: the uploaded photos are the subject) and
+    keeps the best; a job on another model is not scored. Evaluated and Selected events reach the
+    job's view."""
+    from dreambooth.ui.jobs import Job, apply_event
+    from dreambooth.ui.settings import build_run_config
+
+    toy = build_run_config({"identifier": "sks", "class_noun": "dog", "model": "toy", "preset": "full",
+                            "steps": "600"}, subject_dir)
+    assert (toy.eval.every, toy.eval.scorer, toy.eval.select, toy.eval.subject) == (100, "oracle", "best", "")
+    not_toy_class = build_run_config({"identifier": "sks", "class_noun": "robot", "model": "toy", "preset": "full"},
+                                     subject_dir)
+    other = build_run_config({"identifier": "sks", "class_noun": "dog", "model": "tiny-random"}, subject_dir)
+    assert not_toy_class.eval.every == 0 and other.eval.every == 0
+
+    job = Job("0" * 12, "j", {}, {})
+    for step, fidelity in ((100, 0.4), (200, 0.9), (200, 0.8)):  # a re-scored step replaces its row
+        apply_event(job, ev.Evaluated(step, {"step": step, "fidelity": fidelity, "prompt_fidelity": 0.9,
+                                             "drift": 0.0, "other": 1}), tmp_path)
+    apply_event(job, ev.Selected(200, "best subject fidelity with prompt fidelity >= 0.75"), tmp_path)
+    assert job.scores == [{"step": 100, "fidelity": 0.4, "prompt_fidelity": 0.9, "drift": 0.0},
+                          {"step": 200, "fidelity": 0.8, "prompt_fidelity": 0.9, "drift": 0.0}]
+    assert job.selected == {"step": 200, "reason": "best subject fidelity with prompt fidelity >= 0.75"}

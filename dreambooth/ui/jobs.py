@@ -55,6 +55,8 @@ class Job:
     resume_next: bool = False  # the next run continues from run/'s last checkpoint
     failed_phase: str | None = None  # where a failed job stopped ("loading": the model did not load)
     generated: list[dict] = field(default_factory=list)  # {"file", "prompt", "seed", "batch"}, in generated/
+    scores: list[dict] = field(default_factory=list)  # checkpoint scores: step, fidelity, prompt_fidelity, drift
+    selected: dict | None = None  # {"step", "reason"}: the scored checkpoint that final/ holds
 
 
 class JobStore:
@@ -104,6 +106,11 @@ def apply_event(job: Job, event, run_dir: Path) -> None:
         job.samples.append(_relative(event.path, run_dir))
     elif isinstance(event, ev.CheckpointSaved):
         job.checkpoint = _relative(event.path, run_dir)
+    elif isinstance(event, ev.Evaluated):
+        row = {k: event.scores.get(k) for k in ("fidelity", "prompt_fidelity", "drift")}
+        job.scores = [r for r in job.scores if r["step"] != event.step] + [{"step": event.step, **row}]
+    elif isinstance(event, ev.Selected):
+        job.selected = {"step": event.step, "reason": event.reason}
     elif isinstance(event, ev.Stopped):
         job.status, job.step, job.checkpoint = "stopped", event.step, _relative(event.checkpoint, run_dir)
         job.eta_seconds, job.resume_next = None, True

@@ -162,6 +162,17 @@ def _parse(value, kind):
     return number
 
 
+def toy_scoring(model: str, class_noun: str, steps: int) -> dict:
+    """Eval overrides for a job on the toy model whose class the toy world draws: six checkpoints
+    scored with the open-set subject fidelity against the job's own photos, the best kept (as
+    `dreambooth demo` does). Other jobs have no automatic judge here and are not scored."""
+    from dreambooth.toyworld.render import CLASSES
+
+    if model != "toy" or class_noun not in CLASSES:
+        return {}
+    return {"every": max(1, steps // 6), "scorer": "oracle", "num_per_prompt": 2, "select": "best", "subject": ""}
+
+
 def build_run_config(form: dict, images_dir: Path):
     """The form's values as a `RunConfig`, validated only by the library's `load_config` (as the CLI
     is); raises `ConfigError` listing every bad field, in the page's words."""
@@ -173,8 +184,11 @@ def build_run_config(form: dict, images_dir: Path):
     try:
         preset = preset_for(str(form.get("preset") or "fast-lora"), model)
         config = load_config(preset, {k: v for k, v in overrides.items() if v})
-        if config.output.checkpoint_every > config.train.steps:  # a short run still leaves a checkpoint midway
-            overrides["output"]["checkpoint_every"] = max(1, config.train.steps // 2)
+        scoring = toy_scoring(model, config.data.class_noun, config.train.steps)
+        if config.output.checkpoint_every > config.train.steps or scoring:
+            if config.output.checkpoint_every > config.train.steps:  # a short run still leaves a checkpoint midway
+                overrides["output"]["checkpoint_every"] = max(1, config.train.steps // 2)
+            overrides["eval"] = scoring
             config = load_config(preset, {k: v for k, v in overrides.items() if v})
     except DreamboothError as err:
         problems += err.problems

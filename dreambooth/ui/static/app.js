@@ -298,6 +298,20 @@ function sampleFigure(job, url) {
     el("figcaption", {}, `step ${step} · one row per prompt:`, el("ol", { class: "rows" }, rows)));
 }
 
+// Checkpoint scores of a toy-world job (open-set subject fidelity, prompt fidelity, drift), the kept one marked.
+function scoreTable(job) {
+  if (!job.scores || !job.scores.length) return null;
+  const fmt = (v) => (v === null || v === undefined ? "–" : v.toFixed(2));
+  const kept = job.selected ? job.selected.step : null;
+  const rows = [...job.scores].sort((a, b) => a.step - b.step).map((r) =>
+    el("tr", { class: r.step === kept ? "kept" : "" }, el("td", {}, String(r.step) + (r.step === kept ? " (kept)" : "")),
+      el("td", {}, fmt(r.fidelity)), el("td", {}, fmt(r.prompt_fidelity)), el("td", {}, fmt(r.drift))));
+  return el("div", { class: "scores" },
+    el("table", {}, el("caption", {}, "Checkpoint scores"),
+      el("tr", {}, ["step", "subject fidelity", "prompt fidelity", "drift"].map((h) => el("th", {}, h))), rows),
+    job.selected ? el("p", { class: "hint" }, job.selected.reason) : null);
+}
+
 function jobCard(job) {
   const [fraction, label] = progress(job);
   const buttons = [];
@@ -315,6 +329,7 @@ function jobCard(job) {
     el("div", { class: "progress-label" }, label),
     job.error ? el("div", { class: "error-text" }, job.error) : null,
     job.sample_urls.length ? el("div", { class: "samples" }, job.sample_urls.map((url) => sampleFigure(job, url))) : null,
+    scoreTable(job),
     job.notices.length ? el("ul", { class: "notices" }, job.notices.slice(-4).map((n) => el("li", {}, n))) : null);
 }
 
