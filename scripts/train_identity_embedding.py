@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreambooth.toyworld.embedding import EMBEDDING_PATH, EmbeddingNet, save_embedding, supcon_loss
+from dreambooth.toyworld.embedding import (
+    EMBEDDING_PATH,
+    EmbeddingNet,
+    load_embedding,
+    save_embedding,
+    supcon_loss,
+)
 from dreambooth.toyworld.identities import SPLITS, identity, render_views, variant
 from dreambooth.toyworld.oracle import augment
 from dreambooth.toyworld.render import CLASSES
@@ -39,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", type=Path, default=None, help="continue from these weights (a new warm-up "
+                   "and cosine; use another --seed so that new identities are drawn)")
+    p.add_argument("--first-group", type=int, default=0, help="index of the first group rendered "
+                   "(groups are training seeds index*ids...; continuing runs start past the last one)")
     return p.parse_args(argv)
 
 
@@ -80,12 +90,13 @@ def lr_at(frac: float, peak: float, warmup: float = 0.03) -> float:
 def train(args: argparse.Namespace) -> tuple[EmbeddingNet, dict]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    net = EmbeddingNet().to(memory_format=torch.channels_last).train()
+    net = load_embedding(args.init).net if args.init else EmbeddingNet()
+    net = net.to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     budget, began = args.minutes * 60, time.time()
     buffer: list[np.ndarray] = []
-    next_group, step, losses = 0, 0, []
+    next_group, step, losses = args.first_group, 0, []
     with get_context("fork").Pool(1) as pool:
         buffer.append(render_group((next_group, args.ids, args.views)))
         next_group += 1
@@ -108,10 +119,13 @@ def train(args: argparse.Namespace) -> tuple[EmbeddingNet, dict]:
                 print(json.dumps({"step": step, "minutes": round((time.time() - began) / 60, 2),
                                   "loss": round(float(np.mean(losses[-25:])), 4), "groups": next_group}),
                       flush=True)
-    info = {"steps": step, "groups_rendered": next_group, "identities_seen": next_group * args.ids,
+    info = {"steps": step, "groups": [args.first_group, next_group],
+            "identities_seen": (next_group - args.first_group) * args.ids,
             "batch": args.ids * args.views, "minutes": args.minutes, "final_loss": float(np.mean(losses[-25:])),
             "lr": args.lr, "temperature": args.temperature, "seed": args.seed,
-            "command": f"python scripts/train_identity_embedding.py --minutes {args.minutes:g}"}
+            "command": f"python scripts/train_identity_embedding.py --minutes {args.minutes:g}"
+                       + (f" --init {args.init} --first-group {args.first_group} --seed {args.seed}"
+                          if args.init else "")}
     return net.eval().to(memory_format=torch.contiguous_format), info
 
 
