@@ -1,4 +1,5 @@
-"""OracleScorer: shares counted by hand on a test double, then on real renders with the real oracle."""
+"""OracleScorer: scores combined by hand on test doubles, then on real renders with the real oracle
+and the real identity embedding."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from PIL import Image
 
 from dreambooth.errors import ConfigError, ModelSourceError
 from dreambooth.evaluation import OracleScorer, selection_scores, toy_prompts
-from dreambooth.evaluation.scorers import context_of, load_toy_oracle
+from dreambooth.evaluation.scorers import context_of, load_identity_embedding, load_toy_oracle
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,23 @@ class FakeOracle:
         return [Label(**{k: im.info.get(k, v) for k, v in self.defaults.items()}) for im in images]
 
 
+class FakeReference:
+    """Test double of fidelity.SubjectReference: an image's fidelity and "is it the subject" come
+    from `image.info` ("fidelity", default 0; "subject", default False)."""
+
+    class_name = "dog"
+    identity = None
+
+    def score(self, images, context=None):
+        return float(np.mean([im.info.get("fidelity", 0.0) for im in images]))
+
+    def is_subject(self, images):
+        return [bool(im.info.get("subject", False)) for im in images]
+
+    def score_photos(self):
+        return 0.9
+
+
 def img(colour=(0, 0, 0), **label) -> Image.Image:
     im = Image.new("RGB", (8, 8), colour)
     im.info.update(label)
@@ -56,37 +74,39 @@ def test_toy_prompts_and_context_lookup():
     assert context_of("a sks dog, watercolour") is None
 
 
-def test_oracle_scorer_counts_shares():
+def test_oracle_scorer_combines_reference_and_oracle_shares():
     generated = {
-        "a photo of sks dog on the moon": [img(identity="dog", context="moon"),
-                                           img((255, 0, 0), identity="dog", context="beach"),
-                                           img((0, 255, 0), identity="other", class_name="cat", context="moon"),
-                                           img((0, 0, 255), identity="dog", context="moon")],
-        "a sks dog, watercolour": [img(identity="dog")],
+        "a photo of sks dog on the moon": [img(fidelity=1.0, context="moon", subject=True),
+                                           img((255, 0, 0), fidelity=0.5, context="beach"),
+                                           img((0, 255, 0), class_name="cat", context="moon"),
+                                           img((0, 0, 255), fidelity=0.5, context="moon", subject=True)],
+        "a sks dog, watercolour": [img(fidelity=1.0, subject=True)],
     }
-    class_images = [img(identity="dog"), img(), img(class_name="cup"), img()]
-    real = [img(identity="dog"), img(identity="dog"), img()]
-    result = OracleScorer(FakeOracle(), "dog", real=real).score(generated, class_images)
+    class_images = [img(subject=True), img(), img(class_name="cup"), img()]
+    real = [img(), img(), img()]
+    result = OracleScorer(FakeOracle(), "dog", real=real, reference=FakeReference()).score(
+        generated, class_images)
     moon, water = result.per_prompt
     assert moon.context == "moon" and water.context is None
-    assert moon.metrics["subject_fidelity"] == 0.75 and moon.metrics["prompt_fidelity"] == 0.75
+    assert moon.metrics["subject_fidelity"] == 0.5 and moon.metrics["subject_recognised"] == 0.5
+    assert moon.metrics["prompt_fidelity"] == 0.75
     assert moon.metrics["class_accuracy"] == 0.75 and moon.metrics["div_oracle"] > 0
-    assert water.metrics == {"subject_fidelity": 1.0, "prompt_fidelity": None,
-                             "class_accuracy": 1.0, "div_oracle": None}
+    assert water.metrics == {"subject_fidelity": 1.0, "subject_recognised": 1.0, "prompt_fidelity": None,
+                             "class_accuracy": 1.0, "div_oracle": None}  # no oracle identity: not built-in
     overall = result.overall
-    assert overall["subject_fidelity"] == pytest.approx(4 / 5)  # pooled over all 5 images
+    assert overall["subject_fidelity"] == pytest.approx(3 / 5)  # pooled over all 5 images
     assert overall["prompt_fidelity"] == 0.75  # only prompts with a context count
     assert overall["language_drift"] == 0.25 and overall["class_accuracy_class_prompt"] == 0.75
-    assert overall["subject_fidelity_real_images"] == pytest.approx(2 / 3)
+    assert overall["subject_fidelity_real_images"] == 0.9
     assert result.counts == {"generated": 5, "real": 3, "class": 4, "prompts": 2}
     assert any("prompt fidelity not measured" in n for n in result.notes)
-    assert selection_scores(result, 300) == {"step": 300, "fidelity": 0.8, "prompt_fidelity": 0.75,
-                                             "drift": 0.25}
-    assert "language_drift" in result.to_dict()["definitions"]
+    assert selection_scores(result, 300) == {"step": 300, "fidelity": pytest.approx(0.6),
+                                             "prompt_fidelity": 0.75, "drift": 0.25}
+    assert {"language_drift", "subject_recognised"} <= set(result.to_dict()["definitions"])
 
 
 def test_oracle_scorer_explicit_contexts_and_no_class_images():
-    result = OracleScorer(FakeOracle(), "dog", contexts={"my prompt": "snow"}).score(
+    result = OracleScorer(FakeOracle(), "dog", contexts={"my prompt": "snow"}, reference=FakeReference()).score(
         {"my prompt": [img(context="snow")]})
     assert result.per_prompt[0].metrics["prompt_fidelity"] == 1.0
     assert result.overall["language_drift"] is None
@@ -94,10 +114,12 @@ def test_oracle_scorer_explicit_contexts_and_no_class_images():
 
 
 def test_oracle_scorer_rejects_unknown_subject_and_missing_weights(tmp_path):
-    with pytest.raises(ConfigError, match="toy-world subject"):
-        OracleScorer(FakeOracle(), "giraffe")
+    with pytest.raises(ConfigError, match="giraffe"):
+        OracleScorer(FakeOracle(), "giraffe", real=[img(), img()])
     with pytest.raises(ModelSourceError, match="oracle"):
         load_toy_oracle(tmp_path / "missing.safetensors")
+    with pytest.raises(ModelSourceError, match="identity_embedding"):
+        load_identity_embedding(tmp_path / "identity_embedding.safetensors")
 
 
 # --- the real oracle on hand-made renders -------------------------------------------------------
@@ -132,6 +154,7 @@ def test_real_oracle_tells_the_subject_from_other_dogs():
     assert faithful["subject_fidelity"] >= 0.8 and faithful["prompt_fidelity"] >= 0.8
     assert faithful["class_accuracy"] >= 0.8 and faithful["class_accuracy_class_prompt"] >= 0.8
     assert faithful["language_drift"] <= 0.2 and faithful["subject_fidelity_real_images"] >= 0.75
+    assert faithful["subject_identity_oracle"] >= 0.8 and faithful["subject_recognised"] >= 0.8
     drifted = scorer.score({p: other_dogs(4, c) for p, c in prompts.items()},
                            [render_subject("dog", "plain", seed=s) for s in range(20, 28)]).overall
     assert drifted["subject_fidelity"] <= 0.2 and drifted["language_drift"] >= 0.8

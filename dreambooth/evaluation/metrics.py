@@ -43,20 +43,28 @@ METRIC_DEFINITIONS: dict[str, str] = {
                    "among images of the same prompt (neither LPIPS nor DINO).",
     "subject_similarity_standin_real_images": "Stand-in similarity among distinct real subject "
                                               "images (reference for the stand-in fidelity).",
-    "subject_fidelity": "Toy world: share of identifier-prompt images that the oracle recognises as "
-                        "the subject's identity. Higher is better.",
+    "subject_fidelity": "Toy world, open set: mean cosine of identity-embedding vectors, generated "
+                        "vs real subject images (the paper's DINO score), normalised per subject "
+                        "between chance (other identities of the class, 0) and ceiling (other "
+                        "renders of the subject, or leave-one-out among its photos, 1). Higher is better.",
+    "subject_recognised": "Toy world: share of identifier-prompt images closer (identity embedding) to "
+                          "the subject than to each of 64 random identities of its class.",
+    "subject_identity_oracle": "Toy world, built-in subjects only: share of identifier-prompt images "
+                               "that the oracle's closed-set identity head names as the subject.",
     "prompt_fidelity": "Toy world: share of identifier-prompt images that the oracle sees in the "
                        "context the prompt asks for. Higher is better.",
-    "language_drift": "Toy world: share of plain class-prompt images ('a dog') that the oracle "
-                      "recognises as the subject. Lower is better (the class kept its meaning).",
+    "language_drift": "Toy world: share of plain class-prompt images ('a dog') closer (identity "
+                      "embedding) to the subject than to each of 64 random identities of the class "
+                      "drawn as the base model's training data draws them. Lower is better.",
     "class_accuracy": "Toy world: share of identifier-prompt images that the oracle sees as the "
                       "subject's class.",
     "class_accuracy_class_prompt": "Toy world: share of plain class-prompt images that the oracle "
                                    "sees as the class; a drop means the class prompt broke.",
     "div_oracle": "Toy world diversity: 1 - mean pairwise cosine of the oracle's pooled features "
                   "among images of the same prompt. Compare only with itself.",
-    "subject_fidelity_real_images": "Toy world: share of the real subject images that the oracle "
-                                    "recognises as the subject (the ceiling for subject_fidelity).",
+    "subject_fidelity_real_images": "Toy world: subject_fidelity of the real photos themselves, "
+                                    "leave-one-out (the 'Real Images' reference row); 1 by "
+                                    "construction for a subject known only from its photos.",
 }
 
 

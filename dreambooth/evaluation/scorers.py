@@ -44,11 +44,15 @@ from dreambooth.evaluation.results import (
 )
 from dreambooth.prompts import class_prompt_for
 from dreambooth.sampling import sample_per_prompt
+from dreambooth.toyworld import embedding as toy_embedding
 from dreambooth.toyworld import oracle as toy_oracle
-from dreambooth.toyworld.render import CONTEXT_PHRASES, CONTEXTS, SUBJECT_SPECS, context_phrase
+from dreambooth.toyworld.fidelity import SubjectReference, subject_reference
+from dreambooth.toyworld.identities import subject_identity
+from dreambooth.toyworld.render import CLASSES, CONTEXT_PHRASES, CONTEXTS, SUBJECT_SPECS, context_phrase
 
 CLIP_KEYS = ("clip_i", "clip_t", "clip_i_real_images")
 ORACLE_NAME = "toy-world oracle"
+MATCH_BUILTIN = 0.5  # photos whose normalised score against a built-in's renders is lower show another subject
 
 Images = Mapping[str, Sequence[Image.Image]]  # prompt -> its generated images
 
@@ -234,14 +238,61 @@ def context_of(prompt: str) -> str | None:
     return max(found)[1] if found else None
 
 
+def _shipped_file(path: str | Path | None, default: Path, what: str, script: str) -> Path:
+    """`path` (or the shipped default) when it exists, else a `ModelSourceError` naming the fix."""
+    weights = Path(path) if path else default
+    if not weights.is_file():
+        raise ModelSourceError(f"Cannot load the toy-world {what}", [Problem(
+            str(weights), f"no such file; the {what} weights ship with the toy world "
+            f"(python scripts/{script} makes them)")])
+    return weights
+
+
 def load_toy_oracle(path: str | Path | None = None) -> toy_oracle.Oracle:
     """The trained oracle, or a `ModelSourceError` naming the missing weights file."""
-    weights = Path(path) if path else toy_oracle.ORACLE_PATH
-    if not weights.is_file():
-        raise ModelSourceError("Cannot load the toy-world oracle", [Problem(
-            str(weights), "no such file; the oracle weights ship with the toy world "
-            "(python scripts/pretrain_toyworld.py makes them)")])
-    return toy_oracle.load_oracle(weights)
+    return toy_oracle.load_oracle(_shipped_file(path, toy_oracle.ORACLE_PATH, "oracle", "pretrain_toyworld.py"))
+
+
+def load_identity_embedding(path: str | Path | None = None) -> toy_embedding.IdentityEmbedding:
+    """The toy world's identity embedding, or a `ModelSourceError` naming the missing file."""
+    return toy_embedding.load_embedding(_shipped_file(path, toy_embedding.EMBEDDING_PATH, "identity embedding",
+                                                      "train_identity_embedding.py"))
+
+
+def toy_subject_reference(embedding, subject: str | None, real: Sequence[Image.Image] = (),
+                          class_name: str | None = None) -> tuple[SubjectReference, str]:
+    """The open-set reference of a toy subject and a note on how it was calibrated.
+
+    `subject` is a built-in subject ("dog": the renderer knows its look, so renders calibrate it)
+    or a class noun; `real` are its photos. Photos that do not show the built-in subject of that
+    name (a user's own dog, class noun "dog") make it a photos-only subject, calibrated
+    leave-one-out, so any subject can be scored.
+    """
+    known = subject in SUBJECT_SPECS
+    cls = class_name or (SUBJECT_SPECS[subject].class_name if known else subject)
+    problems = []
+    if cls not in CLASSES:
+        problems.append(Problem(str(subject if class_name is None else class_name),
+                                f"the toy world knows the subjects {', '.join(SUBJECT_SPECS)} and the "
+                                f"classes {', '.join(CLASSES)}"))
+    if not known and len(real) < 2:
+        problems.append(Problem(str(subject), f"not a built-in subject, so it is known only from its "
+                                f"photos, and at least 2 are needed (got {len(real)})"))
+    if known and len(real) == 1:
+        problems.append(Problem(str(subject), "give at least 2 subject photos (or none: renders stand in)"))
+    if problems:
+        raise ConfigError("Cannot score this toy-world subject", problems)
+    if known:
+        ref = subject_reference(embedding, cls, real, subject_identity(subject))
+        if not real:
+            return ref, f"subject '{subject}': no photos given, 5 renders stand in for them"
+        if ref.score_photos() >= MATCH_BUILTIN:
+            return ref, (f"subject '{subject}' (built-in): ceiling from renders of it, chance from "
+                         f"other {cls}s in the same contexts")
+    ref = subject_reference(embedding, cls, real)
+    why = f"the photos do not show the built-in '{subject}', so " if known else ""
+    return ref, (f"{why}subject known only from {len(real)} photos (class {cls}): ceiling = "
+                 f"leave-one-out among them, chance from other {cls}s")
 
 
 def _share(hits: Sequence[bool]) -> float | None:
@@ -249,24 +300,33 @@ def _share(hits: Sequence[bool]) -> float | None:
 
 
 class OracleScorer:
-    """Scores toy-world images with the oracle: subject fidelity, prompt fidelity, drift, diversity.
+    """Scores toy-world images: open-set subject fidelity, prompt fidelity, drift, diversity.
 
-    `subject` is a toy subject name (`dreambooth.toyworld.SUBJECTS`, e.g. "dog"); `real` are the
-    subject photos used for training, scored as the ceiling for subject fidelity. `contexts` maps
-    prompt -> intended context; by default it is read from each prompt's text with `context_of`.
+    Subject fidelity and language drift come from the identity embedding (`toyworld.fidelity`,
+    the paper's DINO score, normalised between chance and ceiling), so any subject can be scored:
+    `subject` is a built-in subject name or a class noun, `real` the subject photos. The oracle's
+    closed-set heads judge class and context (prompt fidelity); its identity head adds a second
+    opinion for built-in subjects only. `contexts` maps prompt -> intended context; by default it
+    is read from each prompt's text with `context_of`. `reference` replaces the embedding's
+    (tests); it needs `score(images, context)`, `is_subject(images)` and `score_photos()`.
     """
 
     kind = "oracle"
 
-    def __init__(self, oracle, subject: str, *, real: Sequence[Image.Image] = (),
-                 contexts: Mapping[str, str | None] | None = None, name: str = ORACLE_NAME):
-        if subject not in SUBJECT_SPECS:
-            raise ConfigError("Unknown toy-world subject", [Problem(
-                subject, f"the oracle knows the subjects {', '.join(SUBJECT_SPECS)}")])
+    def __init__(self, oracle, subject: str | None = None, *, real: Sequence[Image.Image] = (),
+                 class_name: str | None = None, contexts: Mapping[str, str | None] | None = None,
+                 embedding=None, reference=None, name: str = ORACLE_NAME):
         self.oracle = oracle
-        self.subject = subject
-        self.class_name = SUBJECT_SPECS[subject].class_name
         self.real = list(real)
+        if reference is None:
+            reference, self.calibration = toy_subject_reference(
+                embedding or load_identity_embedding(), subject, self.real, class_name)
+        else:
+            self.calibration = "reference given by the caller"
+        self.reference = reference
+        self.subject = subject
+        self.class_name = reference.class_name
+        self.builtin = subject if getattr(reference, "identity", None) is not None else None
         self.contexts = contexts
         self.name = name
 
@@ -286,14 +346,17 @@ class OracleScorer:
         return labels, torch.cat(caught).float() if caught else torch.empty(0, 0)
 
     def score_prompt(self, prompt: str, images: Sequence[Image.Image], context: str | None) -> PromptScores:
-        """Shares of one prompt's images that show the subject, the context and the class."""
+        """Subject fidelity of one prompt's images, and shares that show the subject, context, class."""
         labels, features = self.judge(images)
         metrics = {
-            ORACLE_KEYS.subject: _share([lb.identity == self.subject for lb in labels]),
+            ORACLE_KEYS.subject: self.reference.score(images, context),
+            "subject_recognised": _share(self.reference.is_subject(images)),
             ORACLE_KEYS.prompt: _share([lb.context == context for lb in labels]) if context else None,
             "class_accuracy": _share([lb.class_name == self.class_name for lb in labels]),
             ORACLE_KEYS.div: within_set_diversity(features) if len(images) > 1 else None,
         }
+        if self.builtin:
+            metrics["subject_identity_oracle"] = _share([lb.identity == self.builtin for lb in labels])
         return PromptScores(prompt, "", len(images), metrics, context=context)
 
     def score(self, generated: Images, class_images: Sequence[Image.Image] = ()) -> EvaluationResult:
@@ -306,8 +369,7 @@ class OracleScorer:
         rows = [self.score_prompt(p, ims, contexts.get(p)) for p, ims in generated.items()]
         overall = aggregate(rows, ORACLE_KEYS)
         overall.update(self._class_prompt_scores(class_images))
-        overall[ORACLE_KEYS.real_images] = _share(
-            [lb.identity == self.subject for lb in self.oracle.classify(self.real)])
+        overall[ORACLE_KEYS.real_images] = self.reference.score_photos() if self.real else None
         return EvaluationResult(overall=overall, per_prompt=rows,
                                 counts=_counts(rows, self.real, class_images),
                                 extractors={"subject": self.name}, notes=self._notes(contexts))
@@ -316,14 +378,14 @@ class OracleScorer:
         """Language drift: how many "a dog" images show our dog, and how many still show a dog."""
         labels = self.oracle.classify(list(class_images)) if class_images else []
         return {
-            ORACLE_KEYS.pres: _share([lb.identity == self.subject for lb in labels]),
+            ORACLE_KEYS.pres: _share(self.reference.is_subject(list(class_images))),
             "class_accuracy_class_prompt": _share([lb.class_name == self.class_name for lb in labels]),
         }
 
     def _notes(self, contexts: Mapping[str, str | None]) -> list[str]:
-        notes = [f"Toy world: scores are shares of images as classified by the {self.name} "
-                 f"(subject '{self.subject}', class '{self.class_name}'); they are not DINO or "
-                 "CLIP numbers."]
+        notes = [f"Toy world: subject fidelity and drift from the identity embedding ({self.calibration}); "
+                 f"context and class shares from the {self.name} (class '{self.class_name}'). "
+                 "They are not DINO or CLIP numbers."]
         unknown = [p for p, c in contexts.items() if not c]
         if unknown:
             notes.append(f"No toy context found in {len(unknown)} prompt(s): prompt fidelity not "

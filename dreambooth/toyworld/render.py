@@ -9,6 +9,7 @@ a real base model has never seen a user's own dog.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -30,6 +31,17 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "brown": (135, 82, 40), "black": (40, 40, 40), "white": (245, 245, 245), "grey": (145, 145, 150),
 }
 PATTERNS: tuple[str, ...] = ("plain", "spots", "stripes")
+
+
+def rgb(color: str) -> tuple[int, int, int]:
+    """A palette name ("brown") or an arbitrary "#rrggbb" colour as an RGB triple."""
+    if color in COLORS:
+        return COLORS[color]
+    if re.fullmatch(r"#[0-9a-fA-F]{6}", color):
+        return (int(color[1:3], 16), int(color[3:5], 16), int(color[5:7], 16))
+    raise ValueError(f"unknown toy-world colour {color!r}: use one of {', '.join(COLORS)} or '#rrggbb'")
+
+
 PATTERN_COLORS: tuple[str, ...] = ("white", "black")
 ACCESSORY_COLORS: tuple[str, ...] = ("red", "blue", "green", "yellow", "pink", "purple")
 ACCESSORIES: dict[str, tuple[str, ...]] = {
@@ -53,7 +65,10 @@ CONTEXT_PHRASES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Spec:
-    """Everything that determines one rendered subject; ``class_name="none"`` draws no object."""
+    """Everything that determines one rendered subject; ``class_name="none"`` draws no object.
+
+    Colours are palette names or "#rrggbb" (procedural identities use both; see identities.py).
+    """
 
     class_name: str
     context: str
@@ -157,9 +172,9 @@ def random_spec(rng: np.random.Generator, classes: Sequence[str] = CLASSES,
 def _placed_object(spec: Spec) -> tuple[Image.Image, Image.Image, tuple[int, int]]:
     """The object's colour layer and outline mask, scaled by ``size``, mirrored for ``facing``, and
     where their top-left corner goes on the canvas so that the object stands on the ground."""
-    color, outline = draw_object(spec.class_name, COLORS[spec.color], spec.pattern,
-                                 COLORS[spec.pattern_color], spec.pattern_seed, spec.n_spots,
-                                 spec.accessory, COLORS[spec.accessory_color])
+    color, outline = draw_object(spec.class_name, rgb(spec.color), spec.pattern,
+                                 rgb(spec.pattern_color), spec.pattern_seed, spec.n_spots,
+                                 spec.accessory, rgb(spec.accessory_color))
     if spec.facing == "left":
         color, outline = ImageOps.mirror(color), ImageOps.mirror(outline)
     side = int(RENDER_SIZE * (0.45 + 0.35 * spec.size))
