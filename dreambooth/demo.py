@@ -13,11 +13,12 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from dreambooth.atomic import write_json, write_text
 from dreambooth.config import load_config
-from dreambooth.errors import ModelSourceError, Problem, RunDirError
+from dreambooth.errors import ConfigError, ModelSourceError, Problem, RunDirError
 from dreambooth.evaluation import OracleScorer, load_toy_oracle
 from dreambooth.generate import GenerationSettings, load_for_generation, make_generation_pipeline
 from dreambooth.models import detect_source, model_folder
@@ -26,8 +27,9 @@ from dreambooth.priors import cached_class_images, class_image_key
 from dreambooth.prompts import fill_prompt
 from dreambooth.rundir import RunDir
 from dreambooth.sampling import make_grid, sample_per_prompt
-from dreambooth.toyworld import render_subject
-from dreambooth.toyworld.render import SUBJECT_SPECS, context_phrase
+from dreambooth.toyworld.identities import describe_look, named_identity, random_fresh_name
+from dreambooth.toyworld.render import SUBJECTS, context_phrase, object_mask
+from dreambooth.toyworld.render import render as render_spec
 from dreambooth.training import train_events
 
 MARKER = "demo.json"
@@ -51,12 +53,41 @@ def prepare_output(output: Path) -> None:
     output.mkdir(parents=True, exist_ok=True)
 
 
+def resolve_subject(subject: str | None, rng: np.random.Generator | None = None) -> str:
+    """The demo's subject: a built-in name ("dog"), "id:<seed>", or None for an identity drawn at
+    random from the held-out pool (seeds no training or tuning used). Unknown names are refused."""
+    name = subject or random_fresh_name(rng or np.random.default_rng())
+    try:
+        known = named_identity(name)
+    except ValueError as e:
+        known, why = None, str(e)
+    else:
+        why = f"use a built-in subject ({', '.join(SUBJECTS)}) or id:<seed>, e.g. id:2000003"
+    if known is None:
+        raise ConfigError("Unknown demo subject", [Problem(name, why)])
+    return name
+
+
+def subject_class(subject: str) -> str:
+    return named_identity(subject).class_name
+
+
 def write_subject_photos(folder: Path, subject: str) -> list[Path]:
+    """Five photos of the subject in varied contexts, each with its mask (`<stem>.mask.png`, white
+    on the subject) for `data.masks=files`. Built-in subjects render as they always have."""
     folder.mkdir(parents=True, exist_ok=True)
+    ident = named_identity(subject)
     paths = []
     for i, context in enumerate(PHOTO_CONTEXTS):
-        path = folder / f"{subject}-{i}.png"
-        render_subject(subject, context, seed=100 + i).save(path)
+        if subject in SUBJECTS:
+            rng = np.random.default_rng(100 + i)
+            spec = SUBJECTS[subject](rng, context)
+        else:
+            rng = np.random.default_rng([ident.key, 100 + i])
+            spec = ident.spec(rng, context)
+        path = folder / f"{subject.replace(':', '-')}-{i}.png"
+        render_spec(spec, rng).save(path)
+        object_mask(spec).save(path.with_name(path.stem + ".mask.png"))
         paths.append(path)
     return paths
 
@@ -68,28 +99,32 @@ def toy_available() -> bool:
 def demo_config(photos: Path, model: str, subject: str, steps: int | None, extra: list[str]):
     preset = "toy" if model == "toy" else "tiny"
     overrides = {"data": {"images": str(photos), "identifier": "sks",
-                          "class_noun": SUBJECT_SPECS[subject].class_name}, "model": {"name": model}}
+                          "class_noun": subject_class(subject)}, "model": {"name": model}}
     if steps:
         overrides["train"] = {"steps": steps}
     return load_config(preset, overrides, extra)
 
 
-def run_demo(output: str | Path, *, model: str | None = None, steps: int | None = None, subject: str = "dog",
+def run_demo(output: str | Path, *, model: str | None = None, steps: int | None = None, subject: str | None = "dog",
              render=None, extra: list[str] = (), prior: bool = True) -> dict:
-    """Train, render before/after, score with the oracle, write gallery.png/index.html/figures.json."""
+    """Train, render before/after, score with the oracle, write gallery.png/index.html/figures.json.
+
+    `subject`: a built-in name, "id:<seed>", or None for a held-out identity picked at random."""
     began = time.perf_counter()
+    subject = resolve_subject(subject)
     out = Path(output)
     prepare_output(out)
     write_json(out / MARKER, {"status": "running"}, indent=None)
     model = model or ("toy" if toy_available() else "tiny-random")
     photos = write_subject_photos(out / "photos", subject)
+    figures_subject = {"subject": subject, "subject_look": describe_look(named_identity(subject))}
     evaluation = DEMO_EVAL + [f"eval.subject={subject}"] if model == "toy" else []
     extra = evaluation + list(extra) + ([] if prior else ["prior.enabled=false"])
     config = demo_config(out / "photos", model, subject, steps, extra)
     events = train_events(config, out / "run")
     last = render(events) if render else _drain(events)
     info = RunDir(out / "run").run_info()
-    figures = {"model": model, "subject": subject, "prior_preservation": prior, "steps": config.train.steps,
+    figures = {"model": model, **figures_subject, "prior_preservation": prior, "steps": config.train.steps,
                "selected_step": info.get("selected_step", config.train.steps),
                "selection_reason": info.get("selection_reason", ""),
                "train_seconds": round(getattr(last, "seconds", 0.0), 1)}

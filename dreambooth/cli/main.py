@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="demo-output")
     d.add_argument("--model", default=None, help="default: toy (or tiny-random if toy is not installed)")
     d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--subject", default=None, help="a built-in toy subject (dog, cat, teapot, backpack) or "
+                   "id:<seed>; default: an identity picked at random from the held-out pool")
     d.set_defaults(run="train.cmd_demo")
 
     e = sub.add_parser("export", help="write the trained model in another format")

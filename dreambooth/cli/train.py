@@ -20,7 +20,7 @@ from dreambooth.cli.plan import format_plan
 from dreambooth.config import DataConfig, PriorConfig, TrainConfig, load_config
 from dreambooth.config_ranges import bounds_of, value_problems
 from dreambooth.data.images import check_images
-from dreambooth.demo import run_demo
+from dreambooth.demo import resolve_subject, run_demo
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.formats.exporters import check_formats, export_after_training
 from dreambooth.generate import GenerationSettings, generate, read_prompts
@@ -192,7 +192,17 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    run_demo(args.output, model=args.model, steps=args.steps, render=render_training)
+    from dreambooth.toyworld.identities import describe_look, named_identity
+
+    subject = resolve_subject(args.subject)
+    picked = "" if args.subject else " (picked at random from the held-out identities; --subject repeats it)"
+    print(f"subject: {subject}, {describe_look(named_identity(subject))}{picked}", flush=True)
+    figures = run_demo(args.output, model=args.model, steps=args.steps, subject=subject, render=render_training)
+    after = figures.get("after", {})
+    if after:
+        print("after training: " + ", ".join(f"{k} {after[k]:.2f}" for k in
+                                              ("subject_fidelity", "prompt_fidelity", "language_drift")
+                                              if isinstance(after.get(k), float)), flush=True)
     return 0
 
 

@@ -47,7 +47,7 @@ from dreambooth.sampling import sample_per_prompt
 from dreambooth.toyworld import embedding as toy_embedding
 from dreambooth.toyworld import oracle as toy_oracle
 from dreambooth.toyworld.fidelity import SubjectReference, subject_reference
-from dreambooth.toyworld.identities import subject_identity
+from dreambooth.toyworld.identities import named_identity
 from dreambooth.toyworld.render import CLASSES, CONTEXT_PHRASES, CONTEXTS, SUBJECT_SPECS, context_phrase
 
 CLIP_KEYS = ("clip_i", "clip_t", "clip_i_real_images")
@@ -268,13 +268,19 @@ def toy_subject_reference(embedding, subject: str | None, real: Sequence[Image.I
     name (a user's own dog, class noun "dog") make it a photos-only subject, calibrated
     leave-one-out, so any subject can be scored.
     """
-    known = subject in SUBJECT_SPECS
-    cls = class_name or (SUBJECT_SPECS[subject].class_name if known else subject)
+    try:
+        named = named_identity(subject) if subject else None
+    except ValueError as e:
+        raise ConfigError("Cannot score this toy-world subject", [Problem(str(subject), str(e))]) from None
+    known = named is not None
+    cls = class_name or (named.class_name if known else subject)
     problems = []
     if cls not in CLASSES:
         problems.append(Problem(str(subject if class_name is None else class_name),
-                                f"the toy world knows the subjects {', '.join(SUBJECT_SPECS)} and the "
-                                f"classes {', '.join(CLASSES)}"))
+                                f"the toy world knows the subjects {', '.join(SUBJECT_SPECS)}, procedural "
+                                f"identities id:<seed> and the classes {', '.join(CLASSES)}"))
+    if known and cls != named.class_name:
+        problems.append(Problem(str(subject), f"is a {named.class_name}, but the class noun is {cls!r}"))
     if not known and len(real) < 2:
         problems.append(Problem(str(subject), f"not a built-in subject, so it is known only from its "
                                 f"photos, and at least 2 are needed (got {len(real)})"))
@@ -283,7 +289,7 @@ def toy_subject_reference(embedding, subject: str | None, real: Sequence[Image.I
     if problems:
         raise ConfigError("Cannot score this toy-world subject", problems)
     if known:
-        ref = subject_reference(embedding, cls, real, subject_identity(subject))
+        ref = subject_reference(embedding, cls, real, named)
         if not real:
             return ref, f"subject '{subject}': no photos given, 5 renders stand in for them"
         if ref.score_photos() >= MATCH_BUILTIN:

@@ -141,6 +141,36 @@ def subject_identity(name: str) -> Identity:
     return from_spec(SUBJECT_SPECS[name], zlib.crc32(name.encode()))
 
 
+ID_PREFIX = "id:"  # a procedural identity by name: "id:2000003" is identity(2000003)
+
+
+def named_identity(name: str) -> Identity | None:
+    """The identity a subject name stands for: a built-in ("dog") or "id:<seed>"; None for any other
+    name (a class noun, a subject known only from its photos)."""
+    if name in SUBJECT_SPECS:
+        return subject_identity(name)
+    if not name.startswith(ID_PREFIX):
+        return None
+    seed = name[len(ID_PREFIX):]
+    if not seed.isdigit():
+        raise ValueError(f"{name!r}: a toy identity is named id:<seed>, the seed a whole number such as id:2000003")
+    return identity(int(seed))
+
+
+def random_fresh_name(rng: np.random.Generator) -> str:
+    """A held-out identity picked at random (seeds >= 2,000,000, which no training or tuning used)."""
+    lo, hi = SPLITS["fresh"]
+    return f"{ID_PREFIX}{int(rng.integers(lo, min(hi, lo + 10_000_000)))}"
+
+
+def describe_look(ident: Identity) -> str:
+    """The look in words, e.g. "a #3a7bd5 dog with white spots and a red collar"."""
+    look = ident.look
+    extras = ([f"{look.pattern_color} {look.pattern}"] if look.pattern != "plain" else []) + (
+        [f"a {look.accessory_color} {look.accessory}"] if look.accessory != "none" else [])
+    return f"a {look.color} {look.class_name}" + (f" with {' and '.join(extras)}" if extras else "")
+
+
 def palette_rivals(class_name: str, k: int, seed: int = 0) -> list[Identity]:
     """``k`` identities drawn the way the base model's training data draws them (``random_spec``:
     named palette, never a subject look-alike): the dogs "a dog" is expected to produce."""
