@@ -65,6 +65,8 @@ class DataConfig:
     flip_prob: float = _f(0.5, "probability of a horizontal flip per example", 0, 1)
     max_pixels: int = _f(DEFAULT_MAX_PIXELS, "refuse images with more pixels (decompression bombs)", 0, 1_000_000_000,
                           above=True)
+    masks: str = _f("none", "subject masks for the masked loss (train.mask_background_weight): none; alpha (each "
+                            "photo's alpha channel); files (a sibling <photo stem>.mask.png, white = subject)")
 
     def problems(self) -> list[Problem]:
         return bound_problems("data", self) + _failed([
@@ -74,6 +76,7 @@ class DataConfig:
              f"{self.identifier!r} must be one word, e.g. sks"),
             ("{identifier}" in self.instance_prompt, "data.instance_prompt", "must contain {identifier}"),
             (self.crop in ("center", "random"), "data.crop", f"{self.crop!r}: use center or random"),
+            (self.masks in MASK_SOURCES, "data.masks", f"{self.masks!r}: use {', '.join(MASK_SOURCES)}"),
         ])
 
 
@@ -143,6 +146,14 @@ class TrainConfig:
                               "updates far below bf16's resolution still move the weights on average; needs "
                               "mixed_precision bf16 and adamw8bit_torchao or adamwfp8_torchao)")
     channels_last: bool = _f(True, "CUDA only: UNet and VAE in channels-last memory layout (faster convolutions)")
+    min_snr_gamma: float = _f(0.0, "min-SNR loss weighting (Hang et al. 2023), weight min(SNR, gamma) / SNR per row "
+                                   "(v-prediction: / (SNR + 1)); 0: off, typical 5", 0, 1000)
+    offset_noise: float = _f(0.0, "offset noise: add this times one normal draw per image and channel to the noise "
+                                  "(darker darks, brighter brights); 0: off, typical 0.05-0.1", 0, 1)
+    ema_decay: float = _f(0.0, "keep an exponential moving average of the trained weights (fp32, on the device) and "
+                               "use it for samples, scoring and the exported model; 0: off, e.g. 0.999", 0, 1)
+    mask_background_weight: float = _f(1.0, "with data.masks: loss weight of the subject photos' background (the "
+                                            "subject weighs 1); 1: plain loss, 0: subject only", 0, 1)
 
     def problems(self) -> list[Problem]:
         return bound_problems("train", self) + _failed([
@@ -160,6 +171,8 @@ class TrainConfig:
             (not self.checkpoint_levels or self.gradient_checkpointing, "train.checkpoint_levels",
              f"{self.checkpoint_levels} has no effect without train.gradient_checkpointing=true"),
             (self.weights in ("fp32", "bf16"), "train.weights", f"{self.weights!r}: use fp32 or bf16"),
+            (self.ema_decay < 1, "train.ema_decay", f"{self.ema_decay}: must be below 1 (1 would never move), "
+             "e.g. 0.999, or 0 for no average"),
             *self._bf16_weight_problems(),
         ])
 
@@ -219,6 +232,7 @@ class EvalConfig:
 
 
 DEVICES = ("auto", "cpu", "cuda")
+MASK_SOURCES = ("none", "alpha", "files")
 OPTIMIZERS = ("adamw", "adamwfp8", "adamw8bit", "adamw8bit_torchao", "adamwfp8_torchao")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune-no-cudagraphs")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -240,11 +254,24 @@ class RunConfig:
         if self.prior.enabled and "{identifier}" in self.data.class_prompt:
             problems.append(Problem("data.class_prompt",
                                     "must not contain {identifier}: class images show the plain class"))
+        problems += _mask_problems(self.data, self.train)
         if problems:
             raise ConfigError(f"{len(problems)} problem(s) in the configuration", problems)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _mask_problems(data: DataConfig, train: TrainConfig) -> list[Problem]:
+    """Masks and their background weight act only together; either alone would be silently ignored."""
+    weighted = train.mask_background_weight != 1
+    return _failed([
+        (data.masks != "none" or not weighted, "train.mask_background_weight",
+         f"{train.mask_background_weight} needs masks: set data.masks to alpha or files"),
+        (data.masks == "none" or weighted, "data.masks",
+         f"{data.masks} has no effect while train.mask_background_weight is 1 (plain loss): set it below 1, "
+         "e.g. 0.1, or data.masks=none"),
+    ])
 
 
 def load_config(preset: str | Path | None = None, overrides: dict | None = None,

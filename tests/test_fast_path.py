@@ -76,6 +76,34 @@ def test_fast_step_equals_plain_step_on_cpu(tmp_path, photos, preset, extra):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_fast_step_equals_plain_step_with_the_loss_options_on(tmp_path, photos):
+    """Min-SNR weights, offset noise, the weight average and the masked loss (alpha masks), all at
+    once: the two steps weigh, draw and average alike, bit for bit on the CPU in fp32."""
+    from PIL import Image, ImageDraw
+
+    masked = tmp_path / "masked"
+    masked.mkdir()
+    for path in sorted(photos.iterdir()):
+        photo = Image.open(path).convert("RGBA")
+        alpha = Image.new("L", photo.size, 0)
+        w, h = photo.size
+        ImageDraw.Draw(alpha).ellipse((w // 5, h // 6, w * 3 // 4, h * 5 // 6), fill=255)
+        photo.putalpha(alpha)
+        photo.save(masked / path.name)
+    extra = ["train.device=cpu", "train.batch_size=2", "train.min_snr_gamma=5", "train.offset_noise=0.1",
+             "train.ema_decay=0.6", "data.masks=alpha", "train.mask_background_weight=0.2"]
+    plain_losses, _ = run(tmp_path, masked, "plain", "never", "tiny", extra)
+    fast_losses, fast_events = run(tmp_path, masked, "fast", "always", "tiny", extra)
+    assert not any(isinstance(e, ev.Notice) and "fast" in e.message for e in fast_events)
+    assert plain_losses == fast_losses
+    reference, _ = run(tmp_path, masked, "no-options", "never", "tiny", ["train.device=cpu", "train.batch_size=2"])
+    assert all(a != b for a, b in zip(plain_losses, reference))  # the options changed every step's loss
+    a, b = weights(tmp_path / "plain", False), weights(tmp_path / "fast", False)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the two steps on CUDA")
 @pytest.mark.parametrize("extra", [[], ["train.train_text_encoder=true"],
                                    ["prior.enabled=false", "train.lr_schedule=cosine"]])

@@ -222,7 +222,7 @@ def test_class_source_takes_kept_latents_as_targets_and_encodes_older_pngs(tmp_p
     mixed = class_source([tmp_path / "00000.safetensors", tmp_path / "00001.png"], vae, 64, cache=True)
     assert isinstance(mixed, FixedLatents) and len(mixed.images) == 2
     g = step_generator(0, 3)
-    plain, ids = mixed.latent(0, False, g)
+    plain, ids, _ = mixed.latent(0, False, g)
     torch.testing.assert_close(plain, latent)
     torch.testing.assert_close(mixed.latent(0, True, g)[0], latent.flip(-1))
     assert ids.tolist() == [64, 64, 0, 0, 64, 64]

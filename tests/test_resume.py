@@ -40,6 +40,9 @@ def stop_at(step):
 
 @pytest.mark.parametrize("preset,extra", [("tiny", ["train.train_text_encoder=true"]),
                                           ("tiny-lora", ["train.train_text_encoder=true"]),
+                                          # the weight average (saved in each checkpoint) and the loss options
+                                          ("tiny-lora", ["train.train_text_encoder=true", "train.ema_decay=0.5",
+                                                         "train.min_snr_gamma=5", "train.offset_noise=0.1"]),
                                           ("tiny", ["data.crop=random", "train.grad_accum=2",
                                                     "train.lr_schedule=cosine", "train.warmup_steps=1"]),
                                           # 8-bit states (torchao tensor subclasses) and tensor LRs

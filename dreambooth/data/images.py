@@ -30,6 +30,7 @@ MIN_IMAGES = 3  # Ruiz et al. use 3-5 photos; fewer rarely captures the subject
 MAX_IMAGES = 20  # beyond this the method gains little and training overfits to the set
 CROPS = ("center", "random")
 SEVERITY_ORDER = ("error", "warning", "note")  # the report reads most urgent first
+MASK_SUFFIX = ".mask.png"  # a subject mask beside its photo (data.masks=files), never a photo itself
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ def check_images(images_dir: str | Path, resolution: int = 512, *,
     """Validate every file in `images_dir` (not recursive) for training at `resolution`.
 
     Raises `ImageCheckError` listing all errors, and the warnings too, when any file is unusable
-    or no file is usable. Otherwise returns the usable images with warnings and notes.
+    or no file is usable. Otherwise returns the usable images with warnings and notes. Mask files
+    (`<photo stem>.mask.png`, data/masks.py) are not photos and are passed over.
     """
     if resolution <= 0 or max_pixels <= 0:
         raise ValueError(f"resolution and max_pixels must be positive, got {resolution}, {max_pixels}")
@@ -78,6 +80,8 @@ def check_images(images_dir: str | Path, resolution: int = 512, *,
     for path in sorted(folder.iterdir()):
         if path.is_dir():
             problems.append(Problem(str(path), "is a folder; skipped (subfolders are not read)", "note"))
+            continue
+        if path.name.lower().endswith(MASK_SUFFIX):
             continue
         try:
             subject, rgb = _check_file(path, max_pixels)

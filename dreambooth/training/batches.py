@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from dreambooth.data.images import crop_offset, prepare_image, resized_size
+from dreambooth.data.masks import prepare_mask
 from dreambooth.ranks import Ranks
 
 
@@ -73,16 +74,27 @@ class Posterior:
     std: torch.Tensor
 
 
+class Drawn(NamedTuple):
+    """One row of a batch as a latent source draws it."""
+
+    latent: torch.Tensor  # (C, h, w), scaled
+    time_ids: torch.Tensor  # (6,) SDXL micro-conditioning
+    mask: torch.Tensor | None  # (1, h, w) in [0, 1], 1 = subject; None when the source has no masks
+
+
 class LatentSource:
-    """Gives the scaled latent of image i (optionally mirrored) for a step's generator.
+    """Gives the scaled latent of image i (optionally mirrored) for a step's generator, and its mask
+    on the latent grid when `masks` (PIL L images, one per image: data/masks.py) are given.
 
     Images are encoded where the VAE is, in its dtype, as it is when the source is made. With several
     processes each encodes its share of the cached posteriors (whole VAE calls of `ENCODE_ROWS`, as one
-    process makes them) and they are gathered, so every process holds all of them.
+    process makes them) and they are gathered, so every process holds all of them. Masks are cut
+    like their images, and cached beside the posteriors (each image and its mirror) by every process.
     """
 
-    def __init__(self, images: list, vae, resolution: int, *, crop: str, cache: bool, ranks: Ranks = Ranks()):
-        self.images, self.vae, self.resolution, self.crop = images, vae, resolution, crop
+    def __init__(self, images: list, vae, resolution: int, *, crop: str, cache: bool, ranks: Ranks = Ranks(),
+                 masks: list | None = None):
+        self.images, self.vae, self.resolution, self.crop, self.masks = images, vae, resolution, crop, masks
         # centre crops are fixed, so their micro-conditioning is too (random ones: per draw)
         self.centre_ids = [micro_conditioning(image.size, resolution, "center") for image in images]
         self.device, self.dtype = vae.device, vae.dtype
@@ -91,6 +103,7 @@ class LatentSource:
         self.latent_shape = (vae.config.latent_channels, resolution // factor, resolution // factor)
         vae.enable_slicing()  # encoding's peak is that of one image; the latents are the same
         self._cache: dict[tuple[int, bool], Posterior] = {}
+        self._mask_cache: dict[tuple[int, bool], torch.Tensor] = {}
         if cache and crop == "center":
             keys = [(i, flip) for i in range(len(images)) for flip in (False, True)]
             calls = [keys[start : start + ENCODE_ROWS] for start in range(0, len(keys), ENCODE_ROWS)]
@@ -98,6 +111,8 @@ class LatentSource:
                 self._cache.update(self._encode_many(call))
             if ranks.count > 1:
                 self._gather(ranks)
+            if masks is not None:
+                self._mask_cache = {(i, flip): self._mask(i, flip, None) for i, flip in keys}
 
     def _gather(self, ranks: Ranks) -> None:
         """Every process's posteriors, by way of the CPU (a pickled CUDA tensor keeps its device index)."""
@@ -120,6 +135,12 @@ class LatentSource:
         dist = self.vae.encode(torch.stack(pixels).to(self.device, self.dtype)).latent_dist
         return [Posterior(dist.mean[j], dist.std[j]) for j in range(len(pixels))]
 
+    def _mask(self, index: int, flip: bool, crop_rng: random.Random | None) -> torch.Tensor:
+        """Image `index`'s mask (1, h, w) fp32 on the device, cut as `_encode` cuts the image."""
+        mask = prepare_mask(self.masks[index], self.resolution, self.latent_shape[1:], crop=self.crop, flip=flip,
+                            rng=crop_rng)
+        return mask.to(self.device)
+
     def posteriors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached means and stds stacked (2 N, C, h, w), row 2 i + flip, for the fast step's gather."""
         keys = [(i, flip) for i in range(len(self.images)) for flip in (False, True)]
@@ -129,9 +150,14 @@ class LatentSource:
         """Micro-conditioning rows (2 N, 6) in the order of `posteriors` (a mirror keeps its crop)."""
         return torch.stack([ids for ids in self.centre_ids for _ in (False, True)])
 
-    def latent(self, index: int, flip: bool, generator: torch.Generator, keep: bool = True
-               ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The scaled latent (C, h, w) and its micro-conditioning (6,); with `keep` false only the
+    def mask_rows(self) -> torch.Tensor | None:
+        """Cached masks stacked (2 N, 1, h, w) in the order of `posteriors` (None without masks)."""
+        if self.masks is None:
+            return None
+        return torch.stack([self._mask_cache[(i, flip)] for i in range(len(self.images)) for flip in (False, True)])
+
+    def latent(self, index: int, flip: bool, generator: torch.Generator, keep: bool = True) -> Drawn | None:
+        """The scaled latent, its micro-conditioning and its mask; with `keep` false only the
         generator advances, as it would have (another process's row: None, nothing encoded)."""
         post, ids = self._cache.get((index, flip)), self.centre_ids[index]
         if not keep:
@@ -139,15 +165,18 @@ class LatentSource:
                 torch.randint(0, 2**31, (1,), generator=generator)
             torch.randn(self.latent_shape if post is None else post.mean.shape, generator=generator)
             return None
+        mask = self._mask_cache.get((index, flip))
         if post is None:
             crop_rng = None
             if self.crop == "random":  # only random crops draw, so both paths share one stream
                 crop_seed = int(torch.randint(0, 2**31, (1,), generator=generator))
                 crop_rng = random.Random(crop_seed)
                 ids = micro_conditioning(self.images[index].size, self.resolution, "random", random.Random(crop_seed))
+            if self.masks is not None:  # the same crop as the image's: a generator in the same state
+                mask = self._mask(index, flip, None if crop_rng is None else random.Random(crop_seed))
             post = self._encode(index, flip, crop_rng)
         noise = torch.randn(post.mean.shape, generator=generator).to(post.mean.device, post.mean.dtype)
-        return (post.mean + post.std * noise) * self.scale, ids
+        return Drawn((post.mean + post.std * noise) * self.scale, ids, mask)
 
 
 class FixedLatents(LatentSource):
@@ -157,12 +186,12 @@ class FixedLatents(LatentSource):
     PNG come with their VAE posterior instead (`posteriors`: index -> (plain, mirrored))."""
 
     def __init__(self, latents: list, vae, resolution: int, posteriors: dict | None = None):
-        self.images, self.vae, self.resolution, self.crop = latents, vae, resolution, "center"
+        self.images, self.vae, self.resolution, self.crop, self.masks = latents, vae, resolution, "center", None
         self.centre_ids = [micro_conditioning((resolution, resolution), resolution, "center") for _ in latents]
         self.device, self.dtype = vae.device, vae.dtype
         self.scale = vae.config.scaling_factor
         self.latent_shape = tuple(latents[0].shape) if latents and latents[0] is not None else None
-        self._cache = {}
+        self._cache, self._mask_cache = {}, {}
         for i, latent in enumerate(latents):
             if latent is None:
                 self._cache[(i, False)], self._cache[(i, True)] = posteriors[i]
@@ -197,6 +226,7 @@ class Batch(NamedTuple):
     time_ids: torch.Tensor  # (b, 6) SDXL micro-conditioning
     rows: torch.Tensor  # (b,) long: the rows' places in the global batch
     size: int  # rows of the global batch (all processes together)
+    masks: torch.Tensor | None = None  # (b, 1, h, w) subject masks (class rows: 1); None without masks
 
 
 def build_batch(step: int, seed: int, instances: LatentSource, classes: LatentSource | None,
@@ -204,10 +234,11 @@ def build_batch(step: int, seed: int, instances: LatentSource, classes: LatentSo
     """This process's rows of step `step`'s global batch: subject rows first, then class rows
     (each row with its own image's sizes and crop), `batch_size` of each in all. Each process takes
     its contiguous `ranks.rows` of the subject rows and the same of the class rows, so every process
-    has as many of each and the mean of their losses is the one-process loss."""
+    has as many of each and the mean of their losses is the one-process loss. With subject masks
+    the class rows' masks are all 1 (their loss is never masked)."""
     g = step_generator(seed, step, salt=1)
     mine = range(batch_size)[ranks.rows(batch_size)]
-    rows, is_prior, time_ids, places = [], [], [], []
+    rows, is_prior, time_ids, places, masks = [], [], [], [], []
     sources = [(instances, 0, False)] + ([(classes, 1, True)] if classes is not None else [])
     for offset, (source, salt, prior) in enumerate(sources):
         for j, index in enumerate(pick(len(source.images), batch_size, seed, step, salt)):
@@ -215,9 +246,14 @@ def build_batch(step: int, seed: int, instances: LatentSource, classes: LatentSo
             drawn = source.latent(index, flip, g, keep=j in mine)
             if drawn is None:
                 continue
-            rows.append(drawn[0])
-            time_ids.append(drawn[1])
+            rows.append(drawn.latent)
+            time_ids.append(drawn.time_ids)
             is_prior.append(prior)
             places.append(offset * batch_size + j)
+            masks.append(drawn.mask)
+    stacked = None
+    if instances.masks is not None:
+        ones = torch.ones((1, *rows[0].shape[1:]), device=rows[0].device)
+        stacked = torch.stack([ones if m is None else m for m in masks])  # (b, 1, h, w)
     return Batch(torch.stack(rows), torch.tensor(is_prior), torch.stack(time_ids), torch.tensor(places),
-                 batch_size * len(sources))
+                 batch_size * len(sources), stacked)

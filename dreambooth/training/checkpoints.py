@@ -2,7 +2,8 @@
 
 A checkpoint holds the trainable tensors (the whole UNet for a full fine-tune, only the adapters
 for LoRA), the optimizer and LR-scheduler states, the fp16 loss scaler's state (scale and growth
-tracker, when the run has one) and the step. No RNG state is needed: every
+tracker, when the run has one), the weights' moving average (`ema.safetensors`, when the run keeps
+one: train.ema_decay) and the step. No RNG state is needed: every
 random draw of step k comes from a generator seeded by (seed, k), so resuming at k reproduces the
 uninterrupted run exactly.
 """
@@ -33,9 +34,11 @@ def trainable_state(modules: dict[str, torch.nn.Module]) -> dict[str, torch.Tens
 
 
 def save_checkpoint(folder: Path, step: int, modules: dict[str, torch.nn.Module], optimizer,
-                    lr_scheduler, keep: int, scaler=None) -> Path:
+                    lr_scheduler, keep: int, scaler=None, ema=None) -> Path:
     def write(tmp: Path) -> None:
         save_file(trainable_state(modules), tmp / "trainable.safetensors")
+        if ema is not None:
+            save_file(ema.state_dict(), tmp / EMA_FILE)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
@@ -79,6 +82,7 @@ class CheckpointDamaged(Exception):
 
 FILES = ("trainable.safetensors", "optimizer.pt", "scheduler.pt", "state.json")
 SCALER_FILE = "scaler.pt"  # fp16 runs only; checkpoints written before it existed lack it
+EMA_FILE = "ema.safetensors"  # runs with train.ema_decay only
 
 
 def read_checkpoint(path: Path) -> tuple[int, dict, dict, dict]:
@@ -113,15 +117,15 @@ def newest_intact(folder: Path) -> Path | None:
     return None
 
 
-def resume_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler, scaler=None
-                      ) -> tuple[int, list[str]]:
+def resume_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler, scaler=None,
+                      ema=None) -> tuple[int, list[str]]:
     """Restore the newest intact checkpoint; return its step (0: none) and a warning per damaged
     newer one, which is renamed to step-NNNNN.damaged so it is neither resumed nor kept as a good one
     (and a notice when an fp16 run resumes a checkpoint without loss-scaler state)."""
     notes = []
     for _, path in reversed(list_checkpoints(folder)):
         try:
-            step = load_checkpoint(path, modules, optimizer, lr_scheduler)
+            step = load_checkpoint(path, modules, optimizer, lr_scheduler, ema)
         except CheckpointDamaged as e:
             aside = path.with_name(path.name + ".damaged")
             shutil.rmtree(aside, ignore_errors=True)
@@ -142,9 +146,11 @@ def weights_are_finite(modules: dict[str, torch.nn.Module]) -> bool:
     return all(torch.isfinite(p).all() for m in modules.values() for p in m.parameters() if p.requires_grad)
 
 
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler) -> int:
-    """Restore a checkpoint in place and return its step (`CheckpointDamaged` if it is unreadable)."""
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, lr_scheduler, ema=None) -> int:
+    """Restore a checkpoint in place and return its step (`CheckpointDamaged` if it is unreadable);
+    with `ema` (an `ema.WeightAverage`) its saved average too."""
     step, state, optimizer_state, scheduler_state = read_checkpoint(path)
+    average = read_average(path) if ema is not None else None
     for prefix, module in modules.items():
         own = module_part(state, prefix)
         expected = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -163,7 +169,27 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
                     "train.optimizer as the run that wrote it (8-bit and FP8 AdamW on the fast step keep flat "
                     "buffers), or start a new run")]) from e
     lr_scheduler.load_state_dict(scheduler_state)
+    if average is not None:
+        try:
+            ema.load_state_dict(average)
+        except KeyError as e:
+            raise RunDirError(f"checkpoint {path} holds a weight average of other parameters", [Problem(
+                str(path / EMA_FILE), f"{e}; was the config changed since the run started?")]) from e
     return step
+
+
+def read_average(path: Path) -> dict[str, torch.Tensor]:
+    """The weight average a checkpoint of a run with train.ema_decay holds, read and checked whole."""
+    if not (path / EMA_FILE).is_file():
+        raise CheckpointDamaged(f"missing {EMA_FILE}, the weight average this run keeps (train.ema_decay)")
+    try:
+        average = load_file(path / EMA_FILE)
+    except Exception as e:  # a torn file
+        raise CheckpointDamaged(f"{EMA_FILE}: {type(e).__name__}: {e}") from e
+    bad = [k for k, v in average.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointDamaged(f"non-finite weight average in {len(bad)} tensor(s), e.g. {bad[0]}")
+    return average
 
 
 def load_scaler(path: Path, scaler) -> list[str]:

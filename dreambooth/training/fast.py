@@ -15,14 +15,21 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from dreambooth.sampling import compiled
 from dreambooth.training.adamw_fp8 import AdamWFp8
 from dreambooth.training.batches import latents_cached, pick, step_generator
-from dreambooth.training.losses import LossParts, add_noise, prediction_target, sample_timesteps
+from dreambooth.training.losses import (
+    LossParts,
+    add_noise,
+    add_offset_noise,
+    per_sample_loss,
+    prediction_target,
+    sample_timesteps,
+)
 from dreambooth.training.scaling import Scaling
 from dreambooth.training.state import TrainState, added_conditions, text_encoders_of
+from dreambooth.training.step import loss_weights
 
 
 def fast_path_problems(config, device: torch.device, num_processes: int, mixed_precision: str) -> list[str]:
@@ -119,12 +126,14 @@ class StepDraws(NamedTuple):
 @dataclass(frozen=True)
 class BatchLayout:
     """The shape of a fast step's batch: images per source (subject, then class), rows taken from
-    each per step, one latent's shape (C, h, w) and the noise schedule's number of timesteps."""
+    each per step, one latent's shape (C, h, w), the noise schedule's number of timesteps and the
+    offset noise's strength (`train.offset_noise`, 0: none)."""
 
     sizes: tuple[int, ...]
     batch_size: int
     latent_shape: tuple[int, ...]
     num_train_timesteps: int
+    offset_noise: float = 0.0
 
 
 def draw_step(step: int, seed: int, layout: BatchLayout, flip_prob: float) -> StepDraws:
@@ -143,16 +152,19 @@ def draw_step(step: int, seed: int, layout: BatchLayout, flip_prob: float) -> St
     g = step_generator(seed, step, salt=2)
     noise = torch.randn((len(rows), *layout.latent_shape), generator=g)
     timesteps = sample_timesteps(len(rows), layout.num_train_timesteps, g)
+    if layout.offset_noise:  # after the other draws, as in the plain step
+        noise = add_offset_noise(noise, layout.offset_noise, g)
     return StepDraws(torch.tensor(rows), torch.stack(latent_noise), noise, timesteps)
 
 
-def split_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float) -> LossParts:
+def split_loss(pred: torch.Tensor, target: torch.Tensor, num_instance: int, prior_weight: float,
+               row_weights: torch.Tensor | None = None, pixel_weights: torch.Tensor | None = None) -> LossParts:
     """`losses.dreambooth_loss` for a batch whose first `num_instance` rows are subject images.
 
     Same values bit for bit (the same elements are averaged in the same order); a slice keeps the
     shapes static where a boolean mask would not.
     """
-    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    per_sample = per_sample_loss(pred, target, row_weights, pixel_weights)  # (B,)
     instance = per_sample[:num_instance].mean()
     has_prior = per_sample.shape[0] > num_instance
     prior = per_sample[num_instance:].mean() if has_prior else per_sample.new_zeros(())
@@ -177,6 +189,11 @@ class FastStep:
         self.scale = state.instances.scale
         self.batch = config.train.batch_size
         rows = self.batch * len(sources)
+        # masked loss: the subject rows' masks gathered by row like the posteriors, the class rows' all 1
+        masks = state.instances.mask_rows()
+        self.masks = None if masks is None else masks.to(self.device)  # (2 N, 1, h, w)
+        self.class_masks = None if masks is None else torch.ones((rows - self.batch, *masks.shape[1:]),
+                                                                   device=self.device)
         self.context_index = torch.tensor([0] * self.batch + [1] * (rows - self.batch), device=self.device)
         scheduler = state.components.noise_scheduler
         self.alphas = scheduler.alphas_cumprod.to(self.device)
@@ -208,7 +225,8 @@ class FastStep:
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
     def draws(self, step: int) -> StepDraws:
-        layout = BatchLayout(tuple(self.sizes), self.batch, tuple(self.means.shape[1:]), self.num_t)
+        layout = BatchLayout(tuple(self.sizes), self.batch, tuple(self.means.shape[1:]), self.num_t,
+                             self.config.train.offset_noise)
         return draw_step(step, self.state.seed, layout, self.config.data.flip_prob)
 
     def compute(self, draws: StepDraws) -> LossParts:
@@ -221,11 +239,16 @@ class FastStep:
         noise = draws.noise.to(latents.dtype)
         noisy = add_noise(latents, noise, draws.timesteps, self.alphas)
         target = prediction_target(latents, noise, draws.timesteps, self.alphas, self.components.prediction_type)
+        masks = None  # subject rows come first; their rows index the subject posteriors, offset 0
+        if self.masks is not None:
+            masks = torch.cat([self.masks[draws.rows[: self.batch]], self.class_masks])  # (B, 1, h, w)
+        row_weights, pixel_weights = loss_weights(self.config.train, draws.timesteps, self.alphas,
+                                                  self.components.prediction_type, masks)
         with self._autocast():
             context, pooled = self.prompts.rows(self.context_index, text_encoders_of(self.modules))  # (B, 77, D)
             added = added_conditions(pooled, self.time_ids[draws.rows])
             pred = self.unet(noisy, draws.timesteps, context, added_cond_kwargs=added).sample
-            parts = split_loss(pred, target, self.batch, self.config.prior.weight)
+            parts = split_loss(pred, target, self.batch, self.config.prior.weight, row_weights, pixel_weights)
         (parts.total if self.scaler is None else self.scaler.scale(parts.total)).backward()
         self._unscale_and_clip()
         return parts

@@ -24,6 +24,7 @@ import torch
 
 from dreambooth.config import RunConfig, read_run_config, save_config
 from dreambooth.data.images import check_images
+from dreambooth.data.masks import check_masks
 from dreambooth.errors import ConfigError, Problem, TrainingDiverged
 from dreambooth.planning import read_card
 from dreambooth.ranks import Ranks, launched_ranks
@@ -63,6 +64,7 @@ def train_events(config: RunConfig, output: str | Path, *, resume: bool = False,
     ranks = launched_ranks(pick_device(config.train.device))
     check_batch_split(config, ranks)
     report = check_images(config.data.images, config.data.resolution, max_pixels=config.data.max_pixels)
+    check_masks(report.images, config.data.masks, max_pixels=config.data.max_pixels)
     ranks.wait()  # every process has read what it needs of the run directory before rank 0 changes it
     with run.prepare(resume=resume, overwrite=overwrite) if ranks.main else contextlib.nullcontext():
         if ranks.main:  # the lock is held until the generator ends
@@ -160,14 +162,16 @@ def _steps(state: TrainState, step_fn: StepFunction, stop, began: float) -> Gene
             yield from _stop(state, reported)
             return False
         scaling = step_fn.update()
+        if state.ema is not None and (scaling is None or not scaling.skipped):  # a skipped step changed nothing
+            state.ema.update()
         done = step + 1
         readout.push(done, parts, float(state.lr_schedule.get_last_lr()[0]), scaling)  # a tensor for torchao
         yield from _report_steps(readout.take(flush=_acts_after(done, config, scoring, stop)), state, clock)
         if wants_samples(config) and out.sample_every and done % out.sample_every == 0 and done < config.train.steps:
             yield from _samples(state, done)
         if scoring is not None and scoring.due(done):
-            with state.meter.phase("checkpoint scoring", state.device), state.parking.back():
-                row = scoring.score(done, modules)
+            with state.meter.phase("checkpoint scoring", state.device), state.parking.back(), state.averaged():
+                row = scoring.score(done, modules)  # the weight average, when kept, is what is scored
             yield ev.Evaluated(done, row)
         stopping = _stop_asked(state, stop)
         yield from _report_steps(readout.take(flush=stopping), state, clock)
@@ -192,7 +196,7 @@ def _checkpoint(state: TrainState, done: int) -> Iterator[ev.Event]:
     path = checkpoint_folder(state.run.checkpoints, done)
     if state.ranks.main:
         save_checkpoint(state.run.checkpoints, done, state.modules, state.optimizer, state.lr_schedule,
-                        state.config.output.keep_checkpoints, state.scaler)
+                        state.config.output.keep_checkpoints, state.scaler, state.ema)
     yield ev.CheckpointSaved(done, path)
     return path
 
@@ -206,6 +210,9 @@ def _finish(state: TrainState, began: float) -> Iterator[ev.Event]:
     """After the last step: choose a checkpoint (when scored), write final/, then the last samples
     (rank 0; the other processes only report the end)."""
     config, scoring, main = state.config, state.scoring, state.ranks.main
+    if state.ema is not None:  # training is over: the weight average is the model from here on
+        state.ema.copy_to()
+        state.ema = None
     with state.meter.phase("save", state.device):
         choice = scoring.finish(state.modules) if scoring is not None else None
         if choice is not None:
@@ -229,7 +236,7 @@ def _samples(state: TrainState, step: int) -> Iterator[ev.Event]:
         return
     out = state.config.output
     yield ev.Phase("validation images", len(out.sample_prompts) * out.sample_images)
-    with state.meter.phase("validation samples", state.device), state.parking.back():
+    with state.meter.phase("validation samples", state.device), state.parking.back(), state.averaged():
         path = write_samples(state.components, state.config, state.run, step)
     yield ev.SampleWritten(step, path)
 

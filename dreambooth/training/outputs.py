@@ -68,6 +68,7 @@ def run_info(components, config: RunConfig) -> dict:
         "steps": config.train.steps,
         "train_text_encoder": config.train.train_text_encoder,
         **({"vae": config.model.vae} if config.model.vae else {}),  # a LoRA's base is used with it
+        **({"ema_decay": config.train.ema_decay} if config.train.ema_decay else {}),  # final/ holds the average
     }
 
 

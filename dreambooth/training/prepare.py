@@ -13,6 +13,7 @@ from accelerate.state import AcceleratorState, PartialState
 
 from dreambooth.config import RunConfig
 from dreambooth.data.images import load_rgb
+from dreambooth.data.masks import load_masks
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.identifier import check_identifier
 from dreambooth.models import load_components
@@ -24,6 +25,7 @@ from dreambooth.sampling import pick_device
 from dreambooth.training import events as ev
 from dreambooth.training.batches import LatentSource, class_source
 from dreambooth.training.checkpoints import list_checkpoints, resume_checkpoint
+from dreambooth.training.ema import WeightAverage
 from dreambooth.training.fast import (
     lower_frozen_weights,
     lowers_frozen,
@@ -141,10 +143,11 @@ def _optimization(components, config: RunConfig, run: RunDir, accelerator, preci
     optimizer = make_optimizer(modules, config.train, device, flats)
     lr_schedule = make_lr_schedule(optimizer, modules, config.train)
     scaler = LossScaler(device) if precision == "fp16" else None
+    ema = WeightAverage(modules, config.train.ema_decay) if config.train.ema_decay else None
     start = 0
     if resume:
         with accelerator.main_process_first():
-            start, warnings = resume_checkpoint(run.checkpoints, modules, optimizer, lr_schedule, scaler)
+            start, warnings = resume_checkpoint(run.checkpoints, modules, optimizer, lr_schedule, scaler, ema)
         for warning in warnings:
             yield ev.Notice(warning)
         if start and ranks.main:
@@ -158,7 +161,7 @@ def _optimization(components, config: RunConfig, run: RunDir, accelerator, preci
     # see setup.freeze_unused_layers).
     wrapped = modules if fast else dict(zip(modules, accelerator.prepare(*modules.values(), optimizer)[:-1]))
     return dict(modules=modules, wrapped=wrapped, optimizer=optimizer, lr_schedule=lr_schedule, flats=flats,
-                scaler=scaler, start=start)
+                scaler=scaler, ema=ema, start=start)
 
 
 def _latent_sources(components, config: RunConfig, report, class_paths: list, ranks: Ranks = Ranks()
@@ -167,7 +170,8 @@ def _latent_sources(components, config: RunConfig, report, class_paths: list, ra
     the class images' (the sampler's, from the class-image cache)."""
     data, cache = config.data, config.train.cache_latents
     instances = LatentSource([load_rgb(i.path, max_pixels=data.max_pixels) for i in report.images],
-                             components.vae, data.resolution, crop=data.crop, cache=cache, ranks=ranks)
+                             components.vae, data.resolution, crop=data.crop, cache=cache, ranks=ranks,
+                             masks=load_masks(report.images, data.masks, max_pixels=data.max_pixels))
     classes = None
     if config.prior.enabled:
         classes = class_source(class_paths[: config.prior.num_images], components.vae, data.resolution,

@@ -15,6 +15,7 @@ from dreambooth.prompts import fill_prompt
 from dreambooth.ranks import Ranks
 from dreambooth.rundir import RunDir
 from dreambooth.training.batches import LatentSource, latents_cached
+from dreambooth.training.ema import WeightAverage
 from dreambooth.training.memory import PhaseMeter
 from dreambooth.training.scaling import LossScaler
 from dreambooth.training.scoring import CheckpointScoring
@@ -142,6 +143,7 @@ class TrainState:
     scoring: CheckpointScoring | None = None
     flats: dict | None = None  # {name: flat.FlatModule} when the optimizer trains flat buffers
     scaler: LossScaler | None = None  # fp16: the dynamic loss scaler both step functions use
+    ema: WeightAverage | None = None  # train.ema_decay: the weights' moving average, updated by the loop
     start: int = 0
     fast: bool = False
     lag: int = 0
@@ -165,6 +167,11 @@ class TrainState:
     def text_encoders(self) -> tuple[torch.nn.Module, ...]:
         """The trained text encoders as the plain step calls them (empty when they are frozen)."""
         return text_encoders_of(self.wrapped)
+
+    def averaged(self):
+        """A context in which the modules hold the weight average (train.ema_decay), for samples and
+        scoring; without one the trained weights themselves."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
     @property
     def seed(self) -> int:
