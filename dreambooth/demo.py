@@ -159,7 +159,35 @@ def before_after(out: Path, config, model: str, subject: str, photos: list[Path]
                                  resolution=config.data.resolution)
         images[name] = dict(zip(every, rows))
     write_gallery(out, [Image.open(p) for p in photos], _class_images(config), images, prompts, plain)
+    save_images(out / "images", images)
     return score(images, prompts, plain, subject, photos)
+
+
+def save_images(folder: Path, images: dict) -> None:
+    """Every before/after image as a PNG (`{before,after}/{prompt index}-{seed}.png`) with the
+    prompts in `prompts.json`, so that the figures can be recomputed with another scorer."""
+    for name, by_prompt in images.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i, row in enumerate(by_prompt.values()):
+            for seed, image in zip(SEEDS, row):
+                image.save(folder / name / f"{i}-{seed}.png")
+    write_json(folder / "prompts.json", list(next(iter(images.values()))), indent=1)
+
+
+def load_images(folder: Path) -> dict:
+    """What `save_images` wrote: {"before"|"after": {prompt: [image per seed]}}."""
+    prompts = json.loads((folder / "prompts.json").read_text())
+    return {name: {p: [Image.open(folder / name / f"{i}-{seed}.png").convert("RGB") for seed in SEEDS]
+                   for i, p in enumerate(prompts)} for name in ("before", "after")}
+
+
+def rescore(out: Path) -> dict:
+    """The figures of a finished demo output recomputed from its saved images with today's scorer."""
+    figures = json.loads((out / "figures.json").read_text())
+    images = load_images(out / "images")
+    prompts = list(images["after"])
+    photos = sorted(p for p in (out / "photos").glob("*.png") if not p.name.endswith(".mask.png"))
+    return score(images, prompts[:-1], prompts[-1], figures["subject"], photos)
 
 
 def _class_images(config) -> list:

@@ -1,0 +1,189 @@
+"""Held-out quality of DreamBooth recipes in the toy world: every subject before -> after, per recipe.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/toy_heldout.py --out toy-heldout/ \
+        --subjects builtin,fresh:6 --recipes ours,reference --jobs 2
+
+Subjects are the four built-in ones and fresh identities drawn at run time from the held-out seed
+range (`toyworld.identities`), which no recipe was tuned on; `--subjects tune:3` draws from the
+tuning range instead. Each (subject, recipe) is one `dreambooth demo` run in its own process (one
+torch thread each, `--jobs` at a time), scored with the open-set subject fidelity. Writes one JSON
+per run, `summary.json` and a markdown table (mean and worst subject per recipe) for
+benchmarks/RESULTS-toy.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+# The reference recipe is diffusers' train_dreambooth.py example command (full UNet, lr 5e-6,
+# 800 steps, prior preservation with 200 class images from the pipeline's default 50-step sampler
+# at guidance 7.5, text encoder frozen, the last step kept), run through our trainer.
+RECIPES: dict[str, list[str]] = {
+    "ours": [],
+    "reference": ["train.lr=5e-6", "train.steps=800", "train.train_text_encoder=false", "prior.num_images=200",
+                  "prior.steps=50", "prior.guidance=7.5", "prior.sampler=pndm", "eval.select=last",
+                  "eval.every=0"],
+}
+# One change each against `ours`, on the same subjects and seeds.
+ABLATIONS: dict[str, list[str]] = {
+    "lr-1e-5": ["train.lr=1e-5"],
+    "steps-600": ["train.steps=600"],
+    "steps-1200": ["train.steps=1200"],
+    "prior-weight-0.5": ["prior.weight=0.5"],
+    "prior-weight-2": ["prior.weight=2.0"],
+    "class-images-200": ["prior.num_images=200"],
+    "text-encoder-frozen": ["train.train_text_encoder=false"],
+    "ema-0.999": ["train.ema_decay=0.999"],
+    "min-snr-5": ["train.min_snr_gamma=5"],
+    "offset-noise-0.05": ["train.offset_noise=0.05"],
+    "masked-loss-0.1": ["data.masks=files", "train.mask_background_weight=0.1"],
+    "lora-r4": ["train.mode=lora", "train.lora_rank=4", "train.lora_alpha=4", "train.lr=1e-3"],
+    "lora-r16": ["train.mode=lora", "train.lora_rank=16", "train.lora_alpha=16", "train.lr=5e-4"],
+}
+TUNE_OFFSET = 50_000  # tuning subjects: validation seeds from here on (the embedding's check uses the first ones)
+COLUMNS = ("subject_fidelity", "prompt_fidelity", "language_drift")
+
+
+def subject_names(spec: str) -> list[str]:
+    """`builtin`, `fresh:N` and `tune:N`, comma-separated, as demo subject names."""
+    from dreambooth.toyworld.identities import fresh_identities, identities
+
+    names: list[str] = []
+    for part in filter(None, spec.split(",")):
+        kind, _, count = part.partition(":")
+        n = int(count or 6)
+        if kind == "builtin":
+            names += ["dog", "cat", "teapot", "backpack"]
+        elif kind == "fresh":
+            names += [f"id:{i.key}" for i in fresh_identities(n)]
+        elif kind == "tune":  # seeds the embedding never saw, apart from the fresh ones
+            names += [f"id:{i.key}" for i in identities("validation", n, start=TUNE_OFFSET)]
+        else:
+            raise SystemExit(f"--subjects: {part!r} is not builtin, fresh:N or tune:N")
+    return names
+
+
+def run_one(out: str, subject: str, recipe: str, dotted: list[str]) -> dict:
+    """One demo run in this (worker) process; its figures with the wall time."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch loads: spinning OpenMP threads of parallel runs collide
+    import torch
+
+    torch.set_num_threads(1)
+    from dreambooth.demo import run_demo
+
+    began = time.perf_counter()
+    figures = run_demo(Path(out), subject=subject, extra=dotted)
+    figures.update(recipe=recipe, dotted=dotted, wall_seconds=round(time.perf_counter() - began, 1))
+    (Path(out) / "run.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Per recipe: the mean of each column after training, and the worst subject's figures."""
+    out: dict[str, dict[str, float]] = {}
+    for recipe in dict.fromkeys(r["recipe"] for r in rows):
+        mine = [r for r in rows if r["recipe"] == recipe and "after" in r]
+        if not mine:
+            continue
+        after = [r["after"] for r in mine]
+        worst = min(mine, key=lambda r: min(r["after"]["subject_fidelity"], r["after"]["prompt_fidelity"]))
+        out[recipe] = {**{f"mean_{c}": sum(a[c] for a in after) / len(after) for c in COLUMNS},
+                       "worst_subject": worst["subject"], **{f"worst_{c}": worst["after"][c] for c in COLUMNS},
+                       "subjects": len(mine)}
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    head = "| subject | recipe | kept step | " + " | ".join(f"{c} before -> after" for c in COLUMNS) + " | wall s |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 4)]
+    for r in sorted(rows, key=lambda r: (r["subject"], r["recipe"])):
+        cells = [f"{_f(r.get('before', {}).get(c))} -> {_f(r.get('after', {}).get(c))}" for c in COLUMNS]
+        lines.append(f"| {r['subject']} | {r['recipe']} | {r.get('selected_step', '-')} | " + " | ".join(cells)
+                     + f" | {r.get('wall_seconds', '-')} |")
+    return "\n".join(lines)
+
+
+def summary_table(summary: dict) -> str:
+    lines = ["| recipe | subjects | mean subject fidelity | mean prompt fidelity | mean drift | worst subject |",
+             "|---|---|---|---|---|---|"]
+    for recipe, s in summary.items():
+        lines.append(f"| {recipe} | {s['subjects']} | {s['mean_subject_fidelity']:.2f} | "
+                     f"{s['mean_prompt_fidelity']:.2f} | {s['mean_language_drift']:.2f} | {s['worst_subject']} "
+                     f"({s['worst_subject_fidelity']:.2f} / {s['worst_prompt_fidelity']:.2f} / "
+                     f"{s['worst_language_drift']:.2f}) |")
+    return "\n".join(lines)
+
+
+def _f(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--subjects", default="builtin,fresh:6")
+    p.add_argument("--recipes", default="ours,reference", help=f"of {', '.join(RECIPES)} and {', '.join(ABLATIONS)}")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--rescore", action="store_true", help="recompute the figures of the runs already in --out "
+                   "from their saved images with today's scorer (no training)")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    recipes = {**RECIPES, **ABLATIONS}
+    wanted = args.recipes.split(",")
+    unknown = [r for r in wanted if r not in recipes]
+    if unknown:
+        raise SystemExit(f"--recipes: unknown {', '.join(unknown)}; choose from {', '.join(recipes)}")
+    subjects = subject_names(args.subjects)
+    print(f"subjects: {', '.join(subjects)}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if args.rescore:
+        rows = rescore_all(args.out, wanted, subjects)
+        write_summary(args.out, rows)
+        return
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(run_one, str(args.out / f"{s.replace(':', '-')}-{r}"), s, r, recipes[r]): (s, r)
+                   for r in wanted for s in subjects}
+        for future, (subject, recipe) in futures.items():
+            try:
+                rows.append(future.result())
+            except Exception as e:  # noqa: BLE001 - one failed run is reported, the others still count
+                rows.append({"subject": subject, "recipe": recipe, "error": repr(e)})
+                print(f"{subject} / {recipe} failed: {e!r}", file=sys.stderr, flush=True)
+            print(table([r for r in rows if "error" not in r]), flush=True)
+    write_summary(args.out, rows)
+
+
+def rescore_all(out: Path, recipes: list[str], subjects: list[str]) -> list[dict]:
+    from dreambooth.demo import rescore
+
+    rows = []
+    for recipe in recipes:
+        for subject in subjects:
+            folder = out / f"{subject.replace(':', '-')}-{recipe}"
+            if not (folder / "run.json").exists():
+                continue
+            row = json.loads((folder / "run.json").read_text())
+            row.update(rescore(folder), rescored=time.strftime("%Y-%m-%d %H:%M"))
+            (folder / "run.json").write_text(json.dumps(row, indent=1))
+            rows.append(row)
+    print(table(rows), flush=True)
+    return rows
+
+
+def write_summary(out: Path, rows: list[dict]) -> None:
+    summary = summarise([r for r in rows if "error" not in r])
+    (out / "summary.json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU fp32",
+         "command": " ".join(sys.argv), "summary": summary, "runs": rows}, indent=1))
+    print(summary_table(summary))
+
+
+if __name__ == "__main__":
+    main()
