@@ -34,8 +34,8 @@ from dreambooth.toyworld.identities import Identity, degrade, palette_rivals, re
 from dreambooth.toyworld.render import CLASSES, CONTEXTS
 
 OWN_VIEWS = 12  # renders of the subject per context, for the ceiling
-CHANCE_RIVALS = 12  # palette identities of the class per context, for chance
-RIVAL_VIEWS = 2
+CHANCE_RIVALS = 32  # palette identities of the class per context, for chance
+RIVAL_VIEWS = 1
 DRIFT_RIVALS = 64  # palette rivals for the per-image decision
 DRIFT_MARGIN = 0.0  # cosine by which the subject must beat the nearest rival
 
