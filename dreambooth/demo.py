@@ -2,7 +2,7 @@
 
 Five rendered photos of a toy subject -> class images from the base model -> fine-tune with prior
 preservation -> the subject in new contexts. The gallery shows the photos, the class images, and
-before/after images for the same prompts and seeds; the toy oracle turns "did it work?" into
+before/after images for the same prompts and seeds; the toy oracle and identity embedding turn "did it work?" into
 numbers (subject fidelity, prompt fidelity, language drift).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Held-out figures of the identity embedding, for MODEL_CARD.md (CPU, a few minutes).
 
 All identities come from the validation seed range (1,100,000-1,199,999), which neither training
-nor the fidelity calibration uses. Prints one JSON object:
+nor the fidelity calibration uses. Prints one JSON line per part:
 
 - pairs: AUC of cosine similarity for same- vs different-identity pairs of degraded views (all
   pairs, and different identities of the same class only), and against near-twins (one attribute
@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
     emb = load_embedding(args.weights)
-    report = {"weights": str(args.weights), "trained": emb.info, "pairs": pair_figures(emb, args),
-              "fidelity": fidelity_figures(emb, args)}
+    print(json.dumps({"weights": str(args.weights), "trained": emb.info}), flush=True)
+    print(json.dumps({"pairs": pair_figures(emb, args)}), flush=True)  # one line per part, as it ends
+    print(json.dumps({"fidelity": fidelity_figures(emb, args)}), flush=True)
     if args.base_model:
-        report["base_drift"] = base_drift(emb, args)
-    print(json.dumps(report, indent=1))
+        print(json.dumps({"base_drift": base_drift(emb, args)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def test_own_renders_score_near_one_other_identities_near_zero(embedding, known)
     a, b = fresh_identities(2, "dog")
     ref = subject_reference(embedding, "dog", photos_of(a), a if known else None)
     own, other = ref.score(render_views(a, 6, seed=9)), ref.score(render_views(b, 6, seed=9))
-    assert own >= 0.8 and other <= 0.3, (own, other)
+    assert own >= 0.8 and other <= 0.5 and own - other >= 0.5, (own, other)
     assert ref.score(render_views(a, 4, ("moon",), seed=9), "moon") >= 0.8
 
 
@@ -113,7 +113,8 @@ def test_scorer_on_a_subject_given_only_by_photos(embedding):
     assert result["language_drift"] == 0.0 and result["prompt_fidelity"] >= 0.75
     assert "subject_identity_oracle" not in result  # the closed-set head knows no such cup
     other = scorer.score({prompt: render_views(rival, 4, ("beach",), seed=8)}).overall
-    assert other["subject_fidelity"] <= 0.3
+    assert other["subject_fidelity"] <= 0.5  # one rival cup: near chance (0), not near the subject (1)
+    assert result["subject_fidelity"] - other["subject_fidelity"] >= 0.5
 
 
 def test_photos_of_another_dog_are_not_taken_for_the_builtin_dog(embedding):

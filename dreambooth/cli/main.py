@@ -136,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--clip", default=None, help="CLIP folder or hub id (default openai/clip-vit-base-patch32)")
     v.add_argument("--standin", action="store_true", help="score subject fidelity with the offline "
                    "EfficientNet-Lite0 stand-in instead of DINO (labelled *_standin; CLIP optional)")
-    v.add_argument("--oracle", action="store_true", help="toy-world runs: score with the oracle")
-    v.add_argument("--subject", default=None, help="toy subject for --oracle (default: the class noun)")
+    v.add_argument("--oracle", action="store_true", help="toy-world runs: score with the toy oracle and "
+                   "identity embedding (any toy subject, built-in or known only from --images)")
+    v.add_argument("--subject", default=None, help="built-in toy subject for --oracle (default: the class "
+                   "noun); photos that show another subject are scored from the photos alone")
     v.set_defaults(run="commands.cmd_evaluate")
 
     u = sub.add_parser("ui", help="start the local web app")

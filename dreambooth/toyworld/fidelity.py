@@ -5,7 +5,8 @@ generated images to the subject's real photos in an embedding that tells individ
 cosines have no fixed scale, so here they are normalised per subject between two levels measured
 the same way on renders with fixed seeds:
 
-- chance: other identities of the same class, in the same contexts (what "a dog" scores);
+- chance: other identities of the same class in the same contexts, drawn as the base model's
+  training data draws them (``render.random_spec``), i.e. what a plain "a dog" image scores;
 - ceiling: other renders of the subject itself, degraded like generated images.
 
 ``(s - chance) / (ceiling - chance)``, clipped to [0, 1]. A subject known only from photos (an
@@ -29,14 +30,14 @@ from PIL import Image
 from torch import Tensor
 
 from dreambooth.toyworld.embedding import IdentityEmbedding
-from dreambooth.toyworld.identities import Identity, degrade, identities, palette_rivals, render_views
+from dreambooth.toyworld.identities import Identity, degrade, palette_rivals, render_views
 from dreambooth.toyworld.render import CLASSES, CONTEXTS
 
 OWN_VIEWS = 12  # renders of the subject per context, for the ceiling
-CHANCE_RIVALS = 12  # other identities of the class per context, for chance
-RIVAL_VIEWS = 2
+CHANCE_RIVALS = 32  # palette identities of the class per context, for chance
+RIVAL_VIEWS = 1
 DRIFT_RIVALS = 64  # palette rivals for the per-image decision
-DRIFT_MARGIN = 0.02  # the subject must win by this much cosine
+DRIFT_MARGIN = 0.0  # cosine by which the subject must beat the nearest rival
 
 
 def mean_similarity(generated: Tensor, reference: Tensor) -> float:
@@ -84,7 +85,7 @@ class SubjectReference:
         """(chance, ceiling) for images in ``context`` (None: all contexts mixed)."""
         if context not in self._levels:
             contexts = [context] if context else list(CONTEXTS)
-            rivals = identities("calibration", CHANCE_RIVALS, self.class_name)
+            rivals = palette_rivals(self.class_name, CHANCE_RIVALS, seed=self.seed + 1)
             views = [v for r in rivals for v in render_views(r, RIVAL_VIEWS, contexts, seed=self.seed)]
             chance = mean_similarity(self.embedding.embed(views), self.reference)
             if self.identity is not None:
@@ -120,7 +121,7 @@ class SubjectReference:
         return self._rivals
 
     def is_subject(self, images: Sequence[Image.Image]) -> list[bool]:
-        """Per image: closer to the subject than to the nearest palette rival, by DRIFT_MARGIN."""
+        """Per image: closer to the subject than to the nearest palette rival (by DRIFT_MARGIN)."""
         if not images:
             return []
         z = self.embedding.embed(images)

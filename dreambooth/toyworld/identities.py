@@ -8,7 +8,7 @@ Pose, size, position and context vary per view, as in a set of photos of one obj
 
 Seed ranges are disjoint by purpose, so no number is ever tuned on the data it is tested on:
 training 0-999,999 (the embedding), calibration 1,000,000-1,099,999 (rival identities for the
-fidelity score's chance level), validation 1,100,000-1,199,999 (model-card figures), fresh
+fidelity score's chance level and the drift decision), validation 1,100,000-1,199,999 (model-card figures), fresh
 >= 2,000,000 (held-out test subjects).
 """
 
@@ -172,12 +172,14 @@ def describe_look(ident: Identity) -> str:
 
 
 def palette_rivals(class_name: str, k: int, seed: int = 0) -> list[Identity]:
-    """``k`` identities drawn the way the base model's training data draws them (``random_spec``:
-    named palette, never a subject look-alike): the dogs "a dog" is expected to produce."""
+    """``k`` calibration-range identities drawn the way the base model's training data draws
+    objects (``random_spec``: named palette, never a subject look-alike): the dogs "a dog" is
+    expected to produce. Rival i of ``seed`` has calibration seed 1,000,000 + 1000 * seed + i."""
     _check_class(class_name)
-    rng = np.random.default_rng([seed, 29])
-    top = SPLITS["calibration"][1] - 1  # keys (view seeds) from the top of the calibration range
-    return [from_spec(random_spec(rng, classes=[class_name]), top - i) for i in range(k)]
+    if not 0 <= k <= 1000 or not 0 <= seed < 100:
+        raise ValueError(f"palette_rivals takes k in 0..1000 and seed in 0..99, got {k}, {seed}")
+    keys = [SPLITS["calibration"][0] + 1000 * seed + i for i in range(k)]
+    return [from_spec(random_spec(np.random.default_rng([key, 29]), classes=[class_name]), key) for key in keys]
 
 
 def _jpeg(image: Image.Image, rng: np.random.Generator) -> Image.Image:
