@@ -106,7 +106,8 @@ def test_fast_step_equals_plain_step_with_the_loss_options_on(tmp_path, photos):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compares the two steps on CUDA")
 @pytest.mark.parametrize("extra", [[], ["train.train_text_encoder=true"],
-                                   ["prior.enabled=false", "train.lr_schedule=cosine"]])
+                                   ["prior.enabled=false", "train.lr_schedule=cosine"],
+                                   ["train.min_snr_gamma=5", "train.offset_noise=0.1", "train.ema_decay=0.6"]])
 def test_fast_step_trains_like_the_plain_step_on_cuda(tmp_path, photos, extra):
     """On CUDA in bf16 (auto) the two steps run different kernels (CUDA graph, channels-last, their
     own autocast), so they agree to rounding, not bit for bit.
