@@ -19,10 +19,12 @@ PROMPT = "a photo of sks dog"
 SEEDS = list(range(8))
 
 
-def subject_fidelity(model: str, scorer: OracleScorer) -> float:
+def subject_scores(model: str, scorer: OracleScorer) -> tuple[float, float]:
+    """(normalised subject fidelity, share of images taken for the subject) of the prompt's images."""
     pipe = make_generation_pipeline(load_for_generation(model, device="cpu"), GenerationSettings())
     images = sample_images(pipe, [PROMPT] * len(SEEDS), SEEDS, steps=20, guidance=5.0, resolution=64)
-    return scorer.score({PROMPT: images}).overall["subject_fidelity"]
+    overall = scorer.score({PROMPT: images}).overall
+    return overall["subject_fidelity"], overall["subject_recognised"]
 
 
 @pytest.mark.slow
@@ -36,7 +38,12 @@ def test_short_dreambooth_run_raises_subject_fidelity(tmp_path):
     from PIL import Image
 
     scorer = OracleScorer(load_toy_oracle(), "dog", real=[Image.open(p) for p in photos])
-    before = subject_fidelity("toy", scorer)
-    after = subject_fidelity(str(tmp_path / "run"), scorer)
-    assert before <= 0.125, before  # the base model does not know this dog
-    assert after >= 0.5, after
+    before, recognised_before = subject_scores("toy", scorer)
+    after, recognised_after = subject_scores(str(tmp_path / "run"), scorer)
+    print(f"subject fidelity {before:.2f} -> {after:.2f}, recognised {recognised_before:.2f} -> {recognised_after:.2f}")
+    # The base model does not know this dog: at most one image in eight is taken for it. Its
+    # normalised score is not 0 (generated dogs sit nearer the subject than the rival renders
+    # that set chance; benchmarks/RESULTS-toy.md), so the score must rise, not start at 0.
+    assert recognised_before <= 0.125, recognised_before
+    assert recognised_after >= 0.5, recognised_after
+    assert after >= before + 0.3, (before, after)
