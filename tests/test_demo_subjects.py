@@ -54,3 +54,19 @@ def test_an_identity_subject_is_scored_from_its_renders(tmp_path):
     assert scorer.reference.score(other, "plain") < 0.4
     with pytest.raises(ConfigError):
         OracleScorer(load_toy_oracle(), "id:2000004", class_name="teapot" if ident.class_name != "teapot" else "dog")
+
+
+def test_saved_before_after_images_load_back_as_they_were(tmp_path):
+    """The demo keeps every before/after image so its figures can be recomputed with another scorer."""
+    from dreambooth.demo import SEEDS, load_images, save_images
+
+    rng = np.random.default_rng(0)
+    prompts = ["a photo of sks dog on the moon", "a photo of a dog"]
+    images = {name: {p: [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in SEEDS]
+                     for p in prompts} for name in ("before", "after")}
+    save_images(tmp_path, images)
+    back = load_images(tmp_path)
+    assert list(back["after"]) == prompts
+    for name in images:
+        for p in prompts:
+            assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images[name][p], back[name][p]))
