@@ -47,6 +47,13 @@ ABLATIONS: dict[str, list[str]] = {
     "lora-r4": ["train.mode=lora", "train.lora_rank=4", "train.lora_alpha=4", "train.lr=1e-3"],
     "lora-r16": ["train.mode=lora", "train.lora_rank=16", "train.lora_alpha=16", "train.lr=5e-4"],
 }
+# Combinations of the ablations that helped, as candidates for the default.
+CANDIDATES: dict[str, list[str]] = {
+    "lr-1.5e-5": ["train.lr=1.5e-5"],
+    "lr-2e-5": ["train.lr=2e-5"],
+    "masked-0.1+steps-1200": ["data.masks=files", "train.mask_background_weight=0.1", "train.steps=1200"],
+    "masked-0.1+prior-weight-2": ["data.masks=files", "train.mask_background_weight=0.1", "prior.weight=2.0"],
+}
 TUNE_OFFSET = 50_000  # tuning subjects: validation seeds from here on (the embedding's check uses the first ones)
 COLUMNS = ("subject_fidelity", "prompt_fidelity", "language_drift")
 
@@ -129,13 +136,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--subjects", default="builtin,fresh:6")
-    p.add_argument("--recipes", default="ours,reference", help=f"of {', '.join(RECIPES)} and {', '.join(ABLATIONS)}")
+    every = {**RECIPES, **ABLATIONS, **CANDIDATES}
+    p.add_argument("--recipes", default="ours,reference", help=f"of {', '.join(every)}")
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--extra", default="", help="dotted settings for every run, comma-separated (on a GPU: "
+                   "train.mixed_precision=no keeps the CPU's fp32)")
     p.add_argument("--rescore", action="store_true", help="recompute the figures of the runs already in --out "
                    "from their saved images with today's scorer (no training)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    recipes = {**RECIPES, **ABLATIONS}
+    recipes = {**RECIPES, **ABLATIONS, **CANDIDATES}
     wanted = args.recipes.split(",")
     unknown = [r for r in wanted if r not in recipes]
     if unknown:
@@ -149,7 +159,8 @@ def main() -> None:
         write_summary(args.out, rows)
         return
     with ProcessPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(run_one, str(args.out / f"{s.replace(':', '-')}-{r}"), s, r, recipes[r]): (s, r)
+        extra = list(filter(None, args.extra.split(",")))
+        futures = {pool.submit(run_one, str(args.out / f"{s.replace(':', '-')}-{r}"), s, r, recipes[r] + extra): (s, r)
                    for r in wanted for s in subjects}
         for future, (subject, recipe) in futures.items():
             try:
@@ -178,10 +189,17 @@ def rescore_all(out: Path, recipes: list[str], subjects: list[str]) -> list[dict
     return rows
 
 
+def _machine() -> str:
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"
+    return f"{platform.machine()}, {os.cpu_count()} cores{gpu}"
+
+
 def write_summary(out: Path, rows: list[dict]) -> None:
     summary = summarise([r for r in rows if "error" not in r])
     (out / "summary.json").write_text(json.dumps(
-        {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU fp32",
+        {"date": time.strftime("%Y-%m-%d"), "machine": _machine(),
          "command": " ".join(sys.argv), "summary": summary, "runs": rows}, indent=1))
     print(summary_table(summary))
 

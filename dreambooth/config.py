@@ -350,8 +350,10 @@ def _coerce(value, hint):
         if isinstance(value, float) and value.is_integer():
             return True, int(value)
         return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is str:
-        return isinstance(value, (str, int, float)) and not isinstance(value, bool), str(value)
+    if hint is str:  # YAML 1.1 reads a bare no/yes (off/on) as a bool: mixed_precision=no means "no"
+        if isinstance(value, bool):
+            return True, "yes" if value else "no"
+        return isinstance(value, (str, int, float)), str(value)
     if hint is list:
         return isinstance(value, list), value
     return True, value

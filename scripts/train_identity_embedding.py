@@ -1,12 +1,15 @@
-"""Train the toy world's identity embedding (``dreambooth/toyworld/embedding.py``) on CPU.
+"""Train the toy world's identity embedding (``dreambooth/toyworld/embedding.py``), on CPU or a GPU.
 
 Batches are groups of training-range identities (seeds 0-999,999), ``--views`` renders each
 (random pose, context and JPEG); each group holds identities of two classes only and a quarter of
-near-twins (one attribute changed), so most negatives are hard ones. A worker process renders new
-groups while the main process trains on a buffer of recent ones with fresh ``oracle.augment``
-degradations every step. The learning rate follows a cosine over the time budget.
+near-twins (one attribute changed), so most negatives are hard ones. ``--workers`` processes render
+new groups while the main process trains on a buffer of recent ones with fresh degradations every
+step: ``oracle.augment`` blur/noise/colour, and for a ``--vae-fraction`` of the views a round trip
+through the toy model's VAE, the softening every generated image has. The learning rate follows a
+cosine over the time budget.
 
     python scripts/train_identity_embedding.py --minutes 12
+    python scripts/train_identity_embedding.py --minutes 7 --device cuda --workers 14 --ids 96
     python scripts/validate_identity_embedding.py      # held-out figures for MODEL_CARD.md
 """
 
@@ -44,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--temperature", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=1, help="render processes")
+    p.add_argument("--vae-fraction", type=float, default=0.5,
+                   help="share of views decoded from their toy-VAE latents, as generated images are")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="continue from these weights (a new warm-up "
                    "and cosine; use another --seed so that new identities are drawn)")
@@ -72,12 +79,34 @@ def render_group(args: tuple[int, int, int]) -> np.ndarray:
                      for g in group])
 
 
-def to_batch(group: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Degraded views (N, 3, 64, 64) in [-1, 1], channels-last, and their identity labels (N,)."""
+def load_vae(device: str):
+    """The toy model's VAE (frozen), for the round trip that softens views like generated images."""
+    from diffusers import AutoencoderKL
+
+    from dreambooth.toyworld import WEIGHTS_DIR
+
+    return AutoencoderKL.from_pretrained(str(WEIGHTS_DIR / "vae")).to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def to_batch(group: np.ndarray, generator: torch.Generator, device: str = "cpu", vae=None,
+             vae_fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Degraded views (N, 3, 64, 64) in [-1, 1], channels-last, and their identity labels (N,).
+
+    With ``vae``, a random ``vae_fraction`` of the views is encoded and decoded first (latent mean,
+    as a sampler's final latent has no encoder noise).
+    """
     ids, views = group.shape[:2]
-    x = torch.from_numpy(group.reshape(ids * views, 64, 64, 3)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    x = augment(x, generator).contiguous(memory_format=torch.channels_last)
-    return x, torch.arange(ids).repeat_interleave(views)
+    x = torch.from_numpy(group.reshape(ids * views, 64, 64, 3)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    if vae is not None and vae_fraction > 0:
+        pick = torch.rand(len(x), generator=generator) < vae_fraction
+        if pick.any():
+            chosen = x[pick.to(device)]
+            x[pick.to(device)] = vae.decode(vae.encode(chosen).latent_dist.mean).sample.clamp(-1, 1)
+    gen = generator if device == "cpu" else torch.Generator(device).manual_seed(
+        int(torch.randint(2**62, (1,), generator=generator)))
+    x = augment(x, gen).contiguous(memory_format=torch.channels_last)
+    return x, torch.arange(ids, device=device).repeat_interleave(views)
 
 
 def lr_at(frac: float, peak: float, warmup: float = 0.03) -> float:
@@ -91,22 +120,25 @@ def train(args: argparse.Namespace) -> tuple[EmbeddingNet, dict]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     net = load_embedding(args.init).net if args.init else EmbeddingNet()
-    net = net.to(memory_format=torch.channels_last).train()
+    net = net.to(args.device, memory_format=torch.channels_last).train()
+    vae = load_vae(args.device) if args.vae_fraction > 0 else None
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     budget, began = args.minutes * 60, time.time()
     buffer: list[np.ndarray] = []
     next_group, step, losses = args.first_group, 0, []
-    with get_context("fork").Pool(1) as pool:
+    with get_context("fork").Pool(args.workers) as pool:
         buffer.append(render_group((next_group, args.ids, args.views)))
         next_group += 1
-        pending = pool.apply_async(render_group, ((next_group, args.ids, args.views),))
+        pending = []
         while (frac := (time.time() - began) / budget) < 1.0:
-            if pending.ready():
-                buffer = (buffer + [pending.get()])[-args.buffer:]
+            while len(pending) < 2 * args.workers:  # keep every worker busy, groups in order
+                pending.append(pool.apply_async(render_group, ((next_group + len(pending), args.ids, args.views),)))
+            while pending and pending[0].ready():
+                buffer = (buffer + [pending.pop(0).get()])[-args.buffer:]
                 next_group += 1
-                pending = pool.apply_async(render_group, ((next_group, args.ids, args.views),))
-            x, labels = to_batch(buffer[int(torch.randint(len(buffer), (1,), generator=gen))], gen)
+            x, labels = to_batch(buffer[int(torch.randint(len(buffer), (1,), generator=gen))], gen,
+                                 args.device, vae, args.vae_fraction)
             for g in opt.param_groups:
                 g["lr"] = lr_at(frac, args.lr)
             loss = supcon_loss(net(x), labels, args.temperature)
@@ -122,8 +154,11 @@ def train(args: argparse.Namespace) -> tuple[EmbeddingNet, dict]:
     info = {"steps": step, "groups": [args.first_group, next_group],
             "identities_seen": (next_group - args.first_group) * args.ids,
             "batch": args.ids * args.views, "minutes": args.minutes, "final_loss": float(np.mean(losses[-25:])),
-            "lr": args.lr, "temperature": args.temperature, "seed": args.seed,
-            "command": f"python scripts/train_identity_embedding.py --minutes {args.minutes:g}"
+            "lr": args.lr, "temperature": args.temperature, "seed": args.seed, "device": args.device,
+            "vae_fraction": args.vae_fraction,
+            "command": f"python scripts/train_identity_embedding.py --minutes {args.minutes:g} --ids {args.ids} "
+                       f"--views {args.views} --lr {args.lr:g} --device {args.device} --workers {args.workers} "
+                       f"--vae-fraction {args.vae_fraction:g}"
                        + (f" --init {args.init} --first-group {args.first_group} --seed {args.seed}"
                           if args.init else "")}
     return net.eval().to(memory_format=torch.contiguous_format), info

@@ -29,6 +29,15 @@ def test_dotted_overrides_are_typed():
     assert config.output.sample_prompts == ["a", "b"]
 
 
+def test_a_bare_no_is_the_word_for_text_settings():
+    # YAML 1.1 reads `no` as False; mixed_precision takes the word, as written in a file or on the CLI
+    config = load_config("tiny", {**REQUIRED, "train": {"mixed_precision": False}}, ["train.mixed_precision=no"])
+    assert config.train.mixed_precision == "no"
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", REQUIRED, ["train.mode=yes"])
+    assert "'yes'" in str(info.value.problems[0].message)
+
+
 def test_all_problems_reported_together():
     with pytest.raises(ConfigError) as info:
         load_config("tiny", {}, ["train.lr=-1", "train.mode=xx", "data.resolution=63", "foo.bar=1",

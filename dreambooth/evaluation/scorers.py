@@ -289,11 +289,12 @@ def toy_subject_reference(embedding, subject: str | None, real: Sequence[Image.I
     if problems:
         raise ConfigError("Cannot score this toy-world subject", problems)
     if known:
-        ref = subject_reference(embedding, cls, real, named)
         if not real:
-            return ref, f"subject '{subject}': no photos given, 5 renders stand in for them"
-        if ref.score_photos() >= MATCH_BUILTIN:
-            return ref, (f"subject '{subject}' (built-in): ceiling from renders of it, chance from "
+            return (subject_reference(embedding, cls, real, named),
+                    f"subject '{subject}': no photos given, 5 renders stand in for them")
+        # The photos, scored against renders of the built-in: do they show it?
+        if subject_reference(embedding, cls, (), named).score(real) >= MATCH_BUILTIN:
+            return subject_reference(embedding, cls, real, named), (f"subject '{subject}' (built-in): ceiling from renders of it, chance from "
                          f"other {cls}s in the same contexts")
     ref = subject_reference(embedding, cls, real)
     why = f"the photos do not show the built-in '{subject}', so " if known else ""
