@@ -294,8 +294,9 @@ def toy_subject_reference(embedding, subject: str | None, real: Sequence[Image.I
                     f"subject '{subject}': no photos given, 5 renders stand in for them")
         # The photos, scored against renders of the built-in: do they show it?
         if subject_reference(embedding, cls, (), named).score(real) >= MATCH_BUILTIN:
-            return subject_reference(embedding, cls, real, named), (f"subject '{subject}' (built-in): ceiling from renders of it, chance from "
-                         f"other {cls}s in the same contexts")
+            return subject_reference(embedding, cls, real, named), (
+                f"subject '{subject}' (built-in): ceiling from renders of it, chance from other {cls}s in the "
+                "same contexts")
     ref = subject_reference(embedding, cls, real)
     why = f"the photos do not show the built-in '{subject}', so " if known else ""
     return ref, (f"{why}subject known only from {len(real)} photos (class {cls}): ceiling = "
