@@ -51,6 +51,7 @@ ABLATIONS: dict[str, list[str]] = {
 CANDIDATES: dict[str, list[str]] = {
     "lr-1.5e-5": ["train.lr=1.5e-5"],
     "lr-2e-5": ["train.lr=2e-5"],
+    "lr-1.5e-5+masked-0.1": ["train.lr=1.5e-5", "data.masks=files", "train.mask_background_weight=0.1"],
     "masked-0.1+steps-1200": ["data.masks=files", "train.mask_background_weight=0.1", "train.steps=1200"],
     "masked-0.1+prior-weight-2": ["data.masks=files", "train.mask_background_weight=0.1", "prior.weight=2.0"],
 }

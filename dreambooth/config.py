@@ -217,6 +217,8 @@ class EvalConfig:
     clip: str = _f("", "CLIP folder or hub id (default openai/clip-vit-base-patch32)")
     num_prompts: int = _f(4, "prompts scored per evaluation", 1, 100)
     num_per_prompt: int = _f(2, "images per prompt per evaluation", 1, 64)
+    num_class_images: int = _f(0, "class-prompt images per evaluation, for language drift and best's drift "
+                               "limit (0: num_per_prompt; 4 images can only say 0, 25, 50 ... %)", 0, 256)
     select: str = _f("last", "last, or best: keep the scored checkpoint with the best trade-off in final/")
     min_prompt_fidelity: float = _f(0.75, "best: prompt fidelity must be at least this", 0, 1)
     max_drift: float = _f(0.10, "best: language drift must be at most this", 0, 1)

@@ -100,6 +100,10 @@ def test_score_checkpoint_samples_in_memory_components(subject_dir, model):
     assert result["step"] == 40 and result["fidelity"] == 0.5
     assert result["prompt_fidelity"] == 0.3 and result["drift"] == 0.2 and result["seconds"] >= 0
     assert components.unet.training and all(t.training for t in components.text_encoders)  # modes restored
+    more = ScoringSamples(["a {identifier} {class}"], num_per_prompt=1, seed=3, num_class_images=5)
+    score_checkpoint(components, config, 40, scorer, more)
+    generated, class_images = scorer.calls[1]
+    assert [len(ims) for ims in generated.values()] == [1] and len(class_images) == 5  # drift from 5, not 1
 
 
 def test_fidelity_ties_go_to_the_better_prompt_fidelity():

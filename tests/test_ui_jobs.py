@@ -484,6 +484,7 @@ def test_toy_world_jobs_are_scored_against_their_own_photos_and_show_the_scores(
     toy = build_run_config({"identifier": "sks", "class_noun": "dog", "model": "toy", "preset": "full",
                             "steps": "600"}, subject_dir)
     assert (toy.eval.every, toy.eval.scorer, toy.eval.select, toy.eval.subject) == (100, "oracle", "best", "")
+    assert toy.eval.num_class_images == 8  # drift from more than the 2 images per prompt
     not_toy_class = build_run_config({"identifier": "sks", "class_noun": "robot", "model": "toy", "preset": "full"},
                                      subject_dir)
     other = build_run_config({"identifier": "sks", "class_noun": "dog", "model": "tiny-random"}, subject_dir)

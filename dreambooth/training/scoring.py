@@ -60,7 +60,9 @@ class CheckpointScoring:
         return step % self.config.eval.every == 0 or step == self.config.train.steps
 
     def score(self, step: int, modules: dict) -> dict:
-        samples = ScoringSamples(self.prompts, self.config.eval.num_per_prompt, self.config.train.seed)
+        ev = self.config.eval
+        samples = ScoringSamples(self.prompts, ev.num_per_prompt, self.config.train.seed,
+                                 num_class_images=ev.num_class_images)
         row = score_checkpoint(self.components, self.config, step, self.scorer, samples)
         self.rows = [r for r in self.rows if r["step"] != step] + [row]
         self.run.append_log({"step": step, "eval": row})
@@ -120,8 +122,9 @@ def build_checkpoint_scorer(config: RunConfig, *, oracle: bool = False, subject:
 @dataclass(frozen=True)
 class ScoringSamples:
     """What `score_checkpoint` generates: `prompts` (with `{identifier}`/`{class}`) and the plain class
-    prompt, `num_per_prompt` images each from seeds seed.., `steps` sampler steps (None: the run's
-    output.sample_steps). The seeds are the same at every step, so rows compare."""
+    prompt, `num_per_prompt` images each from seeds seed.. (`num_class_images` of the class prompt,
+    0: as many), `steps` sampler steps (None: the run's output.sample_steps). The seeds are the same
+    at every step, so rows compare."""
 
     prompts: Sequence[str]
     num_per_prompt: int = 2
@@ -129,6 +132,7 @@ class ScoringSamples:
     steps: int | None = None
     guidance: float = 7.5
     sampler: str = "dpmpp"
+    num_class_images: int = 0
 
 
 @torch.no_grad()
@@ -147,7 +151,8 @@ def score_checkpoint(components, config: RunConfig, step: int, scorer: Scorer, s
     pipe = make_pipeline(components, samples.sampler)
     with eval_mode(components.unet, *components.text_encoders):
         generated = sample_by_prompt(pipe, filled, **common)
-        class_images = sample_by_prompt(pipe, [plain], **common)[plain]
+        class_images = sample_by_prompt(pipe, [plain], **{
+            **common, "num_per_prompt": samples.num_class_images or samples.num_per_prompt})[plain]
     result = scorer.score(generated, class_images)
     return {**result.overall, **selection_scores(result, step),
             "seconds": round(time.perf_counter() - began, 3)}
