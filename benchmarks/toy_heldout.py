@@ -29,7 +29,7 @@ from pathlib import Path
 RECIPES: dict[str, list[str]] = {
     "ours": [],
     "reference": ["train.lr=5e-6", "train.steps=800", "train.train_text_encoder=false", "prior.num_images=200",
-                  "eval.select=last", "eval.every=0"],
+                  "eval.select=last", "eval.every=0", "data.masks=none", "train.mask_background_weight=1"],
 }
 # One change each against `ours`, on the same subjects and seeds.
 ABLATIONS: dict[str, list[str]] = {
@@ -52,6 +52,7 @@ CANDIDATES: dict[str, list[str]] = {
     "lr-1.5e-5": ["train.lr=1.5e-5"],
     "lr-2e-5": ["train.lr=2e-5"],
     "lr-1.5e-5+masked-0.1": ["train.lr=1.5e-5", "data.masks=files", "train.mask_background_weight=0.1"],
+    "lr-2e-5+masked-0.1": ["train.lr=2e-5", "data.masks=files", "train.mask_background_weight=0.1"],
     "masked-0.1+steps-1200": ["data.masks=files", "train.mask_background_weight=0.1", "train.steps=1200"],
     "masked-0.1+prior-weight-2": ["data.masks=files", "train.mask_background_weight=0.1", "prior.weight=2.0"],
 }

@@ -39,8 +39,11 @@ SEEDS = (0, 1, 2, 3)
 GUIDANCE = 7.5  # the same scale as checkpoint scoring (training.scoring.score_checkpoint), so figures compare
 # The demo scores checkpoints with the oracle and keeps the best; the `toy` preset itself
 # leaves this off, since the oracle only knows the toy world's subjects.
-DEMO_EVAL = ["eval.every=150", "eval.scorer=oracle", "eval.num_per_prompt=4", "eval.select=best",
-             "eval.min_prompt_fidelity=0.75", "eval.max_drift=0.1"]
+DEMO_EVAL = ["eval.every=150", "eval.scorer=oracle", "eval.num_per_prompt=4", "eval.num_class_images=16",
+             "eval.select=best", "eval.min_prompt_fidelity=0.75", "eval.max_drift=0.1"]
+# The rendered photos come with masks, so the demo down-weights their backgrounds: learning the
+# studio backgrounds is what cost prompt fidelity (benchmarks/RESULTS-toy.md, held-out ablations).
+DEMO_MASKS = ["data.masks=files", "train.mask_background_weight=0.1"]
 
 
 def prepare_output(output: Path) -> None:
@@ -118,7 +121,7 @@ def run_demo(output: str | Path, *, model: str | None = None, steps: int | None 
     model = model or ("toy" if toy_available() else "tiny-random")
     photos = write_subject_photos(out / "photos", subject)
     figures_subject = {"subject": subject, "subject_look": describe_look(named_identity(subject))}
-    evaluation = DEMO_EVAL + [f"eval.subject={subject}"] if model == "toy" else []
+    evaluation = DEMO_EVAL + DEMO_MASKS + [f"eval.subject={subject}"] if model == "toy" else []
     extra = evaluation + list(extra) + ([] if prior else ["prior.enabled=false"])
     config = demo_config(out / "photos", model, subject, steps, extra)
     events = train_events(config, out / "run")
