@@ -6,7 +6,7 @@ from PIL import Image
 
 from dreambooth.demo import resolve_subject, write_subject_photos
 from dreambooth.errors import ConfigError
-from dreambooth.toyworld.identities import SPLITS, named_identity, split_of
+from dreambooth.toyworld.identities import SPLITS, _article, named_identity, split_of
 
 
 def test_subjects_resolve_by_name_by_seed_or_at_random_from_the_held_out_pool():
@@ -20,6 +20,13 @@ def test_subjects_resolve_by_name_by_seed_or_at_random_from_the_held_out_pool():
         with pytest.raises(ConfigError) as raised:
             resolve_subject(bad)
         assert raised.value.problems[0].where == bad
+
+
+def test_looks_read_as_english():
+    from dreambooth.toyworld.identities import describe_look, subject_identity
+
+    assert describe_look(subject_identity("dog")) == "a brown dog with white spots and a blue collar"
+    assert _article("orange ball") == "an orange ball" and _article("#a448dc ball") == "a #a448dc ball"
 
 
 def test_photos_of_an_identity_show_it_and_carry_masks(tmp_path):

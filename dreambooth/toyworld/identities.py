@@ -167,8 +167,13 @@ def describe_look(ident: Identity) -> str:
     """The look in words, e.g. "a #3a7bd5 dog with white spots and a red collar"."""
     look = ident.look
     extras = ([f"{look.pattern_color} {look.pattern}"] if look.pattern != "plain" else []) + (
-        [f"a {look.accessory_color} {look.accessory}"] if look.accessory != "none" else [])
-    return f"a {look.color} {look.class_name}" + (f" with {' and '.join(extras)}" if extras else "")
+        [_article(f"{look.accessory_color} {look.accessory}")] if look.accessory != "none" else [])
+    return _article(f"{look.color} {look.class_name}") + (f" with {' and '.join(extras)}" if extras else "")
+
+
+def _article(words: str) -> str:
+    """ "an orange ball", "a #a448dc ball", "a white cup" """
+    return ("an " if words[0] in "aeiou" else "a ") + words
 
 
 def palette_rivals(class_name: str, k: int, seed: int = 0) -> list[Identity]:
