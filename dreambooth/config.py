@@ -324,9 +324,14 @@ def _coerce_group(group: str, cls, values: dict, problems: list[Problem]) -> dic
         if key not in known:
             problems.append(Problem(f"{group}.{key}", f"unknown key; {group} has: {', '.join(sorted(known))}"))
             continue
+        if (group, key) == ("train", "mixed_precision") and value is False:
+            value = "no"  # YAML 1.1 reads a bare `no` as False; this setting's choices include the word
         ok, coerced = _coerce(value, hints[key])
         if ok:
             out[key] = coerced
+        elif isinstance(value, bool) and hints[key] is str:
+            problems.append(Problem(f"{group}.{key}", f"{value!r} is not a valid str: YAML reads a bare yes, no, "
+                                    "on, off, true or false as a boolean; quote it"))
         else:
             problems.append(Problem(f"{group}.{key}", f"{value!r} is not a valid {_type_name(hints[key])}"))
     return out
@@ -352,10 +357,8 @@ def _coerce(value, hint):
         if isinstance(value, float) and value.is_integer():
             return True, int(value)
         return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is str:  # YAML 1.1 reads a bare no/yes (off/on) as a bool: mixed_precision=no means "no"
-        if isinstance(value, bool):
-            return True, "yes" if value else "no"
-        return isinstance(value, (str, int, float)), str(value)
+    if hint is str:
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool), str(value)
     if hint is list:
         return isinstance(value, list), value
     return True, value

@@ -49,14 +49,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=1, help="render processes")
-    p.add_argument("--vae-fraction", type=float, default=0.5,
-                   help="share of views decoded from their toy-VAE latents, as generated images are")
+    p.add_argument("--vae-fraction", type=float, default=None,
+                   help="share of views decoded from their toy-VAE latents, as generated images are (default "
+                        "0.5 on a GPU, as the shipped weights; 0 on CPU, where the VAE would cost most steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", type=Path, default=None, help="continue from these weights (a new warm-up "
                    "and cosine; use another --seed so that new identities are drawn)")
     p.add_argument("--first-group", type=int, default=0, help="index of the first group rendered "
                    "(groups are training seeds index*ids...; continuing runs start past the last one)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers {args.workers}: at least 1 render process is needed")
+    if args.vae_fraction is None:
+        args.vae_fraction = 0.0 if args.device == "cpu" else 0.5
+    return args
 
 
 def render_group(args: tuple[int, int, int]) -> np.ndarray:
@@ -120,14 +126,14 @@ def train(args: argparse.Namespace) -> tuple[EmbeddingNet, dict]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     net = load_embedding(args.init).net if args.init else EmbeddingNet()
-    net = net.to(args.device, memory_format=torch.channels_last).train()
-    vae = load_vae(args.device) if args.vae_fraction > 0 else None
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     budget, began = args.minutes * 60, time.time()
     buffer: list[np.ndarray] = []
     next_group, step, losses = args.first_group, 0, []
-    with get_context("fork").Pool(args.workers) as pool:
+    with get_context("fork").Pool(args.workers) as pool:  # forked before CUDA starts here
+        net = net.to(args.device, memory_format=torch.channels_last).train()
+        vae = load_vae(args.device) if args.vae_fraction > 0 else None
+        opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05)
         buffer.append(render_group((next_group, args.ids, args.views)))
         next_group += 1
         pending = []
@@ -155,10 +161,10 @@ def train(args: argparse.Namespace) -> tuple[EmbeddingNet, dict]:
             "identities_seen": (next_group - args.first_group) * args.ids,
             "batch": args.ids * args.views, "minutes": args.minutes, "final_loss": float(np.mean(losses[-25:])),
             "lr": args.lr, "temperature": args.temperature, "seed": args.seed, "device": args.device,
-            "vae_fraction": args.vae_fraction,
+            "vae_fraction": args.vae_fraction, "buffer": args.buffer, "threads": args.threads,
             "command": f"python scripts/train_identity_embedding.py --minutes {args.minutes:g} --ids {args.ids} "
-                       f"--views {args.views} --lr {args.lr:g} --device {args.device} --workers {args.workers} "
-                       f"--vae-fraction {args.vae_fraction:g}"
+                       f"--views {args.views} --buffer {args.buffer} --lr {args.lr:g} --device {args.device} "
+                       f"--workers {args.workers} --vae-fraction {args.vae_fraction:g}"
                        + (f" --init {args.init} --first-group {args.first_group} --seed {args.seed}"
                           if args.init else "")}
     return net.eval().to(memory_format=torch.contiguous_format), info

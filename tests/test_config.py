@@ -29,13 +29,15 @@ def test_dotted_overrides_are_typed():
     assert config.output.sample_prompts == ["a", "b"]
 
 
-def test_a_bare_no_is_the_word_for_text_settings():
-    # YAML 1.1 reads `no` as False; mixed_precision takes the word, as written in a file or on the CLI
-    config = load_config("tiny", {**REQUIRED, "train": {"mixed_precision": False}}, ["train.mixed_precision=no"])
-    assert config.train.mixed_precision == "no"
-    with pytest.raises(ConfigError) as info:
-        load_config("tiny", REQUIRED, ["train.mode=yes"])
-    assert "'yes'" in str(info.value.problems[0].message)
+def test_a_bare_no_is_the_word_for_mixed_precision_and_other_booleans_ask_for_quotes():
+    # YAML 1.1 reads `no` as False: mixed_precision takes the word, from a file or from the CLI
+    assert load_config("tiny", {**REQUIRED, "train": {"mixed_precision": False}}).train.mixed_precision == "no"
+    assert load_config("tiny", REQUIRED, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    for bad in ("data.identifier=on", "prior.negative_prompt=off", "train.mode=yes", "train.mixed_precision=yes"):
+        with pytest.raises(ConfigError) as info:
+            load_config("tiny", REQUIRED, [bad])
+        [problem] = info.value.problems
+        assert problem.where == bad.split("=")[0] and "quote it" in problem.message, problem
 
 
 def test_all_problems_reported_together():

@@ -20,6 +20,9 @@ def test_every_recipe_is_a_valid_demo_configuration(recipe, tmp_path):
     dotted = DEMO_EVAL + DEMO_MASKS + ["eval.subject=dog"] + heldout.RECIPES.get(recipe, []) + {
         **heldout.ABLATIONS, **heldout.CANDIDATES}.get(recipe, [])
     config = load_config("toy", {"data": {"images": str(tmp_path), "class_noun": "dog"}}, dotted)
+    ours = load_config("toy", {"data": {"images": str(tmp_path), "class_noun": "dog"}},
+                       DEMO_EVAL + DEMO_MASKS + ["eval.subject=dog"])
+    assert (config.to_dict() == ours.to_dict()) == (recipe == "ours")  # every other recipe changes something
     if recipe == "reference":  # diffusers' example recipe, whatever the demo adds
         assert (config.train.lr, config.train.steps, config.prior.num_images) == (5e-6, 800, 200)
         assert not config.train.train_text_encoder and config.data.masks == "none" and config.eval.every == 0
