@@ -69,21 +69,25 @@ COLUMNS = ("subject_fidelity", "prompt_fidelity", "language_drift")
 
 
 def subject_names(spec: str) -> list[str]:
-    """`builtin`, `fresh:N` and `tune:N`, comma-separated, as demo subject names."""
+    """`builtin`, `fresh:N` (the first N held-out identities), `fresh:N@K` (N from the K-th on),
+    `tune:N` and `id:<seed>`, comma-separated, as demo subject names."""
     from dreambooth.toyworld.identities import fresh_identities, identities
 
     names: list[str] = []
     for part in filter(None, spec.split(",")):
         kind, _, count = part.partition(":")
-        n = int(count or 6)
+        count, _, skip = count.partition("@")
+        n = int(count or 6) if kind != "id" else 0
         if kind == "builtin":
             names += ["dog", "cat", "teapot", "backpack"]
+        elif kind == "id":
+            names.append(part)
         elif kind == "fresh":
-            names += [f"id:{i.key}" for i in fresh_identities(n)]
+            names += [f"id:{i.key}" for i in fresh_identities(n + int(skip or 0))[int(skip or 0):]]
         elif kind == "tune":  # seeds the embedding never saw, apart from the fresh ones
             names += [f"id:{i.key}" for i in identities("validation", n, start=TUNE_OFFSET)]
         else:
-            raise SystemExit(f"--subjects: {part!r} is not builtin, fresh:N or tune:N")
+            raise SystemExit(f"--subjects: {part!r} is not builtin, fresh:N[@K], tune:N or id:<seed>")
     return names
 
 

@@ -35,6 +35,8 @@ def test_subject_specs_draw_from_the_pools_they_name():
     tune = [int(n[3:]) for n in names[7:]]
     assert all(split_of(k) == "fresh" for k in fresh) and all(split_of(k) == "validation" for k in tune)
     assert min(tune) >= SPLITS["validation"][0] + heldout.TUNE_OFFSET
+    later = heldout.subject_names("fresh:2@6,id:2000123")
+    assert later[:2] == heldout.subject_names("fresh:8")[6:] and later[2] == "id:2000123"
     with pytest.raises(SystemExit, match="held"):
         heldout.subject_names("held:2")
 
