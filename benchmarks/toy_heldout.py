@@ -4,11 +4,12 @@
         --subjects builtin,fresh:6 --recipes ours,reference --jobs 2
 
 Subjects are the four built-in ones and fresh identities drawn at run time from the held-out seed
-range (`toyworld.identities`), which no recipe was tuned on; `--subjects tune:3` draws from the
-tuning range instead. Each (subject, recipe) is one `dreambooth demo` run in its own process (one
-torch thread each, `--jobs` at a time), scored with the open-set subject fidelity. Writes one JSON
-per run, `summary.json` and a markdown table (mean and worst subject per recipe) for
-benchmarks/RESULTS-toy.md.
+range (`toyworld.identities`), which the identity embedding never saw (the first round of
+ablations in benchmarks/RESULTS-toy.md ran on the first 6; `fresh:N@K` draws later ones);
+`--subjects tune:3` draws from the tuning range instead. Each (subject, recipe) is one
+`dreambooth demo` run in its own process (one torch thread each, `--jobs` at a time), scored with
+the open-set subject fidelity. Writes one JSON per run, `summary.json` and a markdown table (mean
+and worst subject per recipe) for benchmarks/RESULTS-toy.md.
 """
 from __future__ import annotations
 
