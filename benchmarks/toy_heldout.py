@@ -77,14 +77,15 @@ def subject_names(spec: str) -> list[str]:
     names: list[str] = []
     for part in filter(None, spec.split(",")):
         kind, _, count = part.partition(":")
+        if kind == "id":
+            names.append(part)
+            continue
         count, _, skip = count.partition("@")
-        n = int(count or 6) if kind != "id" else 0
+        n, k = int(count or 6), int(skip or 0)
         if kind == "builtin":
             names += ["dog", "cat", "teapot", "backpack"]
-        elif kind == "id":
-            names.append(part)
         elif kind == "fresh":
-            names += [f"id:{i.key}" for i in fresh_identities(n + int(skip or 0))[int(skip or 0):]]
+            names += [f"id:{i.key}" for i in fresh_identities(k + n)[k:]]
         elif kind == "tune":  # seeds the embedding never saw, apart from the fresh ones
             names += [f"id:{i.key}" for i in identities("validation", n, start=TUNE_OFFSET)]
         else:

@@ -105,10 +105,9 @@ def to_batch(group: np.ndarray, generator: torch.Generator, device: str = "cpu",
     ids, views = group.shape[:2]
     x = torch.from_numpy(group.reshape(ids * views, 64, 64, 3)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
     if vae is not None and vae_fraction > 0:
-        pick = torch.rand(len(x), generator=generator) < vae_fraction
+        pick = (torch.rand(len(x), generator=generator) < vae_fraction).to(device)
         if pick.any():
-            chosen = x[pick.to(device)]
-            x[pick.to(device)] = vae.decode(vae.encode(chosen).latent_dist.mean).sample.clamp(-1, 1)
+            x[pick] = vae.decode(vae.encode(x[pick]).latent_dist.mean).sample.clamp(-1, 1)
     gen = generator if device == "cpu" else torch.Generator(device).manual_seed(
         int(torch.randint(2**62, (1,), generator=generator)))
     x = augment(x, gen).contiguous(memory_format=torch.channels_last)
