@@ -136,6 +136,13 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         "ours_cls_dpmpp25_fast50": {"kind": "classes", "sampler": "dpmpp", "steps": n(25, 3), "batch": n(50, 2),
                                     "num": n(150, 4), "budget": 90, "fast": True},
         "ref_cls": {"kind": "ref_classes", "batch": n(4, 2), "batches": n(6, 2), "budget": 90},
+        "ours_full_nocopy": {"kind": "train", "preset": FAST, "dotted": ["train.weight_copy=false"],
+                             "measure": n(120, 6), "budget": 90, "profile": 3},
+        "ours_full_cudnn_benchmark": {"kind": "train", "preset": FAST, "dotted": ["train.cudnn_benchmark=true"],
+                                      "measure": n(120, 6), "budget": 90},
+        # the same as ours_e2e later in an invocation: the driver's compiled-kernel cache is warm
+        "ours_e2e_again": {"kind": "e2e", "preset": FAST, "dotted": [] if not tiny else [
+            "prior.num_images=8", "train.steps=8", "data.resolution=64", "prior.steps=3"], "budget": 200, "min": 120},
         "ref_full_te": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full_te", "stop": n(40, 6),
                         "budget": 90},
     }

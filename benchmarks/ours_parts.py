@@ -206,5 +206,7 @@ def e2e_part(model: Path, images: Path, out: Path, *, preset: str, dotted: list[
 
     config = run_config(model, images, preset, dotted)
     last = train(config, out, overwrite=True, on_event=on_event)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    phases = {r["phase"]: r["seconds"] for r in records if "phase" in r}  # the run's own phase clock
     return {"finished": isinstance(last, ev.Finished), "in_process_s": time.perf_counter() - began,
-            "marks": marks, **gpu_memory()}
+            "marks": marks, "phases": phases, **gpu_memory()}

@@ -146,6 +146,13 @@ class TrainConfig:
                               "updates far below bf16's resolution still move the weights on average; needs "
                               "mixed_precision bf16 and adamw8bit_torchao or adamwfp8_torchao)")
     channels_last: bool = _f(True, "CUDA only: UNet and VAE in channels-last memory layout (faster convolutions)")
+    weight_copy: bool = _f(True, "fast step on CUDA, full fine-tune under bf16 with adamw and no gradient "
+                                 "checkpointing: the forward reads bf16 copies of the linear and convolution "
+                                 "weights that the optimizer writes with each update (same arithmetic as autocast, "
+                                 "without casting every weight on every step)")
+    cudnn_benchmark: bool = _f(False, "CUDA: let cuDNN time every convolution algorithm on first use (slow first "
+                                      "steps and first class-image batch, the same speed after them on an H200) "
+                                      "instead of its heuristics")
     min_snr_gamma: float = _f(0.0, "min-SNR loss weighting (Hang et al. 2023), weight min(SNR, gamma) / SNR per row "
                                    "(v-prediction: / (SNR + 1)); 0: off, typical 5", 0, 1000)
     offset_noise: float = _f(0.0, "offset noise: add this times one normal draw per image and channel to the noise "

@@ -50,7 +50,10 @@ def stop_at(step):
                                                     "train.train_text_encoder=true", "train.lr_schedule=cosine"]),
                                           # FP8 codes stored as uint8, which torch's loader would cast
                                           ("tiny", ["train.optimizer=adamwfp8", "train.fast=always",
-                                                    "train.train_text_encoder=true", "train.lr_schedule=cosine"])])
+                                                    "train.train_text_encoder=true", "train.lr_schedule=cosine"]),
+                                          # bf16 weight copies written by the optimizer, remade on resume
+                                          ("tiny", ["train.fast=always", "train.mixed_precision=bf16",
+                                                    "train.train_text_encoder=true"])])
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, subject_dir, preset, extra):
     """Bit for bit on the CPU (`train.device=cpu`); CUDA kernels are not promised to repeat exactly."""
     config = config_for(subject_dir, preset, *extra, "train.device=cpu")

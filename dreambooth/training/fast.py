@@ -30,6 +30,7 @@ from dreambooth.training.losses import (
 from dreambooth.training.scaling import Scaling
 from dreambooth.training.state import TrainState, added_conditions, text_encoders_of
 from dreambooth.training.step import loss_weights
+from dreambooth.training.weight_copy import AdamWCopies, CopiedModule, copies_in_place, total_grad_norm
 
 
 def fast_path_problems(config, device: torch.device, num_processes: int, mixed_precision: str) -> list[str]:
@@ -59,7 +60,7 @@ def prepare_modules(components, config, device: torch.device) -> None:
     """Layout switches that change speed, not math beyond bf16 rounding; CUDA only."""
     if device.type != "cuda":
         return
-    torch.backends.cudnn.benchmark = True  # static shapes: pick the fastest convolution once
+    torch.backends.cudnn.benchmark = config.train.cudnn_benchmark  # its timing runs cost seconds on the first step
     # 8-bit AdamW on CUDA trains flat buffers whose gradient views share their weights' strides
     # (training/flat.py), so channels-last is safe with it too.
     if config.train.channels_last:
@@ -93,9 +94,10 @@ def lower_frozen_weights(modules: dict[str, torch.nn.Module], dtype: torch.dtype
 
 
 def takes_grad_scale(optimizer) -> bool:
-    """Fused AdamW and our AdamWFp8 divide each gradient by `optimizer.grad_scale` as they read it."""
+    """Fused AdamW and our AdamWFp8 and AdamWCopies divide each gradient by `optimizer.grad_scale` as
+    they read it."""
     fused = isinstance(optimizer, torch.optim.AdamW) and all(g.get("fused") for g in optimizer.param_groups)
-    return fused or isinstance(optimizer, AdamWFp8)
+    return fused or isinstance(optimizer, (AdamWFp8, AdamWCopies))
 
 
 def grad_scale_for_clipping(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -202,6 +204,11 @@ class FastStep:
         self.scaler = state.scaler  # fp16: its scale and overflow flag are device tensors the graph reads
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.keep_grads = bool(state.flats)  # flat buffers (training/flat.py): zeroed in place, never dropped
+        # bf16 weight copies (training/weight_copy.py): the forward reads them; a checkpoint loaded
+        # since they were made went into the masters
+        self.copied = {n: f for n, f in (state.flats or {}).items() if isinstance(f, CopiedModule)} or None
+        for copied in (self.copied or {}).values():
+            copied.refresh()
         # fold clipping and the loss scale's 1/scale into the optimizer's read of each gradient
         self.fold = takes_grad_scale(self.optimizer) and (bool(config.train.max_grad_norm) or self.scaler is not None)
         self.unet = self._compiled(state.components.unet)
@@ -233,7 +240,7 @@ class FastStep:
         """Forward, backward, unscaling (fp16) and gradient clipping of eq. 2 of Ruiz et al. on device
         tensors; no host sync."""
         if self.keep_grads:  # autograd adds into the flat gradient buffers
-            torch._foreach_zero_([p.grad for p in self.params])
+            torch._foreach_zero_(self._grads())
         mean, std = self.means[draws.rows], self.stds[draws.rows]
         latents = (mean + std * draws.latent_noise.to(mean.dtype)) * self.scale  # (B, C, h, w)
         noise = draws.noise.to(latents.dtype)
@@ -244,7 +251,8 @@ class FastStep:
             masks = torch.cat([self.masks[draws.rows[: self.batch]], self.class_masks])  # (B, 1, h, w)
         row_weights, pixel_weights = loss_weights(self.config.train, draws.timesteps, self.alphas,
                                                   self.components.prediction_type, masks)
-        with self._autocast():
+        copies = copies_in_place(self.modules, self.copied) if self.copied else contextlib.nullcontext()
+        with self._autocast(), copies:
             context, pooled = self.prompts.rows(self.context_index, text_encoders_of(self.modules))  # (B, 77, D)
             added = added_conditions(pooled, self.time_ids[draws.rows])
             pred = self.unet(noisy, draws.timesteps, context, added_cond_kwargs=added).sample
@@ -264,7 +272,8 @@ class FastStep:
             if max_norm:
                 torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # what the plain step calls
             return
-        total = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        grads = self._grads()
+        total = total_grad_norm(grads) if self.copied else torch.nn.utils.get_total_norm(grads)
         if scaler is None:
             self.optimizer.grad_scale = grad_scale_for_clipping(total, max_norm)
             return
@@ -272,6 +281,11 @@ class FastStep:
         scale = scaler.scale_tensor
         clip = grad_scale_for_clipping(total / scale, max_norm) if max_norm else torch.ones_like(scale)
         self.optimizer.grad_scale = clip * scale
+
+    def _grads(self) -> list[torch.Tensor]:
+        if self.copied:  # bf16 gradients of the copies, fp32 ones of the rest, in flat buffers
+            return [g for copied in self.copied.values() for g in copied.grads]
+        return [p.grad for p in self.params if p.grad is not None]
 
     def backward(self, step: int) -> LossParts:
         """Queue the forward and backward of `step` (its update waits for `update()`)."""

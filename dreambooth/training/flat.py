@@ -60,6 +60,12 @@ class FlatModule:
             piece.grad = grad[start : start + chunk]
             self.params.append(piece)
 
+    def release(self) -> None:
+        """Drop the gradient buffer (training is over)."""
+        for piece in self.params:
+            piece.grad = None
+        self.grad = None
+
 
 def is_dense(t: torch.Tensor) -> bool:
     """Its elements fill exactly `numel` consecutive slots (contiguous, channels-last, ...)."""

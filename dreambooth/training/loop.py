@@ -144,7 +144,7 @@ def release_training_memory(state: TrainState, step_fn) -> None:
         for p in module.parameters():
             p.grad = None
     for flat in (state.flats or {}).values():
-        flat.grad = None
+        flat.release()
     release_memory(state.device)
 
 

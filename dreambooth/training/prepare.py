@@ -41,6 +41,7 @@ from dreambooth.training.scaling import LossScaler
 from dreambooth.training.scoring import CheckpointScoring
 from dreambooth.training.setup import make_lr_schedule, make_optimizer, mark_trainable
 from dreambooth.training.state import FrozenParking, PromptEmbeddings, TrainState, text_encoders_stay_on_cpu
+from dreambooth.training.weight_copy import copies_apply, copy_modules
 
 Events = Generator[ev.Event, None, "TrainState | None"]
 
@@ -139,7 +140,10 @@ def _optimization(components, config: RunConfig, run: RunDir, accelerator, preci
     if config.train.weights == "bf16":
         for module in modules.values():
             module.to(torch.bfloat16)
-    flats = flatten_modules(modules) if fast and wants_flat(config, device) else None
+    if copies_apply(config, fast, precision):
+        flats = copy_modules(modules)  # bf16 copies the optimizer writes (training/weight_copy.py)
+    else:
+        flats = flatten_modules(modules) if fast and wants_flat(config, device) else None
     optimizer = make_optimizer(modules, config.train, device, flats)
     lr_schedule = make_lr_schedule(optimizer, modules, config.train)
     scaler = LossScaler(device) if precision == "fp16" else None

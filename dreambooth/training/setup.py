@@ -13,6 +13,7 @@ from dreambooth.errors import ConfigError, Problem
 from dreambooth.sampling import use_tool_cache
 from dreambooth.training.adamw_fp8 import AdamWFp8
 from dreambooth.training.state import TEXT_ENCODER_NAMES, text_encoders_of
+from dreambooth.training.weight_copy import AdamWCopies, CopiedModule
 
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
@@ -106,13 +107,16 @@ def count_trainable(modules: dict[str, torch.nn.Module]) -> int:
 def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, device: torch.device, flats=None):
     """AdamW over one parameter group per module (the text encoders have their own learning rate).
 
-    `flats` ({name: flat.FlatModule}): the group holds chunks of the module's flat buffer instead.
+    `flats` ({name: flat.FlatModule}): the group holds chunks of the module's flat buffer instead;
+    ({name: weight_copy.CopiedModule}): its buffers, updated by `weight_copy.AdamWCopies`.
     """
     groups = []
     for name, module in modules.items():
         params = flats[name].params if flats else [p for p in module.parameters() if p.requires_grad]
         groups.append({"params": params, "lr": train.text_encoder_lr if name in TEXT_ENCODER_NAMES else train.lr})
     kwargs = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay)
+    if flats and all(isinstance(f, CopiedModule) for f in flats.values()):
+        return AdamWCopies(groups, {flat.param: flat for module in flats.values() for flat in module.flats}, **kwargs)
     if train.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
