@@ -64,8 +64,9 @@ def test_weight_copies_train_as_autocast_does(tmp_path, photos, monkeypatch, dev
     assert len(made) == 1 and set(made[0]) == {"unet", "text_encoder"}
     if device == "cpu":  # the same bf16 weights and kernels: the first step is the same to the bit
         assert copy_losses[0] == cast_losses[0]
-    torch.testing.assert_close(torch.tensor(copy_losses), torch.tensor(cast_losses), rtol=2e-2 if device == "cuda"
-                               else 5e-3, atol=0)  # CPU: the same to the bit up to step 4, 0.13 % apart at 5
+    torch.testing.assert_close(torch.tensor(copy_losses), torch.tensor(cast_losses), rtol=2e-2, atol=0)
+    # later steps: the optimizers round differently, and bf16 turns that into loss differences (2-core CPU:
+    # the same to the bit up to step 4, 0.13 % apart at 5; the GPU host's CPU: 0.89 % at step 4)
     base = load_components("tiny-random").unet.state_dict()
     a = torch.cat([(cast[k].float() - base[k].float()).flatten() for k in base])
     b = torch.cat([(copied[k].float() - base[k].float()).flatten() for k in base])
