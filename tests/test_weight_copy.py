@@ -5,7 +5,6 @@ the fp32 master to nearest), so the first step's loss is the same bit for bit; t
 AdamW arithmetic, to rounding.
 """
 import json
-import os
 
 import pytest
 import torch
@@ -15,27 +14,6 @@ from dreambooth.config import load_config
 from dreambooth.training import events as ev
 from dreambooth.training import train
 from dreambooth.training.weight_copy import AdamWCopies, CopiedModule, cast_by_autocast, copies_in_place
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_cache(tmp_path_factory):
-    old = os.environ.get("DREAMBOOTH_CACHE")
-    os.environ["DREAMBOOTH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    yield
-    if old is None:
-        os.environ.pop("DREAMBOOTH_CACHE")
-    else:
-        os.environ["DREAMBOOTH_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    from dreambooth.toyworld import render_subject
-
-    folder = tmp_path_factory.mktemp("subject")
-    for i, context in enumerate(["plain", "table", "city"]):
-        render_subject("dog", context, seed=i).save(folder / f"dog{i}.png")
-    return folder
 
 
 def run(tmp_path, photos, name, copy: bool, device: str = "cpu"):
@@ -51,16 +29,16 @@ def run(tmp_path, photos, name, copy: bool, device: str = "cpu"):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA"))])
-def test_weight_copies_train_as_autocast_does(tmp_path, photos, monkeypatch, device):
+def test_weight_copies_train_as_autocast_does(tmp_path, subject_dir, monkeypatch, device):
     from dreambooth.models import load_components
     from dreambooth.training import prepare
 
     made = []
     real = prepare.copy_modules
     monkeypatch.setattr(prepare, "copy_modules", lambda modules: made.append(real(modules)) or made[-1])
-    cast_losses, cast = run(tmp_path, photos, "autocast", False, device)
+    cast_losses, cast = run(tmp_path, subject_dir, "autocast", False, device)
     assert not made
-    copy_losses, copied = run(tmp_path, photos, "copies", True, device)
+    copy_losses, copied = run(tmp_path, subject_dir, "copies", True, device)
     assert len(made) == 1 and set(made[0]) == {"unet", "text_encoder"}
     if device == "cpu":  # the same bf16 weights and kernels: the first step is the same to the bit
         assert copy_losses[0] == cast_losses[0]
