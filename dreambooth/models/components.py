@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,18 @@ def model_identity(folder: Path) -> str:
     for p in files:
         digest.update(f"{p.relative_to(folder)}:{file_digest(p)}\n".encode())
     return digest.hexdigest()
+
+
+def hash_in_background(folder: Path) -> threading.Thread:
+    """Start `model_identity(folder)` in a daemon thread, so the hash of a model not seen before (SD 1.5:
+    4 GB, about 2.5 s) runs while the models are moved to the device; the class-image key's own call
+    then finds each file's hash done or waits for it. A failure here is left to that call to report."""
+    def run():
+        with contextlib.suppress(Exception):
+            model_identity(folder)
+    thread = threading.Thread(target=run, name="model-identity", daemon=True)
+    thread.start()
+    return thread
 
 
 def _counts_for_identity(path: Path) -> bool:

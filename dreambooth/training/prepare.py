@@ -17,6 +17,7 @@ from dreambooth.data.masks import load_masks
 from dreambooth.errors import ConfigError, Problem
 from dreambooth.identifier import check_identifier
 from dreambooth.models import load_components
+from dreambooth.models.components import hash_in_background
 from dreambooth.models.vae import load_vae
 from dreambooth.precision import resolve_precision
 from dreambooth.ranks import Ranks
@@ -60,6 +61,8 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
         components = load_components(config.model.name, prediction_type=config.model.prediction_type)
         if config.model.vae:
             components.vae = load_vae(config.model.vae, components.vae)
+    if config.prior.enabled and ranks.main:  # the class-image key's hash, while the models go to the device
+        hash_in_background(components.folder)
     for problem in check_identifier(components.tokenizer, config.data.identifier, config.data.class_noun):
         yield ev.Notice(str(problem))
     device = pick_device(config.train.device)
