@@ -203,6 +203,8 @@ def e2e_part(model: Path, images: Path, out: Path, *, preset: str, dotted: list[
         name = type(event).__name__
         marks.setdefault(f"first_{name}", now)
         marks[f"last_{name}"] = now
+        if isinstance(event, ev.Phase):  # which slow stretch began when
+            marks.setdefault(f"phase {event.name}", now)
 
     config = run_config(model, images, preset, dotted)
     last = train(config, out, overwrite=True, on_event=on_event)

@@ -64,6 +64,8 @@ CANDIDATES: dict[str, list[str]] = {
     "previous+masked-0.1": ["train.lr=3e-5", "eval.num_class_images=4"],
     "tune-lr-1e-5": ["train.lr=1e-5", *BEFORE],
     "tune-lr-1.5e-5": ["train.lr=1.5e-5", *BEFORE],
+    # on today's default: twice its learning rate early, decaying to 0 by the last step (the same mean)
+    "tune-cosine-3e-5": ["train.lr=3e-5", "train.lr_schedule=cosine"],
 }
 TUNE_OFFSET = 50_000  # tuning subjects: validation seeds from here on (the embedding's check uses the first ones)
 COLUMNS = ("subject_fidelity", "prompt_fidelity", "language_drift")

@@ -16,42 +16,87 @@ from dreambooth.training import train
 from dreambooth.training.weight_copy import AdamWCopies, CopiedModule, cast_by_autocast, copies_in_place
 
 
-def run(tmp_path, photos, name, copy: bool, device: str = "cpu"):
-    config = load_config("tiny", {"data": {"images": str(photos), "class_noun": "dog"}},
+def run(tmp_path, photos, name, copy: bool, device: str = "cpu", preset: str = "tiny", extra=()):
+    config = load_config(preset, {"data": {"images": str(photos), "class_noun": "dog"}},
                          ["train.steps=5", "output.checkpoint_every=0", "train.fast=always",
                           "train.mixed_precision=bf16", "train.train_text_encoder=true",
-                          f"train.weight_copy={str(copy).lower()}", f"train.device={device}"])
+                          f"train.weight_copy={str(copy).lower()}", f"train.device={device}", *extra])
     assert isinstance(train(config, tmp_path / name), ev.Finished)
     log = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
     unet = load_file(tmp_path / name / "final" / "unet" / "diffusion_pytorch_model.safetensors")
     return [r["loss"] for r in log if "step" in r], unet
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA"))])
-def test_weight_copies_train_as_autocast_does(tmp_path, subject_dir, monkeypatch, device):
-    from dreambooth.models import load_components
+def _spy_copies(monkeypatch) -> list:
+    """The names that got a copy, per run (the copies are dropped when training ends)."""
     from dreambooth.training import prepare
 
-    made = []
-    real = prepare.copy_modules
-    monkeypatch.setattr(prepare, "copy_modules", lambda modules: made.append(real(modules)) or made[-1])
-    cast_losses, cast = run(tmp_path, subject_dir, "autocast", False, device)
-    assert not made
-    copy_losses, copied = run(tmp_path, subject_dir, "copies", True, device)
+    made, real = [], prepare.copy_modules
+
+    def spy(modules):
+        copied = real(modules)
+        made.append({name: set(c.cast.views) for name, c in copied.items()})
+        return copied
+    monkeypatch.setattr(prepare, "copy_modules", spy)
+    return made
+
+
+def test_without_clipping_copies_train_bit_for_bit_as_autocast_on_cpu(tmp_path, subject_dir, monkeypatch):
+    """Same bf16 weights, same kernels, same AdamW arithmetic: only gradient clipping (folded into
+    the optimizer's read, against clip_grad_norm_'s multiply) rounds differently, so without it the
+    two runs are the same to the bit."""
+    made = _spy_copies(monkeypatch)
+    off = ["train.max_grad_norm=0"]
+    cast_losses, cast = run(tmp_path, subject_dir, "autocast", False, extra=off)
+    copy_losses, copied = run(tmp_path, subject_dir, "copies", True, extra=off)
     assert len(made) == 1 and set(made[0]) == {"unet", "text_encoder"}
-    if device == "cpu":  # the same bf16 weights and kernels: the first step is the same to the bit
+    assert copy_losses == cast_losses
+    assert cast.keys() == copied.keys()
+    for key in cast:
+        assert torch.equal(cast[key], copied[key]), key
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA"))])
+def test_with_clipping_copies_train_as_autocast_does(tmp_path, subject_dir, monkeypatch, device):
+    """With clipping the gradients differ in their last bits, and bf16 weights turn that into
+    different trajectories within a few steps (the first AdamW steps move each weight by about
+    +-lr whatever its gradient's size): the first loss is the same, the rest close, the updates
+    pointing the same way."""
+    from dreambooth.models import load_components
+
+    made = _spy_copies(monkeypatch)
+    cast_losses, cast = run(tmp_path, subject_dir, "autocast", False, device)
+    copy_losses, copied = run(tmp_path, subject_dir, "copies", True, device)
+    assert len(made) == 1
+    if device == "cpu":
         assert copy_losses[0] == cast_losses[0]
-    torch.testing.assert_close(torch.tensor(copy_losses), torch.tensor(cast_losses), rtol=2e-2, atol=0)
-    # later steps: the optimizers round differently, and bf16 turns that into loss differences (2-core CPU:
-    # the same to the bit up to step 4, 0.13 % apart at 5; the GPU host's CPU: 0.89 % at step 4)
+    # 2-core CPU: 1.3 % apart at step 5 with 1 thread, 0.13 % with 2; the GPU host's CPU: 0.89 % at step 4
+    torch.testing.assert_close(torch.tensor(copy_losses), torch.tensor(cast_losses), rtol=3e-2, atol=0)
     base = load_components("tiny-random").unet.state_dict()
     a = torch.cat([(cast[k].float() - base[k].float()).flatten() for k in base])
     b = torch.cat([(copied[k].float() - base[k].float()).flatten() for k in base])
     assert a.norm() > 0
-    # CUDA: the graphed steps differ in rounding from step 1 on (see test_fast_path's CUDA test)
-    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > (0.3 if device == "cuda" else 0.99)
-    assert abs(b.norm() / a.norm() - 1) < (0.2 if device == "cuda" else 0.01)
+    # cosines measured: 0.93 (CPU, 1 thread); CUDA graphs differ from step 1 on (test_fast_path's CUDA test)
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > (0.3 if device == "cuda" else 0.8)
+    assert abs(b.norm() / a.norm() - 1) < 0.2
+
+
+def test_sdxl_trains_through_copies_of_both_text_encoders(tmp_path, subject_dir, monkeypatch):
+    """SDXL (tiny-random-xl): added conditions, two trained text encoders whose frozen last layers
+    (the first encoder's) get no copy, the same first loss as autocast."""
+    from dreambooth.models import load_components
+
+    made = _spy_copies(monkeypatch)
+    cast_losses, _ = run(tmp_path, subject_dir, "autocast", False, preset="tiny-xl")
+    copy_losses, _ = run(tmp_path, subject_dir, "copies", True, preset="tiny-xl")
+    assert set(made[0]) == {"unet", "text_encoder", "text_encoder_2"}
+    base = load_components("tiny-random-xl")
+    for name, trains_last in (("text_encoder", False), ("text_encoder_2", True)):  # the first's last layer is frozen
+        last = getattr(base, name).config.num_hidden_layers - 1
+        assert any(f"layers.{last}." in view for view in made[0][name]) == trains_last, name
+    assert copy_losses[0] == cast_losses[0]
+    torch.testing.assert_close(torch.tensor(copy_losses), torch.tensor(cast_losses), rtol=2e-2, atol=0)
 
 
 class Tiny(torch.nn.Module):

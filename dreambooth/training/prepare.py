@@ -57,6 +57,7 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     (`ranks`) they share the class images and the latent cache; rank 0 alone writes.
     """
     meter = meter or PhaseMeter()
+    yield ev.Phase("loading the model")
     with ranks.main_first():  # a built-in model is built into the cache once
         components = load_components(config.model.name, prediction_type=config.model.prediction_type)
         if config.model.vae:
@@ -74,6 +75,7 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     # fp16: the steps run their own autocast and loss scaler (training/scaling.py) on any device;
     # accelerate's scaler lives in its optimizer wrapper and would scale a second time
     accelerator = make_accelerator(device, "no" if precision == "fp16" else precision)
+    yield ev.Phase("moving the models to the device")
     fast = yield from _place_models(components, config, accelerator, precision)
     class_paths = []
     if config.prior.enabled:
