@@ -146,8 +146,8 @@ class TrainConfig:
                               "updates far below bf16's resolution still move the weights on average; needs "
                               "mixed_precision bf16 and adamw8bit_torchao or adamwfp8_torchao)")
     channels_last: bool = _f(True, "CUDA only: UNet and VAE in channels-last memory layout (faster convolutions)")
-    weight_copy: bool = _f(True, "fast step on CUDA, full fine-tune under bf16 with adamw and no gradient "
-                                 "checkpointing: the forward reads bf16 copies of the linear and convolution "
+    weight_copy: bool = _f(True, "fast step, full fine-tune under bf16 with adamw, no gradient checkpointing "
+                                 "and no compile: the forward reads bf16 copies of the linear and convolution "
                                  "weights that the optimizer writes with each update (same arithmetic as autocast, "
                                  "without casting every weight on every step)")
     cudnn_benchmark: bool = _f(False, "CUDA: let cuDNN time every convolution algorithm on first use (slow first "

@@ -32,10 +32,11 @@ ELEMENTS_PER_PROGRAM = 1024  # with 4 warps: 7.7 ms over SD 1.5's 860 M weights 
 
 def copies_apply(config, fast: bool, precision: str) -> bool:
     """Whether this run trains through weight copies: the fast step (on by default with CUDA), a full
-    fine-tune of fp32 weights under bf16 with AdamW, and no activation checkpointing (its recomputed
-    forward would run outside the call that puts the copies in place)."""
+    fine-tune of fp32 weights under bf16 with AdamW, no activation checkpointing (its recomputed
+    forward would run outside the call that puts the copies in place) and no torch.compile (not
+    measured with swapped parameters)."""
     train = config.train
-    return (train.weight_copy and fast and precision == "bf16" and train.mode == "full"
+    return (train.weight_copy and fast and precision == "bf16" and train.mode == "full" and train.compile == "none"
             and train.weights == "fp32" and train.optimizer == "adamw" and not train.gradient_checkpointing)
 
 
