@@ -104,19 +104,21 @@ class Tiny(torch.nn.Module):
         super().__init__()
         self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.norm = torch.nn.GroupNorm(2, 8)
-        self.proj = torch.nn.Linear(8, 4)
+        self.proj = torch.nn.Linear(8, 40)
+        self.out = torch.nn.Linear(40, 40)  # 1640 values: the cast buffer spans two kernel programs on CUDA
         self.table = torch.nn.Embedding(5, 8)
 
     def forward(self, x, ids):
         h = self.norm(self.conv(x)).mean((2, 3)) + self.table(ids)
-        return self.proj(h)
+        return self.out(self.proj(h).relu())
 
 
 def test_only_what_autocast_casts_gets_a_copy_laid_out_like_its_master():
     model = Tiny().to(memory_format=torch.channels_last)
-    assert cast_by_autocast(model) == {"conv.weight", "conv.bias", "proj.weight", "proj.bias"}
+    cast = {"conv.weight", "conv.bias", "proj.weight", "proj.bias", "out.weight", "out.bias"}
+    assert cast_by_autocast(model) == cast
     copied = CopiedModule(model)
-    assert set(copied.cast.views) == {"conv.weight", "conv.bias", "proj.weight", "proj.bias"}
+    assert set(copied.views) == cast and copied.cast.data.numel() > 1024
     assert copied.kept is not None and copied.kept.copy is None
     for name, view in copied.cast.views.items():
         master = model.get_parameter(name)
@@ -137,8 +139,7 @@ def test_adamw_copies_step_is_adamw_on_the_bf16_gradients_with_clipping_folded_i
     model, twin = Tiny().to(device), Tiny().to(device)
     twin.load_state_dict(model.state_dict())
     copied = CopiedModule(model)
-    flats = {f.param: f for f in copied.flats}
-    ours = AdamWCopies([{"params": copied.params, "lr": 1e-2}], flats, lr=1e-2)
+    ours = AdamWCopies([{"params": copied.params, "lr": 1e-2}], [copied], lr=1e-2)
     ref = torch.optim.AdamW(twin.parameters(), lr=1e-2, fused=device == "cuda")
     for step in range(3):
         x, ids = torch.randn(2, 3, 6, 6, device=device), torch.tensor([1, 3], device=device)
@@ -161,6 +162,46 @@ def test_adamw_copies_step_is_adamw_on_the_bf16_gradients_with_clipping_folded_i
             if name in copied.cast.views:  # the copy is the new master rounded to nearest
                 assert torch.equal(copied.cast.views[name].detach(), model.get_parameter(name).detach().bfloat16())
     state = ours.state_dict()
-    again = AdamWCopies([{"params": copied.params, "lr": 1e-2}], flats, lr=1e-2)
+    again = AdamWCopies([{"params": copied.params, "lr": 1e-2}], [copied], lr=1e-2)
     again.load_state_dict(state)
     assert all(s["step"].device.type == "cpu" for s in again.state.values())
+
+
+def test_a_module_without_cast_layers_has_no_copy_buffer():
+    norm = torch.nn.LayerNorm(8)
+    copied = CopiedModule(norm)
+    assert copied.cast is None and copied.views == {} and len(copied.flats) == 1
+    copied.refresh()
+    with copies_in_place({"n": norm}, {"n": copied}):
+        norm(torch.randn(2, 8)).sum().backward()
+    assert copied.kept.grad.abs().sum() > 0
+    copied.release()
+
+
+def test_a_run_started_without_copies_resumes_with_them(tmp_path, subject_dir):
+    """A checkpoint of per-tensor AdamW (a run from before weight copies, or with them off) resumes
+    into the flat buffers: without clipping the resumed run equals the uninterrupted one bit for bit."""
+    from dreambooth.training import events as ev
+
+    def config(copy: bool):
+        return load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}},
+                           ["train.steps=4", "output.checkpoint_every=2", "train.fast=always", "train.device=cpu",
+                            "train.mixed_precision=bf16", "train.train_text_encoder=true", "train.max_grad_norm=0",
+                            f"train.weight_copy={str(copy).lower()}"])
+
+    assert isinstance(train(config(False), tmp_path / "straight"), ev.Finished)
+    stop = __import__("threading").Event()
+
+    def on_event(event):
+        if isinstance(event, ev.StepDone) and event.step == 2:
+            stop.set()
+    assert isinstance(train(config(False), tmp_path / "resumed", stop=stop, on_event=on_event), ev.Stopped)
+    saved = tmp_path / "resumed" / "config.yaml"  # as a run from before the switch existed wrote it
+    saved.write_text("".join(line for line in saved.read_text().splitlines(keepends=True) if "weight_copy" not in line))
+    assert isinstance(train(config(True), tmp_path / "resumed", resume=True), ev.Finished)
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        a = load_file(tmp_path / "straight" / "final" / part)
+        b = load_file(tmp_path / "resumed" / "final" / part)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (part, key)

@@ -167,7 +167,8 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
         raise RunDirError(f"checkpoint {path} holds optimizer state for a different parameter layout", [
             Problem(str(path), f"{e}; resume on the same kind of device with the same train.fast and "
                     "train.optimizer as the run that wrote it (8-bit and FP8 AdamW on the fast step keep flat "
-                    "buffers), or start a new run")]) from e
+                    "buffers; so does AdamW with train.weight_copy, on by default for full fine-tunes under bf16 "
+                    "on the fast step: resume with --set train.weight_copy=true), or start a new run")]) from e
     lr_scheduler.load_state_dict(scheduler_state)
     if average is not None:
         try:

@@ -57,15 +57,22 @@ def cpu_fp16_allowed() -> bool:
     return os.environ.get(CPU_FP16) == "1"
 
 
+# cuDNN's algorithm choice and the bf16 weight copies (training/weight_copy.py, whose optimizer also
+# reads a per-tensor AdamW checkpoint) change how fast the same steps run, not what they compute
+SPEED_SWITCHES = ("cudnn_benchmark", "weight_copy")
+
+
 def resume_config(saved: RunConfig, given: RunConfig) -> RunConfig:
-    """On resume the saved config rules; only the step count and output settings may change."""
+    """On resume the saved config rules; only the step count, output settings and the switches that
+    change speed but not the weights (`SPEED_SWITCHES`, the given value wins) may change."""
     a, b = saved.to_dict(), given.to_dict()
     free = ("output", "eval")  # may change on resume: they do not alter the weights
-    diffs = [f"{g}.{k}" for g in a for k in a[g] if a[g][k] != b[g][k] and g not in free and k != "steps"]
+    diffs = [f"{g}.{k}" for g in a for k in a[g] if a[g][k] != b[g][k] and g not in free and k != "steps"
+             and not (g == "train" and k in SPEED_SWITCHES)]
     if diffs:
         raise ConfigError("--resume with a changed configuration would not reproduce the run", [
             Problem(d, f"saved {a[d.split('.')[0]][d.split('.')[1]]!r}, given {b[d.split('.')[0]][d.split('.')[1]]!r}; "
                     "drop the change or start a new run") for d in diffs])
     merged = dict(a, output=b["output"], eval=b["eval"])
-    merged["train"] = dict(a["train"], steps=b["train"]["steps"])
+    merged["train"] = dict(a["train"], steps=b["train"]["steps"], **{k: b["train"][k] for k in SPEED_SWITCHES})
     return build_config(merged)

@@ -57,7 +57,7 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     (`ranks`) they share the class images and the latent cache; rank 0 alone writes.
     """
     meter = meter or PhaseMeter()
-    yield ev.Phase("loading the model")
+    yield ev.Phase("loading")  # the web app's name for it: a failure here means the model did not load
     with ranks.main_first():  # a built-in model is built into the cache once
         components = load_components(config.model.name, prediction_type=config.model.prediction_type)
         if config.model.vae:
@@ -75,7 +75,6 @@ def prepare(config: RunConfig, run: RunDir, report, resume: bool, stop, meter: P
     # fp16: the steps run their own autocast and loss scaler (training/scaling.py) on any device;
     # accelerate's scaler lives in its optimizer wrapper and would scale a second time
     accelerator = make_accelerator(device, "no" if precision == "fp16" else precision)
-    yield ev.Phase("moving the models to the device")
     fast = yield from _place_models(components, config, accelerator, precision)
     class_paths = []
     if config.prior.enabled:
@@ -145,7 +144,7 @@ def _optimization(components, config: RunConfig, run: RunDir, accelerator, preci
     if config.train.weights == "bf16":
         for module in modules.values():
             module.to(torch.bfloat16)
-    if copies_apply(config, fast, precision):
+    if copies_apply(config, fast, precision, device):
         flats = copy_modules(modules)  # bf16 copies the optimizer writes (training/weight_copy.py)
     else:
         flats = flatten_modules(modules) if fast and wants_flat(config, device) else None

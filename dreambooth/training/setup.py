@@ -116,7 +116,7 @@ def make_optimizer(modules: dict[str, torch.nn.Module], train: TrainConfig, devi
         groups.append({"params": params, "lr": train.text_encoder_lr if name in TEXT_ENCODER_NAMES else train.lr})
     kwargs = dict(betas=(0.9, 0.999), eps=1e-8, weight_decay=train.weight_decay)
     if flats and all(isinstance(f, CopiedModule) for f in flats.values()):
-        return AdamWCopies(groups, {flat.param: flat for module in flats.values() for flat in module.flats}, **kwargs)
+        return AdamWCopies(groups, list(flats.values()), **kwargs)
     if train.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb

@@ -30,14 +30,17 @@ CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # their weight and b
 ELEMENTS_PER_PROGRAM = 1024  # with 4 warps: 7.7 ms over SD 1.5's 860 M weights on an H200 (2048 / 8: 11.5 ms)
 
 
-def copies_apply(config, fast: bool, precision: str) -> bool:
+def copies_apply(config, fast: bool, precision: str, device: torch.device) -> bool:
     """Whether this run trains through weight copies: the fast step (on by default with CUDA), a full
     fine-tune of fp32 weights under bf16 with AdamW, no activation checkpointing (its recomputed
-    forward would run outside the call that puts the copies in place) and no torch.compile (not
-    measured with swapped parameters)."""
+    forward would run outside the call that puts the copies in place), no torch.compile (not
+    measured with swapped parameters), and on CUDA the Triton kernel (the torch-op fallback would
+    allocate fp32 temporaries the size of the model)."""
     train = config.train
-    return (train.weight_copy and fast and precision == "bf16" and train.mode == "full" and train.compile == "none"
-            and train.weights == "fp32" and train.optimizer == "adamw" and not train.gradient_checkpointing)
+    kernel = device.type != "cuda" or _triton_kernel() is not None
+    return (train.weight_copy and fast and kernel and precision == "bf16" and train.mode == "full"
+            and train.compile == "none" and train.weights == "fp32" and train.optimizer == "adamw"
+            and not train.gradient_checkpointing)
 
 
 def cast_by_autocast(module: nn.Module) -> set[str]:
@@ -92,17 +95,27 @@ class _Flat:
 
 class CopiedModule:
     """One trained module's two flat buffers: `cast` (weights autocast casts, with bf16 copies and bf16
-    gradients) and `kept` (the rest, fp32 gradients; None when there is none)."""
+    gradients) and `kept` (the rest, fp32 gradients); either is None when it would be empty.
+    `layout` places each trainable parameter, in the module's order (a per-tensor optimizer's), in
+    its buffer: (flat, offset, shape, strides)."""
 
     def __init__(self, module: nn.Module):
         params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         if not params:
             raise ValueError("module has no trainable parameters")
         cast = cast_by_autocast(module)
-        self.cast = _Flat([(n, p) for n, p in params if n in cast], torch.bfloat16, copy=True)
+        casts = [(n, p) for n, p in params if n in cast]
         rest = [(n, p) for n, p in params if n not in cast]
+        where = {}  # the layout is read before _Flat turns the parameters into views
+        for part in (casts, rest):
+            offset = 0
+            for n, p in part:
+                where[n] = (offset, tuple(p.shape), p.stride())
+                offset += p.numel()
+        self.cast = _Flat(casts, torch.bfloat16, copy=True) if casts else None
         self.kept = _Flat(rest, torch.float32, copy=False) if rest else None
         self.flats = [f for f in (self.cast, self.kept) if f is not None]
+        self.layout = [((self.cast if n in cast else self.kept), *where[n]) for n, _ in params]
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -112,15 +125,20 @@ class CopiedModule:
     def grads(self) -> list[torch.Tensor]:
         return [f.grad for f in self.flats]
 
+    @property
+    def views(self) -> dict[str, torch.Tensor]:
+        """The bf16 copies by parameter name (none once released)."""
+        return self.cast.views if self.cast is not None else {}
+
     def refresh(self) -> None:
-        self.cast.refresh()
+        if self.cast is not None:
+            self.cast.refresh()
 
     def release(self) -> None:
         """Drop the gradient and copy buffers (training is over; samples and saves read the masters)."""
         for flat in self.flats:
-            flat.grad = None
+            flat.grad = flat.copy = None
             flat.views.clear()
-        self.cast.copy = None
 
 
 def total_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -137,7 +155,7 @@ def copies_in_place(modules: dict[str, nn.Module], copied: dict[str, CopiedModul
     """Within it, calls of the modules (forward and backward) use the bf16 copies of their cast weights."""
     with contextlib.ExitStack() as stack:
         for name, module in modules.items():
-            stack.enter_context(torch.nn.utils.stateless._reparametrize_module(module, copied[name].cast.views))
+            stack.enter_context(torch.nn.utils.stateless._reparametrize_module(module, copied[name].views))
         yield
 
 
@@ -147,18 +165,56 @@ class AdamWCopies(torch.optim.Optimizer):
     copies writes them too. `grad_scale` (attribute, a one-element tensor or None): each gradient is
     divided by it as it is read, as in torch's fused AdamW (gradient clipping folded in)."""
 
-    def __init__(self, groups: list[dict], flats: dict[torch.Tensor, "_Flat"], lr=1e-3,
-                 betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+    def __init__(self, groups: list[dict], modules: list[CopiedModule], lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=1e-2):
+        """`groups[i]` holds the buffers of `modules[i]`."""
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.flats = flats  # flat parameter -> its buffers (`copy`: the bf16 copies, or None)
+        self.modules = modules
+        self.flats = {flat.param: flat for module in modules for flat in module.flats}  # `copy`: bf16 copies or None
         self.grad_scale: torch.Tensor | None = None
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Also reads the per-tensor state of torch's AdamW over the same modules (a run started
+        without weight copies): each tensor's moments go to its place in the flat buffers."""
+        if self._per_tensor(state_dict):
+            state_dict = self._flattened(state_dict)
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for p in group["params"]:
-                if "step" in self.state[p]:  # a host scalar: reading it never waits for the GPU
-                    self.state[p]["step"] = self.state[p]["step"].cpu()
+                state = self.state[p]
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in state and state[key].numel() != p.numel():  # the kernel indexes by p's size
+                        raise ValueError(f"optimizer state {key} holds {state[key].numel()} values for a buffer of "
+                                         f"{p.numel()}")
+                if "step" in state:  # a host scalar: reading it never waits for the GPU
+                    state["step"] = state["step"].cpu()
+
+    def _per_tensor(self, state_dict: dict) -> bool:
+        saved = state_dict["param_groups"]
+        return len(saved) == len(self.modules) and any(
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups)) and all(
+            len(s["params"]) == len(m.layout) for s, m in zip(saved, self.modules))
+
+    def _flattened(self, state_dict: dict) -> dict:
+        state, index = {}, 0
+        for saved, module in zip(state_dict["param_groups"], self.modules):
+            moments = {id(f): {k: torch.zeros_like(f.data) for k in ("exp_avg", "exp_avg_sq")} for f in module.flats}
+            steps = []
+            for pid, (flat, offset, shape, stride) in zip(saved["params"], module.layout):
+                old = state_dict["state"].get(pid)
+                if not old:  # never stepped: zero moments
+                    continue
+                steps.append(float(old["step"]))
+                for key, buffer in moments[id(flat)].items():
+                    torch.as_strided(buffer, shape, stride, offset).copy_(old[key])
+            for flat in module.flats:
+                if steps:
+                    state[index] = {"step": torch.tensor(max(steps)), **moments[id(flat)]}
+                index += 1
+        groups = [dict(saved, params=list(range(start, start + len(g["params"]))))
+                  for saved, g, start in zip(state_dict["param_groups"], self.param_groups,
+                                             _starts([len(g["params"]) for g in self.param_groups]))]
+        return {"state": state, "param_groups": groups}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -181,6 +237,14 @@ class AdamWCopies(torch.optim.Optimizer):
                 hyper = AdamWStep.of(dict(group, lr=lr), float(state["step"]))
                 update(p, grad, state["exp_avg"], state["exp_avg_sq"], self.flats[p].copy, self.grad_scale, hyper)
         return loss
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    out, total = [], 0
+    for size in sizes:
+        out.append(total)
+        total += size
+    return out
 
 
 def update(p, g, m, v, copy, grad_scale, h: AdamWStep) -> None:
