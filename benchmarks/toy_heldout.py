@@ -50,6 +50,8 @@ ABLATIONS: dict[str, list[str]] = {
     "offset-noise-0.05": ["train.offset_noise=0.05"],
     "no-masks": ["data.masks=none", "train.mask_background_weight=1"],
     "drift-4": ["eval.num_class_images=4"],
+    # class images in 12 DPM-Solver++ steps instead of the preset's 20 (the ratio of 15 to 25 for SD 1.5)
+    "class-steps-12": ["prior.steps=12"],
     "lora-r4": ["train.mode=lora", "train.lora_rank=4", "train.lora_alpha=4", "train.lr=1e-3"],
     "lora-r16": ["train.mode=lora", "train.lora_rank=16", "train.lora_alpha=16", "train.lr=5e-4"],
 }
