@@ -133,6 +133,8 @@ def part_specs(tiny: bool) -> dict[str, dict]:
                                             "profile": True},
         "ours_cls_dpmpp25_fast": {"kind": "classes", "sampler": "dpmpp", "steps": n(25, 3), "batch": n(25, 2),
                                   "num": n(100, 4), "budget": 90, "fast": True},
+        "ours_cls_dpmpp15_fast50": {"kind": "classes", "sampler": "dpmpp", "steps": n(15, 3), "batch": n(50, 2),
+                                    "num": n(150, 4), "budget": 90, "fast": True},
         "ours_cls_dpmpp25_fast50": {"kind": "classes", "sampler": "dpmpp", "steps": n(25, 3), "batch": n(50, 2),
                                     "num": n(150, 4), "budget": 90, "fast": True},
         "ref_cls": {"kind": "ref_classes", "batch": n(4, 2), "batches": n(6, 2), "budget": 90},
