@@ -3,9 +3,10 @@
 Under bf16 autocast every convolution and linear layer casts its fp32 weight to bf16 on each forward
 (and the backward casts the bf16 weight gradient back to fp32): two passes over the UNet's weights per
 step, about 700 small kernels each way, plus fp32 gradients that fused AdamW then reads. Here those
-layers' weights and biases sit, as they would anyway, in one flat fp32 buffer per module (the masters),
-beside one flat bf16 buffer of copies laid out the same way. The forward runs with the copies in place
-of the masters (`torch.func.functional_call`, still under autocast), so autograd leaves bf16 gradients
+layers' weights and biases sit in one flat fp32 buffer per module (the masters), beside one flat bf16
+buffer of copies laid out the same way. The forward runs with the copies in place of the masters
+(torch's `stateless._reparametrize_module`, what `torch.func.functional_call` uses, still under
+autocast), so autograd leaves bf16 gradients
 in a flat bf16 buffer; one fused kernel then reads each master, its bf16 gradient and the moments,
 writes them back, and writes the new bf16 copy. The arithmetic is autocast's: the copy is the master
 rounded to nearest as autocast's cast is, and the gradient is the same bf16 product autocast would have
