@@ -59,7 +59,8 @@ def cast_by_autocast(module: nn.Module) -> set[str]:
 class _Flat:
     """Parameters (name, tensor) of one module as views of one fp32 buffer (`data`), with a gradient
     buffer of `grad_dtype` laid out the same way; with `copy`, a buffer of bf16 copies too, whose views
-    (`views`) the forward uses in place of the parameters. Each view keeps its parameter's strides."""
+    (`views`) the forward uses in place of the parameters. Each view keeps its parameter's strides;
+    `places` gives each parameter's (offset, shape, strides) in the buffers."""
 
     def __init__(self, named: list[tuple[str, nn.Parameter]], grad_dtype: torch.dtype, copy: bool):
         device = named[0][1].device
@@ -68,10 +69,12 @@ class _Flat:
         self.grad = torch.zeros(total, dtype=grad_dtype, device=device)
         self.copy = torch.zeros(total, dtype=torch.bfloat16, device=device) if copy else None
         self.views: dict[str, torch.Tensor] = {}
+        self.places: dict[str, tuple] = {}
         offset = 0
         for name, p in named:
             if not is_dense(p):
                 raise ValueError(f"parameter {name} of shape {tuple(p.shape)} is not dense in memory")
+            self.places[name] = (offset, tuple(p.shape), p.stride())
             view = torch.as_strided(self.data, p.shape, p.stride(), offset)
             view.copy_(p.detach())
             p.data = view
@@ -107,16 +110,13 @@ class CopiedModule:
         cast = cast_by_autocast(module)
         casts = [(n, p) for n, p in params if n in cast]
         rest = [(n, p) for n, p in params if n not in cast]
-        where = {}  # the layout is read before _Flat turns the parameters into views
-        for part in (casts, rest):
-            offset = 0
-            for n, p in part:
-                where[n] = (offset, tuple(p.shape), p.stride())
-                offset += p.numel()
         self.cast = _Flat(casts, torch.bfloat16, copy=True) if casts else None
         self.kept = _Flat(rest, torch.float32, copy=False) if rest else None
         self.flats = [f for f in (self.cast, self.kept) if f is not None]
-        self.layout = [((self.cast if n in cast else self.kept), *where[n]) for n, _ in params]
+        self.layout = []
+        for n, _ in params:
+            flat = self.cast if n in cast else self.kept
+            self.layout.append((flat, *flat.places[n]))
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -197,7 +197,8 @@ class AdamWCopies(torch.optim.Optimizer):
             len(s["params"]) == len(m.layout) for s, m in zip(saved, self.modules))
 
     def _flattened(self, state_dict: dict) -> dict:
-        state, index = {}, 0
+        """`state_dict` with this optimizer's parameters: each group's flat buffers, numbered in order."""
+        state, groups, index = {}, [], 0
         for saved, module in zip(state_dict["param_groups"], self.modules):
             moments = {id(f): {k: torch.zeros_like(f.data) for k in ("exp_avg", "exp_avg_sq")} for f in module.flats}
             steps = []
@@ -208,13 +209,11 @@ class AdamWCopies(torch.optim.Optimizer):
                 steps.append(float(old["step"]))
                 for key, buffer in moments[id(flat)].items():
                     torch.as_strided(buffer, shape, stride, offset).copy_(old[key])
+            groups.append(dict(saved, params=list(range(index, index + len(module.flats)))))
             for flat in module.flats:
                 if steps:
                     state[index] = {"step": torch.tensor(max(steps)), **moments[id(flat)]}
                 index += 1
-        groups = [dict(saved, params=list(range(start, start + len(g["params"]))))
-                  for saved, g, start in zip(state_dict["param_groups"], self.param_groups,
-                                             _starts([len(g["params"]) for g in self.param_groups]))]
         return {"state": state, "param_groups": groups}
 
     @torch.no_grad()
@@ -238,14 +237,6 @@ class AdamWCopies(torch.optim.Optimizer):
                 hyper = AdamWStep.of(dict(group, lr=lr), float(state["step"]))
                 update(p, grad, state["exp_avg"], state["exp_avg_sq"], self.flats[p].copy, self.grad_scale, hyper)
         return loss
-
-
-def _starts(sizes: list[int]) -> list[int]:
-    out, total = [], 0
-    for size in sizes:
-        out.append(total)
-        total += size
-    return out
 
 
 def update(p, g, m, v, copy, grad_scale, h: AdamWStep) -> None:
