@@ -68,6 +68,8 @@ CANDIDATES: dict[str, list[str]] = {
     "tune-lr-1.5e-5": ["train.lr=1.5e-5", *BEFORE],
     # on today's default: twice its learning rate early, decaying to 0 by the last step (the same mean)
     "tune-cosine-3e-5": ["train.lr=3e-5", "train.lr_schedule=cosine"],
+    # on today's default: the photos' backgrounds out of the loss altogether (the default weights them 0.1)
+    "tune-mask-background-0": ["train.mask_background_weight=0"],
 }
 TUNE_OFFSET = 50_000  # tuning subjects: validation seeds from here on (the embedding's check uses the first ones)
 COLUMNS = ("subject_fidelity", "prompt_fidelity", "language_drift")

@@ -68,6 +68,35 @@ class Ranks:
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())
 
+    def average_(self, tensors: list[torch.Tensor], bucket: int = 2**25) -> None:
+        """Replace each tensor (gradients) by its mean over the processes, in place. Tensors are
+        summed in buckets of up to `bucket` elements of one dtype, so a model of many small
+        gradients makes a few collective calls; a large contiguous one (a flat buffer) goes alone."""
+        if self.count == 1:
+            return
+        for group in _buckets(tensors, bucket):
+            if len(group) == 1 and group[0].is_contiguous():
+                torch.distributed.all_reduce(group[0])
+                group[0].div_(self.count)
+                continue
+            flat = torch.cat([t.reshape(-1) for t in group])
+            torch.distributed.all_reduce(flat)
+            flat.div_(self.count)
+            for t, part in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(part.view(t.shape))
+
+    def broadcast_(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite each tensor with rank 0's, in place (what DDP does to a model it wraps)."""
+        if self.count == 1:
+            return
+        for t in tensors:
+            if t.is_contiguous():
+                torch.distributed.broadcast(t, src=0)
+            else:
+                dense = t.contiguous()
+                torch.distributed.broadcast(dense, src=0)
+                t.copy_(dense)
+
     def gather(self, part: dict) -> dict:
         """The union of every process's `part` (picklable values; tensors should be on the CPU)."""
         if self.count == 1:
@@ -75,6 +104,22 @@ class Ranks:
         parts: list = [None] * self.count
         torch.distributed.all_gather_object(parts, part)
         return {key: value for p in parts for key, value in p.items()}
+
+
+def _buckets(tensors: list[torch.Tensor], size: int) -> list[list[torch.Tensor]]:
+    """`tensors` in consecutive groups of one dtype and device, each up to `size` elements (a larger
+    tensor makes a group of its own)."""
+    groups: list[list[torch.Tensor]] = []
+    filled = 0
+    for t in tensors:
+        last = groups[-1] if groups else None
+        if last is None or (last[0].dtype, last[0].device) != (t.dtype, t.device) or filled + t.numel() > size:
+            groups.append([t])
+            filled = t.numel()
+        else:
+            last.append(t)
+            filled += t.numel()
+    return groups
 
 
 def launched_world_size() -> int:

@@ -39,20 +39,23 @@ def fast_path_problems(config, device: torch.device, num_processes: int, mixed_p
     checks = [
         (train.grad_accum == 1, "train.grad_accum > 1"),
         (latents_cached(config), "latents are not cached (random crop or cache_latents off)"),
-        # its CUDA graph holds no DDP gradient all-reduce; the plain step runs under DDP instead
-        (num_processes == 1, "more than one process (DDP)"),
     ]
     return [why for ok, why in checks if not ok]
 
 
 def use_fast_path(config, device: torch.device, num_processes: int, mixed_precision: str) -> tuple[bool, str]:
-    """(use it, a notice for the user): `auto` means on for CUDA, off elsewhere."""
+    """(use it, a notice for the user): `auto` means on for CUDA, off elsewhere. With several
+    processes the notice says how their gradients meet: after the graph, not inside it."""
     wanted = config.train.fast == "always" or (config.train.fast == "auto" and device.type == "cuda")
     if not wanted:
         return False, ""
     problems = fast_path_problems(config, device, num_processes, mixed_precision)
     if problems:
         return False, "fast training step not used, the plain step runs: " + "; ".join(problems)
+    if num_processes > 1:
+        graph = " after each CUDA graph replay" if device.type == "cuda" and config.train.cuda_graph else ""
+        return True, (f"fast training step on {num_processes} processes: the gradients are averaged{graph} "
+                      "(one all-reduce per flat buffer or 32M-value bucket), then clipped")
     return True, ""
 
 
@@ -189,20 +192,26 @@ class FastStep:
         # SDXL micro-conditioning per row of `means`: fixed like them, gathered by the same rows
         self.time_ids = torch.cat([s.time_ids() for s in sources]).to(self.device)  # (2 N, 6)
         self.scale = state.instances.scale
-        self.batch = config.train.batch_size
-        rows = self.batch * len(sources)
+        self.batch = config.train.batch_size  # the global batch's subject rows (as many class rows)
+        # Several processes: each draws the global batch and computes its contiguous share of the
+        # subject rows and of the class rows (as `batches.build_batch`); the gradients are averaged
+        # after the backward, outside the graph, so clipping and the fp16 overflow check see the mean.
+        self.ranks = state.ranks
+        self.local = self.batch // self.ranks.count
+        rows = self.local * len(sources)
         # masked loss: the subject rows' masks gathered by row like the posteriors, the class rows' all 1
         masks = state.instances.mask_rows()
         self.masks = None if masks is None else masks.to(self.device)  # (2 N, 1, h, w)
-        self.class_masks = None if masks is None else torch.ones((rows - self.batch, *masks.shape[1:]),
+        self.class_masks = None if masks is None else torch.ones((rows - self.local, *masks.shape[1:]),
                                                                    device=self.device)
-        self.context_index = torch.tensor([0] * self.batch + [1] * (rows - self.batch), device=self.device)
+        self.context_index = torch.tensor([0] * self.local + [1] * (rows - self.local), device=self.device)
         scheduler = state.components.noise_scheduler
         self.alphas = scheduler.alphas_cumprod.to(self.device)
         self.num_t = scheduler.config.num_train_timesteps
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(state.mixed_precision)
         self.scaler = state.scaler  # fp16: its scale and overflow flag are device tensors the graph reads
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.ranks.broadcast_([p.detach() for p in self.params])  # as DDP does: every process starts alike
         self.keep_grads = bool(state.flats)  # flat buffers (training/flat.py): zeroed in place, never dropped
         # bf16 weight copies (training/weight_copy.py): the forward reads them; a checkpoint loaded
         # since they were made went into the masters
@@ -232,13 +241,19 @@ class FastStep:
         return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False)
 
     def draws(self, step: int) -> StepDraws:
+        """Step `step`'s draws for this process's rows of the global batch."""
         layout = BatchLayout(tuple(self.sizes), self.batch, tuple(self.means.shape[1:]), self.num_t,
                              self.config.train.offset_noise)
-        return draw_step(step, self.state.seed, layout, self.config.data.flip_prob)
+        drawn = draw_step(step, self.state.seed, layout, self.config.data.flip_prob)
+        if self.ranks.count == 1:
+            return drawn
+        mine = torch.arange(self.batch)[self.ranks.rows(self.batch)]
+        keep = torch.cat([mine + source * self.batch for source in range(len(self.sizes))])
+        return StepDraws(*(t[keep] for t in drawn))
 
     def compute(self, draws: StepDraws) -> LossParts:
         """Forward, backward, unscaling (fp16) and gradient clipping of eq. 2 of Ruiz et al. on device
-        tensors; no host sync."""
+        tensors; no host sync. With several processes the last two wait for `_average`."""
         if self.keep_grads:  # autograd adds into the flat gradient buffers
             torch._foreach_zero_(self._grads())
         mean, std = self.means[draws.rows], self.stds[draws.rows]
@@ -256,10 +271,18 @@ class FastStep:
             context, pooled = self.prompts.rows(self.context_index, text_encoders_of(self.modules))  # (B, 77, D)
             added = added_conditions(pooled, self.time_ids[draws.rows])
             pred = self.unet(noisy, draws.timesteps, context, added_cond_kwargs=added).sample
-            parts = split_loss(pred, target, self.batch, self.config.prior.weight, row_weights, pixel_weights)
+            parts = split_loss(pred, target, self.local, self.config.prior.weight, row_weights, pixel_weights)
         (parts.total if self.scaler is None else self.scaler.scale(parts.total)).backward()
-        self._unscale_and_clip()
+        if self.ranks.count == 1:
+            self._unscale_and_clip()
         return parts
+
+    def _average(self, parts: LossParts) -> LossParts:
+        """Several processes: the mean gradient (each process's rows are an equal share of the global
+        batch), then unscaling and clipping on it, as DDP and the plain step do; the global batch's losses."""
+        self.ranks.average_(self._grads())
+        self._unscale_and_clip()
+        return LossParts(*self.ranks.mean(torch.stack([part.detach().float() for part in parts])))
 
     def _unscale_and_clip(self) -> None:
         """The plain step's unscaling and `clip_grad_norm_` arithmetic. With fused AdamW or AdamWFp8
@@ -293,8 +316,10 @@ class FastStep:
             module.train()
         host = self.draws(step)
         if not self.graphed:
-            return self.compute(StepDraws(*(t.to(self.device) for t in host)))
-        return self._replay(host)
+            parts = self.compute(StepDraws(*(t.to(self.device) for t in host)))
+        else:
+            parts = self._replay(host)
+        return parts if self.ranks.count == 1 else self._average(parts)
 
     def update(self) -> Scaling | None:
         """Apply the gradients of the last `backward`: optimizer (skipped when fp16 gradients

@@ -116,12 +116,12 @@ def _place_models(components, config: RunConfig, accelerator, precision: str) ->
     if not text_encoders_stay_on_cpu(config, device):  # those stay fp32 on the CPU
         for text_encoder in components.text_encoders:
             text_encoder.to(device, frozen_dtype if not config.train.train_text_encoder else torch.float32)
-    fast, why_not = use_fast_path(config, device, accelerator.num_processes, precision)
+    fast, notice = use_fast_path(config, device, accelerator.num_processes, precision)
     # The fast step stores a LoRA run's frozen UNet in the autocast dtype (_optimization); placing it
     # so at once spares the fp32 copy on the card (SDXL: 10.3 GB where 5.1 GB stay)
     components.unet.to(device, frozen_dtype if lowers_frozen(config, fast, frozen_dtype) else None)
-    if why_not:
-        yield ev.Notice(why_not)
+    if notice:  # why the plain step runs, or how several processes share the fast one
+        yield ev.Notice(notice)
     if not fast and config.train.optimizer.endswith("_torchao"):
         yield ev.Notice(f"{config.train.optimizer} on the plain step updates tensor by tensor: the first step compiles "
                         "one kernel per parameter shape (minutes), and each step launches one per tensor; "
@@ -162,11 +162,12 @@ def _optimization(components, config: RunConfig, run: RunDir, accelerator, preci
             run.truncate_log(start)
     if lowers_frozen(config, fast, frozen_dtype):
         lower_frozen_weights(modules, frozen_dtype)
-    # The fast step runs its own autocast on the bare modules (one process only). The plain step
-    # keeps the bare optimizer too: accelerate's wrapper only adds its own fp16 scaler's step and
-    # update, and the scaler here is the steps' own. Under several processes `prepare` wraps the
-    # modules in DDP (without find_unused_parameters: every trainable parameter reaches the loss,
-    # see setup.freeze_unused_layers).
+    # The fast step runs its own autocast on the bare modules and, with several processes, averages
+    # their gradients itself (FastStep._average). The plain step keeps the bare optimizer too:
+    # accelerate's wrapper only adds its own fp16 scaler's step and update, and the scaler here is
+    # the steps' own. Under several processes `prepare` wraps the plain step's modules in DDP
+    # (without find_unused_parameters: every trainable parameter reaches the loss, see
+    # setup.freeze_unused_layers).
     wrapped = modules if fast else dict(zip(modules, accelerator.prepare(*modules.values(), optimizer)[:-1]))
     return dict(modules=modules, wrapped=wrapped, optimizer=optimizer, lr_schedule=lr_schedule, flats=flats,
                 scaler=scaler, ema=ema, start=start)
