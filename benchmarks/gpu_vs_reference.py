@@ -145,6 +145,10 @@ def part_specs(tiny: bool) -> dict[str, dict]:
         # the same as ours_e2e later in an invocation: the driver's compiled-kernel cache is warm
         "ours_e2e_again": {"kind": "e2e", "preset": FAST, "dotted": [] if not tiny else [
             "prior.num_images=8", "train.steps=8", "data.resolution=64", "prior.steps=3"], "budget": 200, "min": 120},
+        # ours_e2e with cProfile over the main thread up to the first step: where start-up goes
+        "ours_e2e_profile_startup": {"kind": "e2e", "preset": FAST, "profile_startup": True, "dotted": [] if not tiny
+                                     else ["prior.num_images=8", "train.steps=8", "data.resolution=64",
+                                           "prior.steps=3"], "budget": 200, "min": 120},
         "ref_full_te": {"kind": "ref", "script": "train_dreambooth.py", "variant": "full_te", "stop": n(40, 6),
                         "budget": 90},
     }
@@ -214,7 +218,8 @@ def worker_main(name: str, spec: dict, work: Path, tiny: bool) -> None:
             dtype=torch.float16 if torch.cuda.is_available() else torch.float32,
             size=64 if tiny else 512, steps=3 if tiny else 50)
     else:
-        result = ours.e2e_part(model, images, work / f"run_{name}", preset=spec["preset"], dotted=dotted)
+        result = ours.e2e_part(model, images, work / f"run_{name}", preset=spec["preset"], dotted=dotted,
+                               profile_startup=spec.get("profile_startup", False))
     print("RESULT " + json.dumps(result), flush=True)
 
 

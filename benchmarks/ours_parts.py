@@ -190,13 +190,24 @@ def _evals_per_image(components, sampler: str, steps: int) -> int:
     return 2 * len(scheduler.timesteps)
 
 
-def e2e_part(model: Path, images: Path, out: Path, *, preset: str, dotted: list[str]) -> dict:
-    """The paper's recipe end to end through `train` (the CLI's call); stage times from events."""
+def e2e_part(model: Path, images: Path, out: Path, *, preset: str, dotted: list[str],
+             profile_startup: bool = False) -> dict:
+    """The paper's recipe end to end through `train` (the CLI's call); stage times from events.
+    `profile_startup`: cProfile of the main thread from here to the first step (its overhead
+    lengthens that stretch), the top functions by cumulative time in the result."""
+    import cProfile
+    import io
+    import pstats
+
     from dreambooth.training import events as ev
     from dreambooth.training import train
 
     marks: dict[str, float] = {}
     began = time.perf_counter()
+    profiler = cProfile.Profile() if profile_startup else None
+    report: dict[str, str] = {}
+    if profiler:
+        profiler.enable()
 
     def on_event(event):
         now = time.perf_counter() - began
@@ -205,10 +216,15 @@ def e2e_part(model: Path, images: Path, out: Path, *, preset: str, dotted: list[
         marks[f"last_{name}"] = now
         if isinstance(event, ev.Phase):  # which slow stretch began when
             marks.setdefault(f"phase {event.name}", now)
+        if profiler and isinstance(event, ev.StepDone) and "startup_profile" not in report:
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+            report["startup_profile"] = text.getvalue()[-12000:]
 
     config = run_config(model, images, preset, dotted)
     last = train(config, out, overwrite=True, on_event=on_event)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     phases = {r["phase"]: r["seconds"] for r in records if "phase" in r}  # the run's own phase clock
     return {"finished": isinstance(last, ev.Finished), "in_process_s": time.perf_counter() - began,
-            "marks": marks, "phases": phases, **gpu_memory()}
+            "marks": marks, "phases": phases, **gpu_memory(), **report}
