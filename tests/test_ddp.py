@@ -152,18 +152,23 @@ def test_lora_with_both_sdxl_text_encoders_trains_under_ddp(tmp_path, subject_di
 FAST = [*SETTINGS, "train.fast=always"]
 
 
-def test_the_fast_step_on_two_processes_matches_it_on_one(tmp_path_factory, subject_dir, one_process, base_unet):
+@pytest.fixture(scope="module")
+def fast_runs(tmp_path_factory, subject_dir):
+    """The fast step in 1 process and under `--gpus 2`, the same global batch; the launcher's output."""
+    config = load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}}, FAST)
+    root = tmp_path_factory.mktemp("fastddp")
+    assert isinstance(train(config, root / "one"), ev.Finished)
+    done = launch(subject_dir, root / "two", "tiny", FAST)
+    return root / "one", root / "two", done
+
+
+def test_the_fast_step_on_two_processes_matches_it_on_one(fast_runs, one_process, base_unet):
     """The fast step (cached latents; eager on the CPU) under 2 processes: each computes its rows of
     the global batch and their gradients are averaged by `Ranks.average_` before clipping. The losses
     and weights agree with 1 process running the fast step as the plain step's do above (the same
     rounding of the gradient sum; measured: weights after 2 steps 6.6% of the update apart, and 110%
     with the averaging left out), and a notice says which path ran."""
-    config = load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}}, FAST)
-    tmp_path = tmp_path_factory.mktemp("fastddp")
-    one = tmp_path / "one"
-    assert isinstance(train(config, one), ev.Finished)
-    two = tmp_path / "two"
-    done = launch(subject_dir, two, "tiny", FAST)
+    one, two, done = fast_runs
     assert "fast training step on 2 processes: the gradients are averaged" in done.stderr + done.stdout
     assert "fast training step not used" not in done.stderr + done.stdout
     a, b = steps_of(one), steps_of(two)
@@ -174,6 +179,22 @@ def test_the_fast_step_on_two_processes_matches_it_on_one(tmp_path_factory, subj
     assert steps_of(one_process)[0][1] == pytest.approx(a[0][1], rel=1e-6)  # the plain step's batch too
     wa, wb = (load_file(r / "checkpoints" / "step-00002" / "trainable.safetensors") for r in (one, two))
     assert update_gap(wa, wb, base_unet) < 0.5
+
+
+def test_a_two_process_fast_step_checkpoint_resumes_in_one_process(fast_runs, subject_dir, tmp_path, base_unet):
+    """The fast step's checkpoints hold no per-process state either: step 2 of the two-process run,
+    resumed by one process, gives that run's steps 3 and 4 (the rounding of the all-reduce aside)."""
+    _, two, _ = fast_runs
+    resumed = tmp_path / "run"
+    shutil.copytree(two, resumed)
+    shutil.rmtree(resumed / "final")
+    shutil.rmtree(resumed / "checkpoints" / "step-00004")
+    config = load_config("tiny", {"data": {"images": str(subject_dir), "class_noun": "dog"}}, FAST)
+    assert isinstance(train(config, resumed, resume=True), ev.Finished)
+    for (_, a), (_, b) in zip(steps_of(two), steps_of(resumed)):
+        assert a == pytest.approx(b, rel=1e-3)
+    a, b = (load_file(r / "checkpoints" / "step-00004" / "trainable.safetensors") for r in (two, resumed))
+    assert update_gap(a, b, base_unet) < 5e-2  # measured 0.1%
 
 
 def test_buckets_keep_order_and_dtype_and_size():
