@@ -70,6 +70,9 @@ CANDIDATES: dict[str, list[str]] = {
     "tune-cosine-3e-5": ["train.lr=3e-5", "train.lr_schedule=cosine"],
     # on today's default: the photos' backgrounds out of the loss altogether (the default weights them 0.1)
     "tune-mask-background-0": ["train.mask_background_weight=0"],
+    # steps-1200 (the tuning set's best) with as many scored checkpoints as today's 900 steps have,
+    # and the validation grid only at the end, so that the demo's time grows by the extra steps alone
+    "steps-1200-eval-200": ["train.steps=1200", "eval.every=200", "output.sample_every=1200"],
 }
 TUNE_OFFSET = 50_000  # tuning subjects: validation seeds from here on (the embedding's check uses the first ones)
 COLUMNS = ("subject_fidelity", "prompt_fidelity", "language_drift")
