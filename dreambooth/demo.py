@@ -39,7 +39,7 @@ SEEDS = (0, 1, 2, 3)
 GUIDANCE = 7.5  # the same scale as checkpoint scoring (training.scoring.score_checkpoint), so figures compare
 # The demo scores checkpoints with the oracle and keeps the best; the `toy` preset itself
 # leaves this off, since the oracle only knows the toy world's subjects.
-DEMO_EVAL = ["eval.every=150", "eval.scorer=oracle", "eval.num_per_prompt=4", "eval.num_class_images=16",
+DEMO_EVAL = ["eval.every=200", "eval.scorer=oracle", "eval.num_per_prompt=4", "eval.num_class_images=16",
              "eval.select=best", "eval.min_prompt_fidelity=0.75", "eval.max_drift=0.1"]
 # The rendered photos come with masks, so the demo down-weights their backgrounds: learning the
 # studio backgrounds is what cost prompt fidelity (benchmarks/RESULTS-toy.md, held-out ablations).
